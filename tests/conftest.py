@@ -1,0 +1,29 @@
+"""Shared fixtures. Tests never reach the hub."""
+
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from metalora.config import ModelConfig  # noqa: E402
+from metalora.models import load_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_TASKS = ROOT.parent / "shared" / "data" / "tasks"
+
+
+@pytest.fixture
+def tiny():
+    """A fresh tiny-random model and its tokenizer."""
+    return load_model(ModelConfig(name="tiny-random"))
+
+
+@pytest.fixture
+def shared_tasks() -> Path:
+    """The real task suite beside the project; skipped when absent."""
+    if not (SHARED_TASKS / "tasks.json").is_file():
+        pytest.skip(f"real task data not found at {SHARED_TASKS}")
+    return SHARED_TASKS

@@ -1,0 +1,94 @@
+import pytest
+import torch
+from peft import PeftModel
+
+from metalora.config import LoraConfig, ModelConfig
+from metalora.lora import AdapterError, attach_lora, load_adapter, load_adapter_into, lora_params, save_adapter
+from metalora.models import ModelLoadError, load_model
+
+
+def test_tiny_random_is_deterministic_and_pads_left(tiny):
+    model, tokenizer = tiny
+    again, _ = load_model(ModelConfig(name="tiny-random"))
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
+    assert tokenizer.decode(tokenizer("héllo 42")["input_ids"]) == "héllo 42"
+
+
+def test_unreachable_hub_id_says_so_and_suggests_embedded():
+    with pytest.raises(ModelLoadError, match="embedded"):
+        load_model(ModelConfig(name="no-such-org/no-such-model"))
+
+
+def test_lora_attach_freezes_base_and_fresh_adapter_is_a_no_op(tiny):
+    model, tokenizer = tiny
+    ids = tokenizer(["2 + 2 =", "hello"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        before = model(**ids).logits.clone()
+    peft_model = attach_lora(model, LoraConfig(r=4, alpha=8))
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable == set(lora_params(peft_model)) and trainable
+    assert all("lora_" in n for n in trainable)
+    peft_model.eval()
+    with torch.no_grad():
+        after = peft_model(**ids).logits
+    assert torch.equal(before, after)
+
+
+def _perturb(peft_model):
+    with torch.no_grad():
+        for p in lora_params(peft_model).values():
+            p.copy_(torch.randn_like(p) * 0.1)
+
+
+def test_adapter_round_trip_through_plain_peft(tiny, tmp_path):
+    model, tokenizer = tiny
+    peft_model = attach_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))
+    _perturb(peft_model)
+    peft_model.eval()
+    ids = tokenizer(["a b c"], return_tensors="pt")
+    with torch.no_grad():
+        expected = peft_model(**ids).logits
+    save_adapter(peft_model, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    fresh_base, _ = load_model(ModelConfig(name="tiny-random"))
+    loaded = PeftModel.from_pretrained(fresh_base, str(tmp_path / "adapter"))
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(**ids).logits, expected, atol=1e-6)
+    again = load_adapter(load_model(ModelConfig(name="tiny-random"))[0], tmp_path / "adapter")
+    assert set(lora_params(again)) == set(lora_params(peft_model))
+
+
+def test_save_adapter_from_a_params_dict_and_load_into(tiny, tmp_path):
+    model, _ = tiny
+    peft_model = attach_lora(model, LoraConfig(r=4, alpha=8))
+    moved = {k: v.detach() + 1.0 for k, v in lora_params(peft_model).items()}
+    save_adapter(peft_model, tmp_path / "a", params=moved)
+    target = attach_lora(load_model(ModelConfig(name="tiny-random"))[0], LoraConfig(r=4, alpha=8))
+    load_adapter_into(target, tmp_path / "a")
+    for name, p in lora_params(target).items():
+        assert torch.equal(p, moved[name]), name
+
+
+def test_missing_or_corrupt_adapter_is_a_named_error(tiny, tmp_path):
+    model, _ = tiny
+    peft_model = attach_lora(model, LoraConfig(r=4, alpha=8))
+    with pytest.raises(AdapterError, match="not an adapter directory"):
+        load_adapter_into(peft_model, tmp_path / "missing")
+    save_adapter(peft_model, tmp_path / "a")
+    (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(AdapterError, match="cannot read adapter weights"):
+        load_adapter_into(peft_model, tmp_path / "a")
+
+
+@pytest.mark.slow
+def test_embedded_model_answers_a_simple_prompt():
+    model, tokenizer = load_model(ModelConfig(name="embedded"))
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in answer
