@@ -7,28 +7,20 @@ import importlib.metadata
 import json
 import sys
 
-from metalora.config import Config, load_config
+from metalora.config import Config, load_config, split_args
 from metalora.errors import MetaloraError
-
-
-def split_config_args(items: list[str]) -> tuple[list[str], list[str]]:
-    """Split positional arguments into YAML files and `a.b=value` overrides.
-
-    Args:
-        items: positional command-line arguments.
-
-    Returns:
-        (files, overrides).
-    """
-    overrides = [item for item in items if "=" in item]
-    files = [item for item in items if "=" not in item]
-    return files, overrides
 
 
 def config_from_args(items: list[str]) -> Config:
     """Load the config named by positional arguments (files then overrides)."""
-    files, overrides = split_config_args(items)
-    return load_config(files, overrides)
+    return load_config(*split_args(items))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Run meta-training (the same entry point as `python -m metalora.train`)."""
+    from metalora.train import main as train_main
+
+    return train_main(args.args)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -63,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="versions, device, model and LoRA parameter counts")
     info.add_argument("config", nargs="*", help="YAML parameter files, then a.b=value overrides")
     info.set_defaults(func=cmd_info)
+    train = commands.add_parser("train", help="meta-train (metalora, reptile or fomaml)", add_help=False)
+    train.add_argument("args", nargs=argparse.REMAINDER, help="params files, a.b=value overrides, --resume")
+    train.set_defaults(func=cmd_train)
     return parser
 
 

@@ -271,6 +271,18 @@ def _merge(base: Any, layer: Any, source: str) -> Any:
         raise _explain(err, source) from err
 
 
+def split_args(items: list[str]) -> tuple[list[str], list[str]]:
+    """Split positional command-line arguments into YAML files and `a.b=value` overrides.
+
+    Args:
+        items: positional arguments.
+
+    Returns:
+        (files, overrides), each in the given order.
+    """
+    return [i for i in items if "=" not in i], [i for i in items if "=" in i]
+
+
 def to_yaml(cfg: Config) -> str:
     """Return the config as YAML text (the form saved into run directories)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,170 @@
+"""Episodes (task, support, query) as a pure function of (seed, step), and their tokenisation.
+
+Batches are left-padded: every row ends with its target, so the positions that carry a loss line up
+in the last columns and only those columns need logits (see `loss.py`).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from metalora.splits import MetaPools, task_seed
+from metalora.tasks import Example, Task, TaskError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Episode:
+    """One task of a meta-batch: its slot in the meta-batch, an RNG seed for its dropout, its examples."""
+
+    task: str
+    slot: int
+    seed: int
+    support: list[Example]
+    query: list[Example]
+
+
+class EpisodeSampler:
+    """Deterministic meta-batches: `sample(step, rank, world_size)` depends on nothing else.
+
+    Args:
+        pools: meta-training tasks with their support and query pools.
+        n_support: support examples per episode.
+        n_query: query examples per episode.
+        meta_batch_size: distinct tasks per meta-batch (all processes together).
+        seed: the master seed.
+
+    Raises:
+        TaskError: the meta-batch is larger than the task pool, or a task's pools are too small.
+    """
+
+    def __init__(self, pools: dict[str, MetaPools], n_support: int, n_query: int, meta_batch_size: int, seed: int):
+        if meta_batch_size > len(pools):
+            raise TaskError(
+                f"meta.meta_batch_size={meta_batch_size} is larger than the {len(pools)} meta-training task(s)"
+            )
+        for name, pool in pools.items():
+            if len(pool.support) < n_support or len(pool.query) < n_query:
+                raise TaskError(
+                    f"task '{name}' has {len(pool.support)} support / {len(pool.query)} query examples; "
+                    f"an episode needs n_support={n_support} and n_query={n_query} "
+                    "(lower them or raise data.max_samples_per_task)"
+                )
+        self.pools = pools
+        self.names = sorted(pools)
+        self.n_support = n_support
+        self.n_query = n_query
+        self.meta_batch_size = meta_batch_size
+        self.seed = seed
+
+    def sample(self, step: int, rank: int = 0, world_size: int = 1) -> list[Episode]:
+        """Return this process's episodes of meta-batch `step`.
+
+        Args:
+            step: the meta-step.
+            rank: this process's index.
+            world_size: number of processes; slot i of the meta-batch goes to process i % world_size.
+
+        Returns:
+            The episodes of this process (tasks distinct within the meta-batch).
+        """
+        chooser = random.Random(task_seed(self.seed, "meta-batch", step))
+        chosen = chooser.sample(self.names, self.meta_batch_size)
+        episodes = []
+        for slot, name in enumerate(chosen):
+            if slot % world_size != rank:
+                continue
+            rng = random.Random(task_seed(self.seed, "episode", step, slot))
+            pool = self.pools[name]
+            episodes.append(
+                Episode(
+                    task=name,
+                    slot=slot,
+                    seed=task_seed(self.seed, "dropout", step, slot),
+                    support=rng.sample(pool.support, self.n_support),
+                    query=rng.sample(pool.query, self.n_query),
+                )
+            )
+        return episodes
+
+
+class Encoder:
+    """Turns examples of a task into token ids (cached by example id) and collates batches.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        template: prompt template with {instruction} and {input}.
+        use_instruction: fill {instruction} with the task's instruction (else an empty string).
+        max_prompt_tokens: prompts are cut from the left to this length (the end is kept).
+        max_target_tokens: targets are cut to this length (before the end-of-sequence token).
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        template: str,
+        use_instruction: bool = True,
+        max_prompt_tokens: int = 256,
+        max_target_tokens: int = 32,
+    ):
+        self.tokenizer = tokenizer
+        self.template = template
+        self.use_instruction = use_instruction
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_target_tokens = max_target_tokens
+        self._cache: dict[str, tuple[list[int], list[int]]] = {}
+
+    def prompt(self, task: Task, example: Example) -> str:
+        """Return the prompt text of `example`."""
+        instruction = task.instruction if self.use_instruction else ""
+        return self.template.format(instruction=instruction, input=example.input).lstrip()
+
+    def prompt_ids(self, task: Task, example: Example) -> list[int]:
+        """Return the (left-truncated) prompt token ids."""
+        ids = self.tokenizer(self.prompt(task, example), add_special_tokens=False)["input_ids"]
+        return ids[-self.max_prompt_tokens :]
+
+    def target_ids(self, text: str) -> list[int]:
+        """Return the token ids of a target or option: a leading space, the text, end-of-sequence."""
+        ids = self.tokenizer(" " + text, add_special_tokens=False)["input_ids"][: self.max_target_tokens]
+        return ids + [self.tokenizer.eos_token_id]
+
+    def encode(self, task: Task, example: Example) -> tuple[list[int], list[int]]:
+        """Return (prompt ids, target ids) of an example, cached by its id."""
+        key = f"{task.name}\x00{example.id}"
+        if key not in self._cache:
+            self._cache[key] = (self.prompt_ids(task, example), self.target_ids(example.target))
+        return self._cache[key]
+
+    def collate(self, pairs: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        """Left-pad (prompt, target) pairs into a batch with loss on target tokens only.
+
+        Args:
+            pairs: (prompt ids, target ids) per row.
+
+        Returns:
+            input_ids, attention_mask, position_ids (count real tokens only, so padding does not shift
+            positions) and labels (-100 outside targets).
+        """
+        rows = [p + t for p, t in pairs]
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, ((_, target), row) in enumerate(zip(pairs, rows, strict=True)):
+            input_ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = 1
+            labels[i, width - len(target) :] = torch.tensor(target)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
+
+    def batches(self, task: Task, examples: list[Example], batch_size: int) -> list[dict[str, torch.Tensor]]:
+        """Collate `examples` of `task` into batches of at most `batch_size` rows, in order."""
+        encoded = [self.encode(task, e) for e in examples]
+        return [self.collate(encoded[i : i + batch_size]) for i in range(0, len(encoded), batch_size)]

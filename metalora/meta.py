@@ -1,0 +1,175 @@
+"""One meta-step for MeTA-LoRA, FOMAML and Reptile.
+
+Every algorithm turns a meta-batch into a gradient on the shared weights and lets the meta-optimizer
+step on it:
+- metalora / fomaml: the mean over tasks of the query-loss gradient (at the adapted weights when
+  first-order; differentiated back through the inner loop otherwise). fomaml is the same code over
+  all base weights instead of the LoRA weights.
+- reptile: minus the mean displacement (adapted - shared), so an SGD meta-optimizer with lr = meta_lr
+  moves the shared weights by meta_lr x mean displacement.
+Each task's graph is freed before the next task starts, so memory does not grow with the meta-batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from metalora.adapt import Params, adapt
+from metalora.config import MetaConfig
+from metalora.episodes import Encoder, Episode
+from metalora.loss import batch_loss, count_target_tokens
+from metalora.tasks import Task
+
+
+@dataclass
+class TaskStats:
+    """What one task of a meta-batch reported."""
+
+    task: str
+    first_inner_loss: float
+    last_inner_loss: float
+    support_loss_after: float
+    query_loss: float
+    tokens: int
+
+    @property
+    def adaptation_gap(self) -> float:
+        """Query loss minus support loss, both at the adapted weights."""
+        return self.query_loss - self.support_loss_after
+
+
+def query_loss_and_grad(
+    model: torch.nn.Module,
+    adapted: Params,
+    wrt: list[torch.Tensor],
+    batches: list[dict[str, torch.Tensor]],
+    weight: float,
+) -> tuple[float, list[torch.Tensor]]:
+    """Token-weighted mean query loss over `batches` and its gradient with respect to `wrt`, times `weight`.
+
+    Each batch is differentiated and released on its own, so only one query batch's graph is alive.
+    """
+    total_tokens = sum(count_target_tokens(b) for b in batches)
+    grads = [torch.zeros_like(t) for t in wrt]
+    total = 0.0
+    for index, batch in enumerate(batches):
+        share = count_target_tokens(batch) / total_tokens
+        loss = batch_loss(model, adapted, batch) * share
+        keep = index < len(batches) - 1  # the inner-loop graph is shared by all query batches
+        parts = torch.autograd.grad(loss, wrt, retain_graph=keep, allow_unused=True)
+        for acc, part in zip(grads, parts, strict=True):
+            if part is not None:
+                acc.add_(part, alpha=weight)
+        total += float(loss.detach())
+    return total, grads
+
+
+def meta_gradients(
+    model: torch.nn.Module,
+    shared: Params,
+    episodes: list[Episode],
+    tasks: dict[str, Task],
+    encoder: Encoder,
+    cfg: MetaConfig,
+    total_tasks: int,
+) -> tuple[list[torch.Tensor], list[TaskStats]]:
+    """This process's share of the meta-gradient: the sum over its tasks, divided by `total_tasks`.
+
+    Args:
+        model: the model (LoRA attached for metalora/reptile).
+        shared: the shared weights by name (leaf tensors that require grad).
+        episodes: this process's episodes.
+        tasks: task definitions by name.
+        encoder: tokenisation and collation.
+        cfg: inner-loop and algorithm settings.
+        total_tasks: tasks of the whole meta-batch (all processes), so that summing the processes'
+            shares gives the mean over tasks.
+
+    Returns:
+        (one gradient per shared tensor in `shared` order, per-task statistics).
+    """
+    names = list(shared)
+    grads = [torch.zeros_like(shared[n]) for n in names]
+    stats = []
+    second_order = cfg.algorithm == "metalora" and not cfg.first_order
+    for episode in episodes:
+        task = tasks[episode.task]
+        support = encoder.batches(task, episode.support, cfg.inner_batch_size)
+        query = encoder.batches(task, episode.query, cfg.query_batch_size)
+        # Dropout masks come from the episode's own seed, so a task's result does not depend on
+        # which process adapts it or what ran before it.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(episode.seed)
+            adapted, inner = adapt(
+                model,
+                shared,
+                support,
+                cfg.inner_steps,
+                cfg.inner_lr,
+                optimizer=cfg.inner_optimizer,
+                first_order=not second_order,
+            )
+            if cfg.algorithm == "reptile":
+                with torch.no_grad():
+                    q_loss = _mean_loss(model, adapted, query)
+                for acc, name in zip(grads, names, strict=True):
+                    acc.sub_((adapted[name].detach() - shared[name].detach()) / total_tasks)
+            else:
+                wrt = [shared[n] for n in names] if second_order else [adapted[n] for n in names]
+                q_loss, task_grads = query_loss_and_grad(model, adapted, wrt, query, 1.0 / total_tasks)
+                for acc, g in zip(grads, task_grads, strict=True):
+                    acc.add_(g)
+            with torch.no_grad():
+                support_after = float(batch_loss(model, adapted, support[0]))
+        tokens = sum(count_target_tokens(b) for b in support) + sum(count_target_tokens(b) for b in query)
+        first = inner[0] if inner else support_after
+        stats.append(TaskStats(episode.task, first, inner[-1] if inner else first, support_after, q_loss, tokens))
+        del adapted
+    return grads, stats
+
+
+def _mean_loss(model: torch.nn.Module, params: Params, batches: list[dict[str, torch.Tensor]]) -> float:
+    total_tokens = sum(count_target_tokens(b) for b in batches)
+    return sum(float(batch_loss(model, params, b)) * count_target_tokens(b) / total_tokens for b in batches)
+
+
+def meta_step(
+    model: torch.nn.Module,
+    shared: Params,
+    episodes: list[Episode],
+    tasks: dict[str, Task],
+    encoder: Encoder,
+    cfg: MetaConfig,
+    optimizer: torch.optim.Optimizer,
+    total_tasks: int,
+    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    can_step: Callable[[list[TaskStats]], bool] = lambda stats: True,
+) -> list[TaskStats]:
+    """Compute the meta-gradient of a meta-batch and take one meta-optimizer step.
+
+    Args:
+        model: the model.
+        shared: the shared weights (the optimizer's parameters), by name.
+        episodes: this process's episodes of the meta-batch.
+        tasks: task definitions by name.
+        encoder: tokenisation and collation.
+        cfg: algorithm and inner-loop settings.
+        optimizer: the meta-optimizer over `shared`'s tensors.
+        total_tasks: tasks in the whole meta-batch (all processes).
+        reduce: sums a tensor over processes (identity for one process).
+        can_step: called with the statistics before the update; False skips it (e.g. a NaN loss).
+
+    Returns:
+        The per-task statistics of this process.
+    """
+    grads, stats = meta_gradients(model, shared, episodes, tasks, encoder, cfg, total_tasks)
+    if not can_step(stats):
+        return stats
+    for tensor, grad in zip(shared.values(), grads, strict=True):
+        tensor.grad = reduce(grad)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stats

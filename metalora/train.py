@@ -1,0 +1,260 @@
+"""Headless meta-training: `accelerate launch -m metalora.train params/base.yaml [more.yaml] [a.b=value ...]`.
+
+The same entry point runs as `python -m metalora.train` and `metalora train`. Loop order follows the
+accelerate examples: Accelerator -> seed -> data -> model -> optimizer -> loop. The frozen base is not
+wrapped in DDP (function transforms and DDP hooks do not mix): each process adapts its own tasks of
+the meta-batch and the meta-gradients are summed explicitly with `accelerator.reduce`, so every
+process holds the same shared weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from tqdm.auto import tqdm
+
+from metalora.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from metalora.config import Config, load_config, save_config, split_args
+from metalora.episodes import Encoder, EpisodeSampler
+from metalora.errors import MetaloraError
+from metalora.io import atomic_write_json
+from metalora.lora import attach_lora, lora_params, save_adapter
+from metalora.meta import TaskStats, meta_step
+from metalora.models import count_parameters, load_model
+from metalora.splits import Experiment, build_experiment, save_splits
+
+
+class TrainingDivergedError(MetaloraError):
+    """A loss became NaN or infinite; the last good state was saved first."""
+
+
+@dataclass
+class Trainer:
+    """Everything a meta-training loop needs, built once (also usable step by step from a notebook)."""
+
+    cfg: Config
+    model: torch.nn.Module
+    encoder: Encoder
+    experiment: Experiment
+    shared: dict[str, torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    sampler: EpisodeSampler
+
+
+def build_trainer(cfg: Config, device: torch.device | str = "cpu") -> Trainer:
+    """Load data and model, attach LoRA (unless fomaml) and create the meta-optimizer.
+
+    Args:
+        cfg: the resolved config.
+        device: where the model lives.
+
+    Returns:
+        The trainer's parts.
+    """
+    experiment = build_experiment(cfg.data, cfg.train.seed)
+    model, tokenizer = load_model(cfg.model)
+    model.to(device)
+    if cfg.meta.algorithm == "fomaml":
+        shared = dict(model.named_parameters())
+    else:
+        model = attach_lora(model, cfg.lora)
+        shared = lora_params(model)
+    model.train()  # LoRA dropout is part of the inner loop
+    if cfg.meta.algorithm == "reptile":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(shared.values(), lr=cfg.meta.meta_lr)
+    else:
+        optimizer = torch.optim.AdamW(shared.values(), lr=cfg.meta.meta_lr)
+    encoder = Encoder(
+        tokenizer,
+        cfg.data.prompt_template,
+        cfg.data.use_instruction,
+        cfg.data.max_prompt_tokens,
+        cfg.data.max_target_tokens,
+    )
+    sampler = EpisodeSampler(
+        experiment.train, cfg.meta.n_support, cfg.meta.n_query, cfg.meta.meta_batch_size, cfg.train.seed
+    )
+    return Trainer(cfg, model, encoder, experiment, shared, optimizer, sampler)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated on `device`, or this process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def step_metrics(step: int, stats: list[TaskStats], seconds: float, device: torch.device) -> dict[str, float]:
+    """Flatten one meta-step's task statistics into the logged metrics."""
+    metrics: dict[str, float] = {"step": step}
+    for s in stats:
+        metrics[f"stage1/{s.task}/loss_first"] = s.first_inner_loss
+        metrics[f"stage1/{s.task}/loss_last"] = s.last_inner_loss
+    metrics["stage2/meta_loss"] = sum(s.query_loss for s in stats) / len(stats)
+    metrics["adaptation_gap"] = sum(s.adaptation_gap for s in stats) / len(stats)
+    metrics["system/time_per_step_s"] = seconds
+    metrics["system/tokens_per_s"] = sum(s.tokens for s in stats) / seconds
+    metrics["system/peak_memory_mb"] = peak_memory_mb(device)
+    return metrics
+
+
+def _truncate_metrics(path: Path, start: int) -> None:
+    """Drop lines logged after the checkpoint a run resumes from (they will be logged again)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < start]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _export_final(trainer: Trainer, run_dir: Path) -> Path:
+    if trainer.cfg.meta.algorithm == "fomaml":
+        target = run_dir / "model"
+        trainer.model.save_pretrained(target)
+        return target
+    return save_adapter(trainer.model, run_dir / "adapter")
+
+
+def train(cfg: Config, resume: bool = False) -> Path:
+    """Run meta-training as configured; returns the run directory.
+
+    Args:
+        cfg: the resolved config.
+        resume: continue from the latest checkpoint (also `train.resume=true`).
+
+    Returns:
+        The run directory, holding config.yaml, splits.json, metrics.jsonl, summary.json,
+        checkpoints/ and the final adapter (or model/ for fomaml).
+
+    Raises:
+        CheckpointError: resume without a checkpoint, a corrupt checkpoint, or a fresh run into a
+            directory that already holds checkpoints.
+        TrainingDivergedError: a NaN/inf loss (after saving the last good state).
+    """
+    resume = resume or cfg.train.resume
+    run_dir = cfg.run_dir
+    log_with = list(cfg.train.log_with) or None
+    accelerator = Accelerator(
+        cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision, log_with=log_with, project_dir=str(run_dir)
+    )
+    set_seed(cfg.train.seed)
+    checkpoint = latest_checkpoint(run_dir)
+    if resume and checkpoint is None:
+        raise CheckpointError(f"{run_dir}: resume asked for, but there is no checkpoint under checkpoints/")
+    if not resume and checkpoint is not None:
+        raise CheckpointError(
+            f"{run_dir} already holds checkpoints: resume with --resume (train.resume=true) "
+            "or choose another train.run_name"
+        )
+    # The first process converts the embedded model and builds the data; the others then read the cache.
+    with accelerator.main_process_first():
+        trainer = build_trainer(cfg, accelerator.device)
+    start = 0
+    if checkpoint is not None:
+        start = load_checkpoint(checkpoint, trainer.model, trainer.optimizer, cfg.meta.algorithm, cfg.train.seed)
+    metrics_path = run_dir / "metrics.jsonl"
+    if accelerator.is_main_process:
+        save_config(cfg, run_dir)
+        save_splits(trainer.experiment, run_dir)
+        _truncate_metrics(metrics_path, start)
+    if log_with:
+        accelerator.init_trackers(cfg.train.run_name)
+
+    tasks = {name: pool.task for name, pool in trainer.experiment.train.items()}
+    world, rank = accelerator.num_processes, accelerator.process_index
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        return accelerator.reduce(t, reduction="sum") if world > 1 else t
+
+    def all_finite(stats: list[TaskStats]) -> bool:
+        local = all(math.isfinite(v) for s in stats for v in (s.query_loss, s.last_inner_loss))
+        bad = reduce(torch.tensor(0.0 if local else 1.0, device=accelerator.device))
+        return float(bad) == 0.0
+
+    bar = tqdm(range(start, cfg.train.steps), disable=not accelerator.is_main_process, desc="meta-train")
+    last_saved = start
+    for step in bar:
+        began = time.perf_counter()
+        episodes = trainer.sampler.sample(step, rank, world)
+        with accelerator.autocast():
+            stats = meta_step(
+                trainer.model, trainer.shared, episodes, tasks, trainer.encoder, cfg.meta, trainer.optimizer,
+                total_tasks=cfg.meta.meta_batch_size, reduce=reduce, can_step=all_finite,
+            )  # fmt: skip
+        all_stats = gather_object(stats) if world > 1 else stats
+        if not all(math.isfinite(v) for s in all_stats for v in (s.query_loss, s.last_inner_loss)):
+            if accelerator.is_main_process:
+                save_checkpoint(run_dir, step, trainer.model, trainer.optimizer, cfg.meta.algorithm, cfg.train.seed)
+            bad = sorted({s.task for s in all_stats if not math.isfinite(s.query_loss)})
+            raise TrainingDivergedError(
+                f"non-finite loss at step {step} (tasks {bad}); the state after {step} steps is saved in "
+                f"{run_dir}/checkpoints/step_{step}. Lower meta.inner_lr or meta.meta_lr."
+            )
+        metrics = step_metrics(step, all_stats, time.perf_counter() - began, accelerator.device)
+        if accelerator.is_main_process:
+            with metrics_path.open("a") as handle:
+                handle.write(json.dumps(metrics) + "\n")
+            bar.set_postfix(meta_loss=f"{metrics['stage2/meta_loss']:.4f}")
+        accelerator.log(metrics, step=step)
+        done = step + 1
+        if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and accelerator.is_main_process:
+            save_checkpoint(run_dir, done, trainer.model, trainer.optimizer, cfg.meta.algorithm, cfg.train.seed)
+            last_saved = done
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if last_saved != cfg.train.steps:
+            save_checkpoint(
+                run_dir, cfg.train.steps, trainer.model, trainer.optimizer, cfg.meta.algorithm, cfg.train.seed
+            )
+        exported = _export_final(trainer, run_dir)
+        atomic_write_json(
+            run_dir / "summary.json",
+            {
+                "algorithm": cfg.meta.algorithm,
+                "steps": cfg.train.steps,
+                "processes": world,
+                "device": str(accelerator.device),
+                "trainable_parameters": sum(t.numel() for t in trainer.shared.values()),
+                "base_parameters": count_parameters(trainer.model)["total"],
+                "final_weights": str(exported.relative_to(run_dir)),
+                "final_weights_bytes": sum(f.stat().st_size for f in exported.rglob("*") if f.is_file()),
+            },
+        )
+    accelerator.end_training()
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse `[params.yaml ...] [a.b=value ...] [--resume]` and train.
+
+    Args:
+        argv: arguments (default: sys.argv[1:]).
+
+    Returns:
+        The process exit status (2 for bad input).
+    """
+    parser = argparse.ArgumentParser(prog="metalora train", description=__doc__.splitlines()[0])
+    parser.add_argument("config", nargs="*", help="YAML parameter files, then a.b=value overrides")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    args = parser.parse_args(argv)
+    files, overrides = split_args(args.config)
+    try:
+        run_dir = train(load_config(files, overrides), resume=args.resume)
+    except MetaloraError as err:
+        print(f"metalora train: error: {err}", file=sys.stderr)
+        return 2
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
