@@ -59,7 +59,9 @@ def adapt(
             if optimizer == "sgd":
                 updated[name] = value - lr * grad
             else:
-                updated[name], moments[name] = _adam_update(value, grad, moments.get(name), step + 1, lr)
+                updated[name], moments[name] = _adam_update(
+                    value, grad, moments.get(name), step + 1, lr, smooth=not first_order
+                )
         current = _fresh_leaves(updated) if first_order else updated
     return current, losses
 
@@ -75,6 +77,7 @@ def _adam_update(
     state: tuple[torch.Tensor, torch.Tensor] | None,
     t: int,
     lr: float,
+    smooth: bool,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     beta1, beta2 = ADAM_BETAS
     m_prev, v_prev = state if state is not None else (torch.zeros_like(grad), torch.zeros_like(grad))
@@ -82,6 +85,10 @@ def _adam_update(
     v = beta2 * v_prev + (1 - beta2) * grad * grad
     m_hat = m / (1 - beta1**t)
     v_hat = v / (1 - beta2**t)
-    # sqrt(v_hat + eps^2) rather than sqrt(v_hat) + eps: the same step to within eps, but its derivative
-    # stays finite where a gradient is exactly zero (LoRA A at B = 0), which second-order MAML needs.
-    return value - lr * m_hat / torch.sqrt(v_hat + ADAM_EPS**2), (m, v)
+    if smooth:
+        # Second order differentiates through this step: sqrt(v_hat + eps^2) keeps the derivative finite
+        # where a gradient is exactly zero (LoRA A at B = 0), unlike sqrt(v_hat) + eps.
+        denominator = torch.sqrt(v_hat + ADAM_EPS**2)
+    else:
+        denominator = v_hat.sqrt() + ADAM_EPS  # torch.optim.Adam's formula
+    return value - lr * m_hat / denominator, (m, v)

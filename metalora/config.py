@@ -134,8 +134,8 @@ class TrainConfig:
     resume: bool = False
     # accelerate trackers, e.g. [tensorboard] or [wandb].
     log_with: list[str] = field(default_factory=list)
-    # "no", "bf16" or "fp16": autocast through accelerate (GPU).
-    mixed_precision: str = "no"
+    # "no", "bf16" or "fp16": autocast through accelerate; empty means what `accelerate launch` says.
+    mixed_precision: str = ""
     # Force CPU even when a GPU is present.
     cpu: bool = False
 
@@ -182,7 +182,7 @@ def _check_values(cfg: Config) -> None:
         ("meta.algorithm", cfg.meta.algorithm in ALGORITHMS, f"one of {ALGORITHMS}"),
         ("meta.inner_optimizer", cfg.meta.inner_optimizer in INNER_OPTIMIZERS, f"one of {INNER_OPTIMIZERS}"),
         ("model.dtype", cfg.model.dtype in DTYPES, f"one of {DTYPES}"),
-        ("train.mixed_precision", cfg.train.mixed_precision in ("no", "bf16", "fp16"), "no, bf16 or fp16"),
+        ("train.mixed_precision", cfg.train.mixed_precision in ("", "no", "bf16", "fp16"), "empty, no, bf16 or fp16"),
         ("lora.r", cfg.lora.r > 0, "a positive integer"),
         ("lora.alpha", cfg.lora.alpha > 0, "a positive integer"),
         ("lora.dropout", 0.0 <= cfg.lora.dropout < 1.0, "in [0, 1)"),

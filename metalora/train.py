@@ -64,6 +64,9 @@ def build_trainer(cfg: Config, device: torch.device | str = "cpu") -> Trainer:
     experiment = build_experiment(cfg.data, cfg.train.seed)
     model, tokenizer = load_model(cfg.model)
     model.to(device)
+    if not cfg.meta.first_order and cfg.meta.algorithm == "metalora":
+        # Second order needs a double backward, which fused SDPA attention kernels do not implement.
+        model.set_attn_implementation("eager")
     if cfg.meta.algorithm == "fomaml":
         shared = dict(model.named_parameters())
     else:
@@ -144,7 +147,10 @@ def train(cfg: Config, resume: bool = False) -> Path:
     run_dir = cfg.run_dir
     log_with = list(cfg.train.log_with) or None
     accelerator = Accelerator(
-        cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision, log_with=log_with, project_dir=str(run_dir)
+        cpu=cfg.train.cpu,
+        mixed_precision=cfg.train.mixed_precision or None,
+        log_with=log_with,
+        project_dir=str(run_dir),
     )
     set_seed(cfg.train.seed)
     checkpoint = latest_checkpoint(run_dir)

@@ -1,0 +1,114 @@
+"""The training entry point: outputs, determinism, resume, errors and multi-process equivalence."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from metalora.checkpoint import CheckpointError
+from metalora.config import load_config
+from metalora.train import TrainingDivergedError, main, train
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = [ROOT / "params" / "base.yaml", ROOT / "params" / "smoke.yaml"]
+
+
+def run(tmp_path: Path, name: str, *overrides: str, resume: bool = False) -> Path:
+    cfg = load_config(SMOKE, [f"train.output_dir={tmp_path}", f"train.run_name={name}", *overrides])
+    return train(cfg, resume=resume)
+
+
+def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_run_directory_holds_config_metrics_checkpoints_and_adapter(tmp_path):
+    run_dir = run(tmp_path, "r")
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [0, 1, 2]
+    for key in ("stage2/meta_loss", "adaptation_gap", "system/peak_memory_mb", "system/time_per_step_s"):
+        assert key in lines[0]
+    assert any(k.startswith("stage1/") and k.endswith("/loss_first") for k in lines[0])
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_2", "step_3"]
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert load_config([run_dir / "config.yaml"]).train.run_name == "r"
+    splits = json.loads((run_dir / "splits.json").read_text())
+    for pools in splits["train"].values():
+        assert not set(pools["support"]) & set(pools["query"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_weights_bytes"] > 0 and summary["trainable_parameters"] > 0
+
+
+def test_same_seed_gives_the_same_adapter_and_another_seed_does_not(tmp_path):
+    a, b = run(tmp_path, "a"), run(tmp_path, "b")
+    assert_same(adapter(a), adapter(b))
+    c = adapter(run(tmp_path, "c", "train.seed=1"))
+    assert any(not torch.equal(c[k], v) for k, v in adapter(a).items())
+
+
+def test_stop_and_resume_equals_one_uninterrupted_run(tmp_path):
+    whole = run(tmp_path, "whole", "train.steps=6", "train.checkpoint_every=0")
+    run(tmp_path, "parts", "train.steps=3", "train.checkpoint_every=0")
+    parts = run(tmp_path, "parts", "train.steps=6", "train.checkpoint_every=0", resume=True)
+    assert_same(adapter(whole), adapter(parts))
+    steps = [json.loads(line)["step"] for line in (parts / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(6))
+
+
+def test_resume_errors_are_named(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        run(tmp_path, "none", resume=True)
+    run_dir = run(tmp_path, "r")
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+        run(tmp_path, "r")
+    (run_dir / "checkpoints" / "step_3" / "optimizer.safetensors").write_bytes(b"truncated")
+    with pytest.raises(CheckpointError, match="step_3: missing or corrupt checkpoint"):
+        run(tmp_path, "r", "train.steps=4", resume=True)
+
+
+def test_a_diverging_loss_stops_with_a_clear_error_after_saving(tmp_path):
+    with pytest.raises(TrainingDivergedError, match="non-finite loss at step 0"):
+        run(tmp_path, "nan", "meta.inner_optimizer=sgd", "meta.inner_lr=1e30", "meta.inner_steps=3")
+    assert (tmp_path / "nan" / "checkpoints" / "step_0" / "state.json").is_file()
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
+    code = main([*map(str, SMOKE), f"train.output_dir={tmp_path}", "meta.meta_batch_size=999"])
+    assert code == 2
+    assert "meta_batch_size=999 is larger than" in capsys.readouterr().err
+
+
+def test_fomaml_checkpoint_is_the_full_model_in_safetensors(tmp_path):
+    run_dir = run(tmp_path, "f", "meta.algorithm=fomaml", "train.steps=1")
+    assert (run_dir / "model" / "model.safetensors").is_file()
+    assert (run_dir / "checkpoints" / "step_1" / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.multiprocess
+def test_two_processes_match_one_process(tmp_path):
+    single = run(tmp_path, "single", "meta.meta_batch_size=4", "train.steps=2")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(ROOT / "params" / "accelerate" / "cpu_2proc.yaml"),
+        "-m", "metalora.train", *map(str, SMOKE), "train.cpu=true",
+        f"train.output_dir={tmp_path}", "train.run_name=double", "meta.meta_batch_size=4", "train.steps=2",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "double" / "summary.json").read_text())
+    assert summary["processes"] == 2
+    one, two = adapter(single), adapter(tmp_path / "double")
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-7)
