@@ -200,7 +200,7 @@ def select_tasks(
     Args:
         suite: the merged suite.
         train: glob patterns of meta-training tasks; empty means the suite's default split, else all
-            tasks that are not held out.
+            tasks. Held-out tasks are always removed from it.
         heldout: glob patterns of held-out tasks; empty means the suite's default split.
         exclude: glob patterns removed from both.
 
@@ -208,7 +208,7 @@ def select_tasks(
         (train names, held-out names), disjoint.
 
     Raises:
-        TaskError: a pattern matches nothing, or a task is both meta-training and held out.
+        TaskError: a pattern matches nothing.
     """
     names = list(suite.tasks)
     excluded = set(match_tasks(names, exclude, "data.exclude_tasks"))
@@ -218,8 +218,7 @@ def select_tasks(
     elif suite.default_train:
         chosen = list(suite.default_train)
     else:
-        chosen = [n for n in names if n not in set(held)]
-    both = sorted(set(chosen) & set(held) - excluded)
-    if both:
-        raise TaskError(f"tasks both meta-training and held out (a leak): {both[:5]}")
-    return [n for n in chosen if n not in excluded], [n for n in held if n not in excluded]
+        chosen = names
+    # A held-out task is never meta-trained on, even when a train pattern matches it: no leak.
+    held_set = set(held)
+    return [n for n in chosen if n not in excluded and n not in held_set], [n for n in held if n not in excluded]

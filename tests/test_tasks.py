@@ -1,0 +1,146 @@
+"""Task suites: validation errors, selection, leak-free splits, the embedded suite and the real data."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from metalora.config import load_config
+from metalora.embedded_suite import FAMILIES, embedded_suite
+from metalora.splits import build_experiment, heldout_pools, meta_pools
+from metalora.tasks import Example, Task, TaskError, TaskSuite, load_suite_dir, merge_suites, select_tasks
+
+
+def make_suite(tmp_path: Path, manifest: dict, files: dict[str, str]) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "tasks.json").write_text(json.dumps({"tasks": manifest}))
+    for name, text in files.items():
+        (tmp_path / f"{name}.jsonl").write_text(text)
+    return tmp_path
+
+
+GOOD = '{"input": "1", "target": "2"}\n{"input": "3", "target": "4"}\n'
+
+
+def test_a_valid_suite_loads(tmp_path):
+    suite = load_suite_dir(make_suite(tmp_path, {"t": {"instruction": "Add one."}}, {"t": GOOD}))
+    task = suite.tasks["t"]
+    assert task.metric == "exact_match" and [e.target for e in task.examples] == ["2", "4"]
+    assert [e.id for e in task.examples] == ["t:1", "t:2"]
+
+
+@pytest.mark.parametrize(
+    ("manifest", "files", "message"),
+    [
+        ({"t": {}}, {}, r"t\.jsonl: example file of task 't' not found"),
+        ({"t": {}}, {"t": GOOD + "{not json\n"}, r"t\.jsonl: line 3: malformed JSON"),
+        ({"t": {}}, {"t": '{"input": "1"}\n'}, r"t\.jsonl: line 1: field 'target' is missing"),
+        ({"t": {}}, {"t": '{"target": "1"}\n'}, r"t\.jsonl: line 1: field 'input' is missing"),
+        ({"t": {}}, {"t": "\n"}, r"task 't' has no examples"),
+        ({"t": {"options": ["yes", "no"]}}, {"t": '{"input": "a", "target": "maybe"}\n'}, r"line 1: .*not one of"),
+        ({"t": {"metric": "bleu"}}, {"t": GOOD}, r"tasks\.json: task 't': field 'metric'"),
+        ({"t": {"options": "yes"}}, {"t": GOOD}, r"task 't': field 'options'"),
+    ],
+)
+def test_validation_errors_name_file_line_and_field(tmp_path, manifest, files, message):
+    with pytest.raises(TaskError, match=message):
+        load_suite_dir(make_suite(tmp_path, manifest, files))
+
+
+def test_missing_or_malformed_manifest(tmp_path):
+    with pytest.raises(TaskError, match="tasks.json: task manifest not found"):
+        load_suite_dir(tmp_path)
+    (tmp_path / "tasks.json").write_text("{\n  oops")
+    with pytest.raises(TaskError, match=r"tasks.json: line 2: malformed JSON"):
+        load_suite_dir(tmp_path)
+
+
+def test_duplicate_task_names_across_suites(tmp_path):
+    a = load_suite_dir(make_suite(tmp_path / "a", {"t": {}}, {"t": GOOD}))
+    b = load_suite_dir(make_suite(tmp_path / "b", {"t": {}}, {"t": GOOD}))
+    with pytest.raises(TaskError, match="duplicate task name 't' in first and second"):
+        merge_suites([("first", a), ("second", b)])
+
+
+def _suite(*names: str) -> TaskSuite:
+    examples = [Example(id=f"{i}", input=str(i), target=str(i)) for i in range(10)]
+    return TaskSuite(tasks={n: Task(n, "", "exact_match", examples) for n in names})
+
+
+def test_task_selection_with_globs_and_exclusions():
+    suite = _suite("lama_a", "lama_b", "lama_c", "sst2")
+    train, held = select_tasks(suite, ["lama_*"], ["lama_c"], [])
+    assert (train, held) == (["lama_a", "lama_b"], ["lama_c"])
+    train, held = select_tasks(suite, [], ["lama_c"], ["sst2"])
+    assert (train, held) == (["lama_a", "lama_b"], ["lama_c"])
+    with pytest.raises(TaskError, match=r"data\.heldout_tasks: 'bbh_\*' matches no task"):
+        select_tasks(suite, [], ["bbh_*"], [])
+
+
+def test_no_pattern_can_put_a_heldout_task_into_meta_training():
+    suite = _suite("lama_a", "lama_b")
+    train, held = select_tasks(suite, ["*"], ["lama_b"], [])
+    assert train == ["lama_a"] and held == ["lama_b"]
+    train, held = select_tasks(suite, [], ["lama_*"], [])
+    assert train == [] and held == ["lama_a", "lama_b"]
+
+
+def test_splits_are_deterministic_disjoint_and_capped():
+    task = _suite("t").tasks["t"]
+    pools = meta_pools(task, max_samples=8, support_fraction=0.5, seed=3)
+    again = meta_pools(task, max_samples=8, support_fraction=0.5, seed=3)
+    assert [e.id for e in pools.support] == [e.id for e in again.support]
+    assert len(pools.support) + len(pools.query) == 8
+    assert not {e.id for e in pools.support} & {e.id for e in pools.query}
+    other = meta_pools(task, max_samples=8, support_fraction=0.5, seed=4)
+    assert [e.id for e in other.support] != [e.id for e in pools.support]
+    held = heldout_pools(task, n_test=3, seed=3)
+    assert len(held.test) == 3 and not {e.id for e in held.test} & {e.id for e in held.adapt}
+
+
+def test_a_task_too_small_to_split():
+    tiny = Task("t", "", "exact_match", [Example("t:1", "a", "b")])
+    with pytest.raises(TaskError, match="task 't' has 1 example"):
+        meta_pools(tiny, 10, 0.5, 0)
+
+
+def test_embedded_suite_is_deterministic_with_a_seen_and_unseen_heldout_split():
+    suite, again = embedded_suite(), embedded_suite()
+    assert len(suite.tasks) >= 40 and len(FAMILIES) >= 8
+    for name, task in suite.tasks.items():
+        assert [(e.input, e.target) for e in task.examples] == [(e.input, e.target) for e in again.tasks[name].examples]
+        assert len({e.input for e in task.examples}) == len(task.examples) >= 200, name
+        assert max(len(e.target) for e in task.examples) <= 12, name
+    assert not set(suite.default_train) & set(suite.default_heldout)
+    train_families = {suite.tasks[n].family for n in suite.default_train}
+    held_families = {suite.tasks[n].family for n in suite.default_heldout}
+    assert held_families & train_families, "held-out tasks inside seen families"
+    assert held_families - train_families, "wholly unseen held-out families"
+
+
+def test_embedded_examples_are_correct():
+    tasks = embedded_suite().tasks
+    for example in tasks["add_7"].examples[:20]:
+        assert int(example.target) == int(example.input) + 7
+    for example in tasks["linear_3"].examples[:20]:
+        left, right = example.input.split(" = ")
+        b = int(left.split(" + ")[1])
+        assert 3 * int(example.target) + b == int(right)
+    assert tasks["caesar_1"].examples[0].target == "".join(
+        chr((ord(c) - 97 + 1) % 26 + 97) for c in tasks["caesar_1"].examples[0].input
+    )
+
+
+@pytest.mark.slow
+def test_the_real_suite_loads_and_splits(shared_tasks):
+    cfg = load_config(
+        overrides=[f"data.suites=[{shared_tasks}]", "data.train_tasks=[lama_*]", "data.heldout_tasks=[lama_p17_*]"]
+    )
+    suite = load_suite_dir(shared_tasks)
+    assert len(suite.tasks) == 49
+    assert suite.tasks["sst2_sentiment"].options and suite.tasks["sst2_sentiment"].metric == "accuracy"
+    experiment = build_experiment(cfg.data, seed=0)
+    assert "lama_p17_country" in experiment.heldout and "lama_p17_country" not in experiment.train
+    assert len(experiment.train) == sum(n.startswith("lama_") for n in suite.tasks) - 1
+    for pools in experiment.heldout.values():
+        assert not {e.id for e in pools.test} & {e.id for e in pools.adapt}
