@@ -1,0 +1,1 @@
+"""Benchmark scripts: each measures and prints figures (and writes JSON); none asserts a time."""

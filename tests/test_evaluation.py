@@ -1,0 +1,117 @@
+"""Few-shot evaluation: no leaks from the test set, 0-shot means no adaptation, scoring equivalences."""
+
+import pytest
+import torch
+
+from metalora.config import LoraConfig
+from metalora.episodes import Encoder
+from metalora.evaluation import AdaptSettings, adapt_on_shots, adapter_init, draw_shots, evaluate_init, snapshot_lora
+from metalora.lora import attach_lora, lora_params, save_adapter
+from metalora.loss import target_logits
+from metalora.scoring import exact_match, greedy_generate, normalise, rank_options
+from metalora.splits import heldout_pools
+from metalora.tasks import Example, Task
+
+
+@pytest.fixture
+def setup(tiny):
+    model, tokenizer = tiny
+    model = attach_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))
+    encoder = Encoder(tokenizer, "{instruction}\nInput: {input}\nOutput:")
+    examples = [Example(f"t:{i}", f"{i} apples", "yes" if i % 2 else "no") for i in range(40)]
+    task = Task("t", "Is it odd?", "accuracy", examples, options=["yes", "no"])
+    return model, tokenizer, encoder, task
+
+
+@pytest.mark.parametrize(
+    ("prediction", "target", "expected"),
+    [
+        ("Paris.", "paris", True),
+        ("  The Paris\nInput: x", "Paris", True),
+        ("1,200 apples", "1200", True),
+        ("-7", "-7", True),
+        ("7", "-7", False),
+        ("21x^2", "21x^2", True),
+        ("21x^3", "21x^2", False),
+        ("dbu", "dbu ", True),
+        ("an apple", "apple", True),
+        ("55\n56", "55", True),
+    ],
+)
+def test_exact_match_normalisation(prediction, target, expected):
+    assert exact_match(prediction, target) is expected
+
+
+def test_normalise_drops_case_punctuation_articles_and_spaces():
+    assert normalise("  The  Quick, brown FOX! ") == "quick brown fox"
+
+
+def test_shots_never_come_from_the_test_set(setup):
+    _, _, _, task = setup
+    pools = heldout_pools(task, n_test=10, seed=0)
+    test_ids = {e.id for e in pools.test}
+    for n in (1, 5, 10, 30):
+        for seed in range(5):
+            shots = draw_shots(pools, n, seed)
+            assert len(shots) == n and not {e.id for e in shots} & test_ids
+    with pytest.raises(Exception, match="adaptation pool has 30"):
+        draw_shots(pools, 31, 0)
+
+
+def test_zero_shots_means_no_adaptation(setup):
+    model, _, encoder, task = setup
+    pools = heldout_pools(task, n_test=10, seed=0)
+    init = snapshot_lora(model)
+    settings = AdaptSettings(steps=5, lr=1e-2)
+    assert adapt_on_shots(model, init, encoder, pools, [], settings, 0) is init
+    adapted = adapt_on_shots(model, init, encoder, pools, draw_shots(pools, 4, 0), settings, 0)
+    assert any(not torch.equal(adapted[k], init[k]) for k in init)
+
+
+def test_option_ranking_equals_a_brute_force_loop(setup):
+    model, _, encoder, task = setup
+    params = lora_params(model)
+    examples = task.examples[:6]
+    fast = rank_options(model, params, encoder, task, examples, batch_size=5)
+    slow = []
+    for example in examples:
+        scores = []
+        for option in task.options:
+            batch = encoder.collate([(encoder.prompt_ids(task, example), encoder.target_ids(option))])
+            with torch.no_grad():
+                logits, labels = target_logits(model, params, batch)
+            scores.append(float(torch.log_softmax(logits, -1)[0].gather(-1, labels[0].unsqueeze(-1)).sum()))
+        slow.append(task.options[max(range(len(scores)), key=scores.__getitem__)])
+    assert fast == slow
+
+
+def test_greedy_generation_equals_transformers_generate(tiny):
+    model, tokenizer = tiny
+    prompts = [tokenizer("3 + 4 =")["input_ids"], tokenizer("hello there, world")["input_ids"]]
+    ours = greedy_generate(model, {}, prompts, max_new_tokens=6, pad_id=tokenizer.pad_token_id, eos_id=-1)
+    for prompt, generated in zip(prompts, ours, strict=True):
+        ids = torch.tensor([prompt])
+        reference = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=None)  # fmt: skip
+        assert generated == reference[0, len(prompt) :].tolist()
+
+
+def test_adapter_init_reads_weights_without_changing_the_model(setup, tmp_path):
+    model, _, _, _ = setup
+    fresh = snapshot_lora(model)
+    moved = {k: v + 0.5 for k, v in fresh.items()}
+    save_adapter(model, tmp_path / "a", params=moved)
+    loaded = adapter_init(model, tmp_path / "a")
+    for name in fresh:
+        assert torch.equal(loaded[name], moved[name])
+        assert torch.equal(lora_params(model)[name], fresh[name])
+
+
+def test_evaluate_init_rows(setup):
+    model, _, encoder, task = setup
+    pools = {"t": heldout_pools(task, n_test=6, seed=0)}
+    rows = evaluate_init(model, "lora", snapshot_lora(model), pools, encoder, [0, 3], 2, AdaptSettings(2, 1e-2),
+                         max_test=4, batch_size=4)  # fmt: skip
+    assert [(r.n_shots, r.seed) for r in rows] == [(0, 0), (0, 1), (3, 0), (3, 1)]
+    assert all(r.metric == "accuracy" and 0.0 <= r.value <= 1.0 and r.n_test == 4 for r in rows)
+    assert rows[0].value == rows[1].value  # 0 shots: nothing depends on the seed
