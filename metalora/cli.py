@@ -48,6 +48,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    """Convert a dataset into a task suite directory."""
+    from metalora.prepare import prepare
+
+    out = prepare(args)
+    print(f"task suite written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser with one sub-parser per command."""
     parser = argparse.ArgumentParser(prog="metalora", description="Meta-learning LoRA experiment kit.")
@@ -58,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="meta-train (metalora, reptile or fomaml)", add_help=False)
     train.add_argument("args", nargs=argparse.REMAINDER, help="params files, a.b=value overrides, --resume")
     train.set_defaults(func=cmd_train)
+    from metalora.prepare import add_arguments
+
+    prepare = commands.add_parser("prepare-data", help="turn a dataset (hub or local files) into a task suite")
+    add_arguments(prepare)
+    prepare.set_defaults(func=cmd_prepare_data)
     return parser
 
 

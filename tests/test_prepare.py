@@ -1,0 +1,94 @@
+"""prepare-data through `datasets.load_dataset` on local fixture files (the same path as hub ids)."""
+
+import json
+
+from metalora.cli import main
+from metalora.prepare import gsm8k_answer, last_boxed
+from metalora.tasks import load_suite_dir
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run(tmp_path, kind, rows, *extra):
+    data = write_jsonl(tmp_path / f"{kind}.jsonl", rows)
+    out = tmp_path / f"suite_{kind}"
+    code = main(["prepare-data", kind, "--dataset", "json", "--data-files", str(data), "--out", str(out),
+                 "--min-samples", "2", *extra])  # fmt: skip
+    assert code == 0
+    return load_suite_dir(out)
+
+
+def test_answer_extraction():
+    assert last_boxed(r"so $x = \boxed{\frac{1}{2}}$, not \boxed{3}") == "3"
+    assert last_boxed(r"answer \boxed{\frac{1}{2}}.") == r"\frac{1}{2}"
+    assert last_boxed("no box") is None
+    assert gsm8k_answer("3 + 4 = 7\n#### 1,234") == "1234"
+    assert gsm8k_answer("no marker") is None
+
+
+def test_math_one_task_per_subject(tmp_path):
+    rows = [
+        {"problem": "1+1?", "solution": r"It is \boxed{2}.", "type": "Algebra"},
+        {"problem": "2+2?", "solution": r"\boxed{4}", "type": "Algebra"},
+        {"problem": "area?", "solution": r"\boxed{\pi}", "type": "Geometry"},
+        {"problem": "x?", "solution": r"\boxed{9}", "type": "Geometry"},
+        {"problem": "skip", "solution": "no boxed answer", "type": "Geometry"},
+    ]
+    suite = run(tmp_path, "math", rows)
+    assert sorted(suite.tasks) == ["math_algebra", "math_geometry"]
+    assert sorted(e.target for e in suite.tasks["math_geometry"].examples) == ["9", r"\pi"]
+
+
+def test_gsm8k(tmp_path):
+    rows = [{"question": f"q{i}", "answer": f"work\n#### {i},000"} for i in range(3)]
+    suite = run(tmp_path, "gsm8k", rows)
+    assert sorted(e.target for e in suite.tasks["gsm8k"].examples) == ["0000", "1000", "2000"]
+
+
+def test_scienceqa_per_subject_with_choices_in_the_input(tmp_path):
+    rows = [
+        {"question": "Which is a metal?", "choices": ["iron", "wood"], "answer": 0, "subject": "natural science"},
+        {"question": "Which is a gas?", "choices": ["rock", "air", "milk"], "answer": 1, "subject": "natural science"},
+    ]
+    task = run(tmp_path, "scienceqa", rows).tasks["scienceqa_natural_science"]
+    targets = {e.input: e.target for e in task.examples}
+    assert targets["Which is a gas? Options: (A) rock (B) air (C) milk"] == "air"
+
+
+def test_natural_instructions_one_task_per_task_file(tmp_path):
+    rows = [
+        {"task_name": "task001_copy", "definition": ["Copy the input."], "inputs": f"w{i}", "targets": [f"w{i}"]}
+        for i in range(3)
+    ]
+    task = run(tmp_path, "natural-instructions", rows).tasks["task001_copy"]
+    assert task.instruction == "Copy the input." and len(task.examples) == 3
+
+
+def test_generic_with_grouping_and_options(tmp_path):
+    rows = [{"text": f"t{i}", "label": ["neg", "pos"][i % 2], "labels": ["neg", "pos"], "src": "a"} for i in range(6)]
+    suite = run(tmp_path, "generic", rows, "--input-field", "text", "--target-field", "label",
+                "--group-by", "src", "--options-field", "labels", "--max-samples", "4")  # fmt: skip
+    task = suite.tasks["a"]
+    assert task.options == ["neg", "pos"] and task.metric == "accuracy" and len(task.examples) == 4
+
+
+def test_a_missing_field_is_named(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q"}])
+    code = main(["prepare-data", "gsm8k", "--dataset", "json", "--data-files", str(data), "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "row 0: field(s) ['answer'] missing" in capsys.readouterr().err
+
+
+def test_an_unreachable_dataset_is_a_clear_error(tmp_path, capsys):
+    code = main(["prepare-data", "gsm8k", "--dataset", "no-org/no-dataset", "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "cannot load dataset 'no-org/no-dataset'" in capsys.readouterr().err
+
+
+def test_generic_needs_its_fields(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "x.jsonl", [{"a": 1}])
+    assert main(["prepare-data", "generic", "--dataset", "json", "--data-files", str(data), "--out", str(tmp_path)]) == 2
+    assert "--input-field and --target-field" in capsys.readouterr().err
