@@ -90,5 +90,6 @@ def test_an_unreachable_dataset_is_a_clear_error(tmp_path, capsys):
 
 def test_generic_needs_its_fields(tmp_path, capsys):
     data = write_jsonl(tmp_path / "x.jsonl", [{"a": 1}])
-    assert main(["prepare-data", "generic", "--dataset", "json", "--data-files", str(data), "--out", str(tmp_path)]) == 2
+    args = ["prepare-data", "generic", "--dataset", "json", "--data-files", str(data), "--out", str(tmp_path)]
+    assert main(args) == 2
     assert "--input-field and --target-field" in capsys.readouterr().err
