@@ -67,3 +67,8 @@ def batch_loss(model: torch.nn.Module, params: dict[str, torch.Tensor], batch: d
 def count_target_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Return the number of tokens that carry a loss in `batch`."""
     return int((batch["labels"] != IGNORE_INDEX).sum())
+
+
+def count_input_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Return the number of real (non-padding) tokens a forward pass over `batch` processes."""
+    return int(batch["attention_mask"].sum())

@@ -20,7 +20,7 @@ import torch
 from metalora.adapt import Params, adapt
 from metalora.config import MetaConfig
 from metalora.episodes import Encoder, Episode
-from metalora.loss import batch_loss, count_target_tokens
+from metalora.loss import batch_loss, count_input_tokens, count_target_tokens
 from metalora.tasks import Task
 
 
@@ -33,6 +33,7 @@ class TaskStats:
     last_inner_loss: float
     support_loss_after: float
     query_loss: float
+    # Real (non-padding) tokens forwarded for this task: inner steps, query batches, support check.
     tokens: int
 
     @property
@@ -124,7 +125,9 @@ def meta_gradients(
                     acc.add_(g)
             with torch.no_grad():
                 support_after = float(batch_loss(model, adapted, support[0]))
-        tokens = sum(count_target_tokens(b) for b in support) + sum(count_target_tokens(b) for b in query)
+        # Tokens actually forwarded: one support batch per inner step, every query batch, one support check.
+        inner_tokens = sum(count_input_tokens(support[i % len(support)]) for i in range(cfg.inner_steps))
+        tokens = inner_tokens + sum(count_input_tokens(b) for b in query) + count_input_tokens(support[0])
         first = inner[0] if inner else support_after
         stats.append(TaskStats(episode.task, first, inner[-1] if inner else first, support_after, q_loss, tokens))
         del adapted

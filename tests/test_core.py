@@ -227,3 +227,17 @@ def test_prompt_template_and_loss_mask():
     labelled = batch["labels"][0][batch["labels"][0] != -100].tolist()
     assert labelled == target and target[-1] == encoder.tokenizer.eos_token_id
     assert int(batch["attention_mask"][1].sum()) == 2 + len(target)
+
+
+def test_task_stats_count_every_real_token_forwarded():
+    trainer = trainer_for()
+    episode = first_episode(trainer)[0]
+    task, support = support_batches(trainer, episode)
+    query = trainer.encoder.batches(task, episode.query, trainer.cfg.meta.query_batch_size)
+    _, stats = meta_gradients(trainer.model, trainer.shared, [episode], tasks_of(trainer), trainer.encoder,
+                              trainer.cfg.meta, total_tasks=1)  # fmt: skip
+    steps = trainer.cfg.meta.inner_steps
+    real = [int(b["attention_mask"].sum()) for b in support]
+    expected = sum(real[i % len(real)] for i in range(steps)) + real[0]
+    expected += sum(int(b["attention_mask"].sum()) for b in query)
+    assert stats[0].tokens == expected > sum(int((b["labels"] != -100).sum()) for b in support + query)
