@@ -6,8 +6,10 @@ being written into the model.
 
 from __future__ import annotations
 
+import functools
 import re
 import string
+from pathlib import Path
 
 import torch
 from torch.func import functional_call
@@ -153,6 +155,28 @@ def max_new_tokens_for(encoder: Encoder, task: Task) -> int:
     return min(longest + 4, encoder.max_target_tokens + 1)
 
 
+@functools.cache
+def _task_match() -> object:
+    # evaluate's hub metrics are scripts fetched at load time; the kit's own module loads offline.
+    import evaluate
+
+    return evaluate.load(str(Path(__file__).parent / "metrics" / "task_match.py"))
+
+
+def match_rate(predictions: list[str], references: list[str], mode: str) -> float:
+    """Share of matching predictions, computed by the kit's `evaluate` metric module.
+
+    Args:
+        predictions: chosen options or generated texts.
+        references: the targets.
+        mode: "option" (exact equality) or "text" (normalised exact match, see `exact_match`).
+
+    Returns:
+        A value in [0, 1].
+    """
+    return float(_task_match().compute(predictions=predictions, references=references, mode=mode)["match"])
+
+
 @torch.no_grad()
 def score_task(model: torch.nn.Module, params: Params, encoder: Encoder, task: Task, examples: list[Example],
                batch_size: int) -> tuple[str, float]:  # fmt: skip
@@ -161,16 +185,16 @@ def score_task(model: torch.nn.Module, params: Params, encoder: Encoder, task: T
     Returns:
         (metric name, value in [0, 1]).
     """
+    references = [e.target for e in examples]
     if task.options:
         predictions = rank_options(model, params, encoder, task, examples, batch_size)
-        return "accuracy", sum(p == e.target for p, e in zip(predictions, examples, strict=True)) / len(examples)
+        return "accuracy", match_rate(predictions, references, "option")
     budget = max_new_tokens_for(encoder, task)
     tokenizer = encoder.tokenizer
-    hits = 0
+    texts = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         prompts = [encoder.prompt_ids(task, e) for e in chunk]
         outputs = greedy_generate(model, params, prompts, budget, tokenizer.pad_token_id, tokenizer.eos_token_id)
-        for tokens, example in zip(outputs, chunk, strict=True):
-            hits += exact_match(tokenizer.decode(tokens, skip_special_tokens=True), example.target)
-    return "exact_match", hits / len(examples)
+        texts.extend(tokenizer.decode(tokens, skip_special_tokens=True) for tokens in outputs)
+    return "exact_match", match_rate(texts, references, "text")

@@ -115,3 +115,12 @@ def test_evaluate_init_rows(setup):
     assert [(r.n_shots, r.seed) for r in rows] == [(0, 0), (0, 1), (3, 0), (3, 1)]
     assert all(r.metric == "accuracy" and 0.0 <= r.value <= 1.0 and r.n_test == 4 for r in rows)
     assert rows[0].value == rows[1].value  # 0 shots: nothing depends on the seed
+
+
+def test_match_rate_goes_through_the_evaluate_module():
+    from metalora.scoring import match_rate
+
+    assert match_rate(["The Paris.", "12", "x"], ["paris", "12", "y"], "text") == pytest.approx(2 / 3)
+    assert match_rate(["A", "b"], ["A", "B"], "option") == 0.5
+    with pytest.raises(ValueError, match="mode"):
+        match_rate(["a"], ["a"], "fuzzy")
