@@ -87,6 +87,27 @@ def save_checkpoint(
     return target
 
 
+def load_full_weights(model: torch.nn.Module, model_dir: str | Path) -> None:
+    """Load a full model saved with `save_pretrained` (safetensors) into `model` in place.
+
+    Args:
+        model: a model of the same architecture.
+        model_dir: the directory holding model.safetensors (a fomaml checkpoint or final model).
+
+    Raises:
+        CheckpointError: the file is missing, or its weights do not fit the model.
+    """
+    path = Path(model_dir) / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no full-model weights there")
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    # A tied output embedding is saved once, so lm_head.weight may be absent from the file.
+    if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
+        raise CheckpointError(
+            f"{model_dir}: model weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """Return the checkpoint directory with the highest step, or None when there is none."""
     root = Path(run_dir) / "checkpoints"
@@ -123,10 +144,7 @@ def load_checkpoint(
                 f"but this run has algorithm={algorithm} seed={seed}"
             )
         if algorithm == "fomaml":
-            weights = load_file(str(directory / FULL_MODEL / "model.safetensors"))
-            missing, unexpected = model.load_state_dict(weights, strict=False)
-            if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
-                raise CheckpointError(f"{directory}: model weights do not fit (missing {missing[:3]})")
+            load_full_weights(model, directory / FULL_MODEL)
         else:
             load_adapter_into(model, directory / "adapter")
         _optimizer_from_files(optimizer, directory)

@@ -48,6 +48,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Few-shot evaluation of the configured methods; writes <run_dir>/eval/."""
+    from metalora.comparison import run_evaluation
+
+    out = run_evaluation(config_from_args(args.config), train_missing=args.train_missing)
+    print(f"evaluation written to {out}")
+    return 0
+
+
 def cmd_prepare_data(args: argparse.Namespace) -> int:
     """Convert a dataset into a task suite directory."""
     from metalora.prepare import prepare
@@ -67,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="meta-train (metalora, reptile or fomaml)", add_help=False)
     train.add_argument("args", nargs=argparse.REMAINDER, help="params files, a.b=value overrides, --resume")
     train.set_defaults(func=cmd_train)
+    evaluate = commands.add_parser("eval", help="few-shot evaluation, baselines, statistics and figures")
+    evaluate.add_argument("config", nargs="*", help="YAML parameter files, then a.b=value overrides")
+    evaluate.add_argument("--train-missing", action="store_true", help="train methods that have no finished run")
+    evaluate.set_defaults(func=cmd_eval)
     from metalora.prepare import add_arguments
 
     prepare = commands.add_parser("prepare-data", help="turn a dataset (hub or local files) into a task suite")

@@ -19,7 +19,10 @@ from omegaconf.errors import OmegaConfBaseException
 from metalora.errors import MetaloraError
 from metalora.io import atomic_write_text
 
-ALGORITHMS = ("metalora", "reptile", "fomaml")
+ALGORITHMS = ("metalora", "reptile", "fomaml", "multitask")
+# Initialisations few-shot evaluation can compare; the trained ones are read from run directories.
+METHODS = ("base", "lora", "multitask", "metalora", "reptile", "fomaml", "full_data")
+TRAINED_METHODS = ("multitask", "metalora", "reptile", "fomaml")
 INNER_OPTIMIZERS = ("sgd", "adam")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -52,7 +55,8 @@ class LoraConfig:
 
 @dataclass
 class MetaConfig:
-    # metalora (shared LoRA init), reptile (parameter averaging) or fomaml (all base weights).
+    # metalora (shared LoRA init), reptile (parameter averaging), fomaml (all base weights) or
+    # multitask (the multi-task LoRA baseline: plain training on pooled support+query examples).
     algorithm: str = "metalora"
     # True: first-order meta-gradient; False: differentiate through the inner loop.
     first_order: bool = True
@@ -116,6 +120,25 @@ class EvalConfig:
     max_test: int = 100
     # Examples per forward pass while scoring.
     batch_size: int = 16
+    # Initialisations to compare: base, lora, multitask, metalora, reptile, fomaml, full_data.
+    methods: list[str] = field(default_factory=lambda: ["base", "lora", "multitask", "metalora"])
+    # Run directory per trained method; missing ones default to <output_dir>/<run_name>-<method>
+    # (and this config's own meta.algorithm to <output_dir>/<run_name>).
+    runs: dict[str, str] = field(default_factory=dict)
+    # The method every other is compared with in significance.csv.
+    reference: str = "metalora"
+
+
+@dataclass
+class BaselineConfig:
+    # Learning rate (AdamW) of the multi-task LoRA baseline.
+    multitask_lr: float = 1e-4
+    # Example-gradients the multi-task baseline trains on; 0 matches the meta-training run of this config.
+    multitask_example_gradients: int = 0
+    # Adaptation steps of the full-data LoRA reference on a held-out task's whole adaptation pool.
+    full_data_steps: int = 100
+    # Learning rate of the full-data LoRA reference.
+    full_data_lr: float = 1e-4
 
 
 @dataclass
@@ -147,6 +170,7 @@ class Config:
     meta: MetaConfig = field(default_factory=MetaConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @property
@@ -202,6 +226,13 @@ def _check_values(cfg: Config) -> None:
         ("eval.n_shots", all(n >= 0 for n in cfg.eval.n_shots), "non-negative integers"),
         ("eval.seeds", cfg.eval.seeds > 0, "positive"),
         ("eval.adapt_steps", cfg.eval.adapt_steps >= 0, ">= 0"),
+        ("eval.methods", set(cfg.eval.methods) <= set(METHODS) and bool(cfg.eval.methods), f"a list from {METHODS}"),
+        ("eval.runs", set(cfg.eval.runs) <= set(TRAINED_METHODS), f"keys from {TRAINED_METHODS}"),
+        ("eval.reference", cfg.eval.reference in METHODS, f"one of {METHODS}"),
+        ("baseline.multitask_lr", cfg.baseline.multitask_lr > 0, "positive"),
+        ("baseline.multitask_example_gradients", cfg.baseline.multitask_example_gradients >= 0, ">= 0"),
+        ("baseline.full_data_steps", cfg.baseline.full_data_steps >= 0, ">= 0"),
+        ("baseline.full_data_lr", cfg.baseline.full_data_lr > 0, "positive"),
         ("train.steps", cfg.train.steps >= 0, ">= 0"),
         ("train.checkpoint_every", cfg.train.checkpoint_every >= 0, ">= 0"),
         ("train.run_name", bool(cfg.train.run_name) and "/" not in cfg.train.run_name, "a plain name"),

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from metalora.adapt import Params, adapt
+from metalora.baselines import FULL_DATA_SHOTS
 from metalora.episodes import Encoder
 from metalora.errors import MetaloraError
 from metalora.lora import load_adapter_into, lora_params
@@ -51,6 +52,14 @@ class EvalRow:
 def draw_shots(pools: HeldoutPools, n_shots: int, seed: int) -> list[Example]:
     """Draw `n_shots` examples from the task's adaptation pool only.
 
+    Args:
+        pools: the held-out task's adaptation pool and test set.
+        n_shots: examples wanted; FULL_DATA_SHOTS (-1) means the whole adaptation pool (shuffled).
+        seed: the evaluation seed.
+
+    Returns:
+        The shots, in a seeded random order.
+
     Raises:
         MetaloraError: the adaptation pool is smaller than `n_shots`.
     """
@@ -58,7 +67,8 @@ def draw_shots(pools: HeldoutPools, n_shots: int, seed: int) -> list[Example]:
         raise MetaloraError(
             f"task '{pools.task.name}': {n_shots} shots asked for, but its adaptation pool has {len(pools.adapt)}"
         )
-    return random.Random(task_seed(seed, "shots", pools.task.name, n_shots)).sample(pools.adapt, n_shots)
+    count = len(pools.adapt) if n_shots == FULL_DATA_SHOTS else n_shots
+    return random.Random(task_seed(seed, "shots", pools.task.name, n_shots)).sample(pools.adapt, count)
 
 
 def adapt_on_shots(

@@ -5,6 +5,8 @@ step on it:
 - metalora / fomaml: the mean over tasks of the query-loss gradient (at the adapted weights when
   first-order; differentiated back through the inner loop otherwise). fomaml is the same code over
   all base weights instead of the LoRA weights.
+- multitask: no inner loop; the gradient of the loss on the task's support and query examples
+  together at the shared weights (plain multi-task training, the multi-task LoRA baseline).
 - reptile: minus the mean displacement (adapted - shared), so an SGD meta-optimizer with lr = meta_lr
   moves the shared weights by meta_lr x mean displacement.
 Each task's graph is freed before the next task starts, so memory does not grow with the meta-batch.
@@ -96,10 +98,13 @@ def meta_gradients(
     grads = [torch.zeros_like(shared[n]) for n in names]
     stats = []
     second_order = cfg.algorithm == "metalora" and not cfg.first_order
+    multitask = cfg.algorithm == "multitask"
+    inner_steps = 0 if multitask else cfg.inner_steps
     for episode in episodes:
         task = tasks[episode.task]
         support = encoder.batches(task, episode.support, cfg.inner_batch_size)
-        query = encoder.batches(task, episode.query, cfg.query_batch_size)
+        loss_examples = episode.support + episode.query if multitask else episode.query
+        query = encoder.batches(task, loss_examples, cfg.query_batch_size)
         # Dropout masks come from the episode's own seed, so a task's result does not depend on
         # which process adapts it or what ran before it.
         with torch.random.fork_rng(devices=[]):
@@ -108,7 +113,7 @@ def meta_gradients(
                 model,
                 shared,
                 support,
-                cfg.inner_steps,
+                inner_steps,
                 cfg.inner_lr,
                 optimizer=cfg.inner_optimizer,
                 first_order=not second_order,
@@ -126,7 +131,7 @@ def meta_gradients(
             with torch.no_grad():
                 support_after = float(batch_loss(model, adapted, support[0]))
         # Tokens actually forwarded: one support batch per inner step, every query batch, one support check.
-        inner_tokens = sum(count_input_tokens(support[i % len(support)]) for i in range(cfg.inner_steps))
+        inner_tokens = sum(count_input_tokens(support[i % len(support)]) for i in range(inner_steps))
         tokens = inner_tokens + sum(count_input_tokens(b) for b in query) + count_input_tokens(support[0])
         first = inner[0] if inner else support_after
         stats.append(TaskStats(episode.task, first, inner[-1] if inner else first, support_after, q_loss, tokens))

@@ -23,6 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
+from metalora.baselines import example_gradients, multitask_plan, planned_steps
 from metalora.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from metalora.config import Config, load_config, save_config, split_args
 from metalora.episodes import Encoder, EpisodeSampler
@@ -75,6 +76,8 @@ def build_trainer(cfg: Config, device: torch.device | str = "cpu") -> Trainer:
     model.train()  # LoRA dropout is part of the inner loop
     if cfg.meta.algorithm == "reptile":
         optimizer: torch.optim.Optimizer = torch.optim.SGD(shared.values(), lr=cfg.meta.meta_lr)
+    elif cfg.meta.algorithm == "multitask":
+        optimizer = torch.optim.AdamW(shared.values(), lr=cfg.baseline.multitask_lr)
     else:
         optimizer = torch.optim.AdamW(shared.values(), lr=cfg.meta.meta_lr)
     encoder = Encoder(
@@ -186,7 +189,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
         bad = reduce(torch.tensor(0.0 if local else 1.0, device=accelerator.device))
         return float(bad) == 0.0
 
-    bar = tqdm(range(start, cfg.train.steps), disable=not accelerator.is_main_process, desc="meta-train")
+    total_steps = planned_steps(cfg)
+    bar = tqdm(range(start, total_steps), disable=not accelerator.is_main_process, desc=cfg.meta.algorithm)
     last_saved = start
     for step in bar:
         began = time.perf_counter()
@@ -217,22 +221,22 @@ def train(cfg: Config, resume: bool = False) -> Path:
             last_saved = done
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if last_saved != cfg.train.steps:
-            save_checkpoint(
-                run_dir, cfg.train.steps, trainer.model, trainer.optimizer, cfg.meta.algorithm, cfg.train.seed
-            )
+        if last_saved != total_steps:
+            save_checkpoint(run_dir, total_steps, trainer.model, trainer.optimizer, cfg.meta.algorithm, cfg.train.seed)
         exported = _export_final(trainer, run_dir)
         atomic_write_json(
             run_dir / "summary.json",
             {
                 "algorithm": cfg.meta.algorithm,
-                "steps": cfg.train.steps,
+                "steps": total_steps,
+                "example_gradients": example_gradients(cfg),
                 "processes": world,
                 "device": str(accelerator.device),
                 "trainable_parameters": sum(t.numel() for t in trainer.shared.values()),
                 "base_parameters": count_parameters(trainer.model)["total"],
                 "final_weights": str(exported.relative_to(run_dir)),
                 "final_weights_bytes": sum(f.stat().st_size for f in exported.rglob("*") if f.is_file()),
+                **({"budget": multitask_plan(cfg).budget} if cfg.meta.algorithm == "multitask" else {}),
             },
         )
     accelerator.end_training()

@@ -1,0 +1,81 @@
+"""Efficiency accounting of trained runs, read from what the runs measured (never estimated)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from metalora.checkpoint import latest_checkpoint
+
+EFFICIENCY_COLUMNS = [
+    "method", "run_dir", "steps", "example_gradients", "time_per_step_s", "tokens_per_s", "peak_memory_mb",
+    "memory_measure", "trainable_parameters", "final_weights_bytes", "checkpoint_bytes", "device", "processes",
+]  # fmt: skip
+
+
+def directory_bytes(path: Path) -> int:
+    """Total size of the files under `path` (0 when it does not exist)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def read_metrics(run_dir: str | Path) -> pd.DataFrame:
+    """A run's metrics.jsonl as a frame (one row per step); empty when the file is absent."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return pd.DataFrame()
+    return pd.DataFrame([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+
+
+def run_efficiency(method: str, run_dir: str | Path) -> dict[str, object]:
+    """One run's efficiency row.
+
+    Time per step and tokens/s are medians over the logged steps after the first (which pays for
+    warm-up); peak memory is the largest logged value.
+
+    Args:
+        method: the name to report.
+        run_dir: a finished run directory (summary.json and metrics.jsonl).
+
+    Returns:
+        A dict with EFFICIENCY_COLUMNS as keys.
+    """
+    run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    metrics = read_metrics(run_dir)
+    steady = metrics.iloc[1:] if len(metrics) > 1 else metrics
+    checkpoint = latest_checkpoint(run_dir)
+
+    def median(column: str) -> float:
+        return float(np.median(steady[column])) if column in steady else float("nan")
+
+    return {
+        "method": method,
+        "run_dir": str(run_dir),
+        "steps": summary["steps"],
+        "example_gradients": summary.get("example_gradients"),
+        "time_per_step_s": median("system/time_per_step_s"),
+        "tokens_per_s": median("system/tokens_per_s"),
+        "peak_memory_mb": float(metrics["system/peak_memory_mb"].max()) if len(metrics) else float("nan"),
+        # CUDA: max allocated by torch; CPU: the training process's peak resident set size.
+        "memory_measure": "cuda_max_allocated" if str(summary.get("device", "")).startswith("cuda") else "peak_rss",
+        "trainable_parameters": summary["trainable_parameters"],
+        "final_weights_bytes": summary["final_weights_bytes"],
+        "checkpoint_bytes": directory_bytes(checkpoint) if checkpoint else 0,
+        "device": summary.get("device"),
+        "processes": summary.get("processes"),
+    }
+
+
+def efficiency_table(runs: dict[str, Path]) -> pd.DataFrame:
+    """Efficiency rows of several runs.
+
+    Args:
+        runs: method name -> run directory.
+
+    Returns:
+        One row per run, columns EFFICIENCY_COLUMNS.
+    """
+    return pd.DataFrame([run_efficiency(m, d) for m, d in runs.items()], columns=EFFICIENCY_COLUMNS)

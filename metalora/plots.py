@@ -1,0 +1,131 @@
+"""The kit's figures (seaborn), each saved as PNG and returned for display in a notebook."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files first; Jupyter still displays the returned figures
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from metalora.baselines import FULL_DATA_SHOTS  # noqa: E402
+from metalora.io import atomic_write_bytes  # noqa: E402
+
+METHOD_LABELS = {
+    "base": "base model (no adapter)",
+    "lora": "standard LoRA (fresh init)",
+    "multitask": "multi-task LoRA",
+    "metalora": "MeTA-LoRA",
+    "reptile": "Reptile LoRA",
+    "fomaml": "FOMAML (full weights)",
+    "full_data": "full-data LoRA (whole pool)",
+}
+
+
+PALETTE = dict(zip(METHOD_LABELS, sns.color_palette("tab10", len(METHOD_LABELS)), strict=True))
+
+
+def _method_order(methods: pd.Series) -> list[str]:
+    known = [m for m in METHOD_LABELS if m in set(methods)]
+    return known + sorted(set(methods) - set(known))
+
+
+def _save(fig: plt.Figure, path: str | Path) -> plt.Figure:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    atomic_write_bytes(path, buffer.getvalue())
+    plt.close(fig)
+    return fig
+
+
+def few_shot_figure(summary: pd.DataFrame, path: str | Path, title: str = "Few-shot adaptation on held-out tasks"):
+    """Score vs shots per method with 95 % CI bands; the full-data reference as a dashed line.
+
+    Args:
+        summary: summary.csv rows (method, n_shots, mean, ci_low, ci_high).
+        path: PNG to write.
+        title: the figure title.
+
+    Returns:
+        The figure.
+    """
+    sns.set_theme(style="whitegrid")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    curves = summary[summary["n_shots"] != FULL_DATA_SHOTS]
+    for method in _method_order(curves["method"]):
+        rows = curves[curves["method"] == method].sort_values("n_shots")
+        label = METHOD_LABELS.get(method, method)
+        marker = "s" if len(rows) == 1 else "o"
+        color = PALETTE.get(method)
+        ax.errorbar(rows["n_shots"], rows["mean"], yerr=[rows["mean"] - rows["ci_low"], rows["ci_high"] - rows["mean"]],
+                    marker=marker, label=label, color=color, capsize=3)  # fmt: skip
+        ax.fill_between(rows["n_shots"], rows["ci_low"], rows["ci_high"], alpha=0.12, color=color)
+    for _, row in summary[summary["n_shots"] == FULL_DATA_SHOTS].iterrows():
+        color = PALETTE.get(row["method"])
+        ax.axhline(row["mean"], linestyle="--", color=color, label=METHOD_LABELS.get(row["method"], row["method"]))
+        ax.axhspan(row["ci_low"], row["ci_high"], alpha=0.08, color=color)
+    ax.set_xlabel("shots (examples of the held-out task used for adaptation)")
+    ax.set_ylabel("score (accuracy / exact match)\nmean and 95 % CI over tasks x seeds")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
+
+
+def efficiency_figure(efficiency: pd.DataFrame, path: str | Path):
+    """Bars per trained method: seconds per step, tokens/s, peak memory and final weights on disk.
+
+    Args:
+        efficiency: efficiency.csv rows.
+        path: PNG to write.
+
+    Returns:
+        The figure.
+    """
+    sns.set_theme(style="whitegrid")
+    panels = [
+        ("time_per_step_s", "seconds per step (median)", False),
+        ("tokens_per_s", "tokens per second (median)", False),
+        ("peak_memory_mb", "peak memory (MB)", False),
+        ("final_weights_bytes", "final weights on disk (bytes, log)", True),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
+    labels = [METHOD_LABELS.get(m, m) for m in efficiency["method"]]
+    colors = [PALETTE.get(m, "grey") for m in efficiency["method"]]
+    for ax, (column, title, log) in zip(axes, panels, strict=True):
+        sns.barplot(x=labels, y=efficiency[column].astype(float), hue=labels, palette=colors, ax=ax, legend=False)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
+        if log:
+            ax.set_yscale("log")
+    fig.suptitle("Training efficiency (measured)")
+    return _save(fig, path)
+
+
+def training_curves(metrics: pd.DataFrame, path: str | Path, title: str = "Meta-training"):
+    """Meta-loss (query loss after adaptation) and adaptation gap per step.
+
+    Args:
+        metrics: a run's metrics.jsonl rows.
+        path: PNG to write.
+        title: the figure title.
+
+    Returns:
+        The figure.
+    """
+    sns.set_theme(style="whitegrid")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    sns.lineplot(data=metrics, x="step", y="stage2/meta_loss", ax=axes[0])
+    axes[0].set_ylabel("query loss after adaptation")
+    sns.lineplot(data=metrics, x="step", y="adaptation_gap", ax=axes[1])
+    axes[1].set_ylabel("query loss - support loss")
+    for ax in axes:
+        ax.set_xlabel("step")
+    fig.suptitle(title)
+    return _save(fig, path)

@@ -1,0 +1,131 @@
+"""Few-shot comparison: baselines, output schemas, budgets, leak checks (tiny-random, embedded suite)."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from metalora.baselines import FULL_DATA_SHOTS, meta_example_gradients, multitask_plan
+from metalora.comparison import EvaluationError, check_no_leak, method_run_dir, run_evaluation
+from metalora.config import load_config
+from metalora.efficiency import EFFICIENCY_COLUMNS
+from metalora.evaluation import draw_shots
+from metalora.loss import batch_loss
+from metalora.meta import meta_gradients
+from metalora.splits import build_experiment
+from metalora.train import build_trainer
+
+SMOKE = ["params/base.yaml", "params/smoke.yaml"]
+FAST = [
+    "data.heldout_tasks=[add_9,caesar_7]", "eval.n_shots=[0,2]", "eval.seeds=2", "eval.max_test=4",
+    "eval.adapt_steps=2", "baseline.full_data_steps=2", "data.n_test=4",
+]  # fmt: skip
+
+
+def smoke_config(tmp_path, *overrides):
+    return load_config(SMOKE, [f"train.output_dir={tmp_path}", *FAST, *overrides])
+
+
+def test_meta_example_gradients_counts_inner_batches_and_query():
+    cfg = load_config(SMOKE, ["meta.n_support=10", "meta.inner_batch_size=4", "meta.inner_steps=4",
+                              "meta.n_query=3", "meta.meta_batch_size=2"])  # fmt: skip
+    # inner batches of 4, 4, 2, then 4 again (cycling): 14 support examples + 3 query, per task
+    assert meta_example_gradients(cfg.meta, steps=5) == 5 * 2 * (4 + 4 + 2 + 4 + 3)
+
+
+def test_multitask_budget_matches_the_meta_training_run_or_the_set_value():
+    cfg = load_config(SMOKE, ["train.steps=10"])
+    plan = multitask_plan(cfg)
+    per_step = cfg.meta.meta_batch_size * (cfg.meta.n_support + cfg.meta.n_query)
+    budget = meta_example_gradients(cfg.meta, 10)
+    assert plan.steps * per_step >= budget > (plan.steps - 1) * per_step
+    assert "matching a metalora run" in plan.budget
+    fixed = multitask_plan(load_config(SMOKE, ["baseline.multitask_example_gradients=40"]))
+    assert fixed.steps == -(-40 // per_step) and "baseline.multitask_example_gradients" in fixed.budget
+
+
+def test_multitask_gradient_is_the_pooled_loss_gradient_at_the_shared_weights():
+    trainer = build_trainer(load_config(SMOKE, ["lora.dropout=0.0", "meta.algorithm=multitask"]))
+    with torch.no_grad():
+        for name, p in trainer.shared.items():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    episode = trainer.sampler.sample(0)[0]
+    task = trainer.experiment.train[episode.task].task
+    tasks = {n: p.task for n, p in trainer.experiment.train.items()}
+    grads, _ = meta_gradients(trainer.model, trainer.shared, [episode], tasks, trainer.encoder,
+                              trainer.cfg.meta, total_tasks=1)  # fmt: skip
+    pooled = trainer.encoder.batches(task, episode.support + episode.query, 10_000)
+    assert len(pooled) == 1
+    reference = torch.autograd.grad(batch_loss(trainer.model, trainer.shared, pooled[0]), list(trainer.shared.values()))
+    for got, want in zip(grads, reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_full_data_shots_are_the_whole_adaptation_pool_and_never_the_test_set(tmp_path):
+    experiment = build_experiment(smoke_config(tmp_path).data, seed=0)
+    pools = experiment.heldout["add_9"]
+    shots = draw_shots(pools, FULL_DATA_SHOTS, seed=1)
+    assert sorted(e.id for e in shots) == sorted(e.id for e in pools.adapt)
+    assert not {e.id for e in shots} & {e.id for e in pools.test}
+
+
+def test_a_missing_run_is_a_clear_error(tmp_path):
+    cfg = smoke_config(tmp_path, "eval.methods=[lora,reptile]")
+    with pytest.raises(EvaluationError, match="'reptile'.*smoke-reptile.*--train-missing"):
+        run_evaluation(cfg)
+
+
+def test_a_run_that_trained_on_a_heldout_task_is_refused(tmp_path):
+    cfg = smoke_config(tmp_path)
+    experiment = build_experiment(cfg.data, seed=0)
+    run_dir = tmp_path / "leaky"
+    run_dir.mkdir()
+    splits = {"train": {"caesar_7": {"support": ["x"], "query": ["y"]}}, "heldout": {}}
+    (run_dir / "splits.json").write_text(json.dumps(splits))
+    with pytest.raises(EvaluationError, match="held-out task.*caesar_7"):
+        check_no_leak(experiment, "metalora", run_dir)
+    test_id = experiment.heldout["add_9"].test[0].id
+    splits = {"train": {"add_2": {"support": [test_id], "query": []}}, "heldout": {}}
+    (run_dir / "splits.json").write_text(json.dumps(splits))
+    with pytest.raises(EvaluationError, match="held-out example"):
+        check_no_leak(experiment, "metalora", run_dir)
+
+
+@pytest.mark.slow
+def test_eval_trains_missing_runs_and_writes_every_table(tmp_path):
+    cfg = smoke_config(tmp_path, "eval.methods=[base,lora,multitask,metalora,full_data]")
+    out = run_evaluation(cfg, train_missing=True)
+    assert method_run_dir(cfg, "multitask") == tmp_path / "smoke-multitask"
+
+    results = pd.read_csv(out / "results.csv")
+    assert list(results.columns) == ["method", "task", "n_shots", "seed", "metric", "value", "n_test",
+                                     "adapt_seconds", "test_loss"]  # fmt: skip
+    assert set(results["task"]) == {"add_9", "caesar_7"}
+    assert set(results[results["method"] == "base"]["n_shots"]) == {0}
+    assert set(results[results["method"] == "full_data"]["n_shots"]) == {FULL_DATA_SHOTS}
+    assert len(results[results["method"] == "metalora"]) == 2 * 2 * 2
+    assert results["value"].between(0, 1).all()
+    # 0 shots is no adaptation: a fresh LoRA (B = 0) scores exactly like the base model
+    zero = results[results["n_shots"] == 0].set_index(["method", "task", "seed"])["test_loss"]
+    assert (zero["lora"] == zero["base"]).all()
+    assert (zero["metalora"] != zero["lora"]).any()
+
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary.columns) == ["method", "n_shots", "mean", "ci_low", "ci_high", "n"]
+    assert (summary["ci_low"] <= summary["mean"]).all() and (summary["mean"] <= summary["ci_high"]).all()
+    significance = pd.read_csv(out / "significance.csv")
+    assert set(significance["reference"]) == {"metalora"}
+    assert set(significance["method"]) == {"base", "lora", "multitask"}
+    assert {"mean_diff", "ci_low", "ci_high", "p_wilcoxon", "p_holm"} <= set(significance.columns)
+
+    efficiency = pd.read_csv(out / "efficiency.csv")
+    assert list(efficiency.columns) == EFFICIENCY_COLUMNS
+    assert set(efficiency["method"]) == {"multitask", "metalora"}
+    assert efficiency["example_gradients"].nunique() == 1  # the multi-task budget matches meta-training
+    assert (efficiency["final_weights_bytes"] > 0).all() and (efficiency["peak_memory_mb"] > 0).all()
+    for figure in ("few_shot.png", "efficiency.png"):
+        assert (out / figure).stat().st_size > 10_000
+    summary_json = json.loads((tmp_path / "smoke-multitask" / "summary.json").read_text())
+    assert summary_json["algorithm"] == "multitask" and "matching a metalora run" in summary_json["budget"]
