@@ -57,6 +57,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run an ablation sweep point by point with papermill, then aggregate."""
+    from metalora.sweep import run_sweep
+
+    root = run_sweep(args.sweep, kernel=args.kernel)
+    print(f"sweep written to {root}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write report.md (and report.html) for a run or sweep directory."""
+    from metalora.report import write_report
+
+    print(f"report written to {write_report(args.directory, html=args.html)}")
+    return 0
+
+
 def cmd_prepare_data(args: argparse.Namespace) -> int:
     """Convert a dataset into a task suite directory."""
     from metalora.prepare import prepare
@@ -80,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("config", nargs="*", help="YAML parameter files, then a.b=value overrides")
     evaluate.add_argument("--train-missing", action="store_true", help="train methods that have no finished run")
     evaluate.set_defaults(func=cmd_eval)
+    sweep = commands.add_parser("sweep", help="run an ablation grid through papermill (params/ablations/*.yaml)")
+    sweep.add_argument("sweep", help="the sweep file")
+    sweep.add_argument("--kernel", default=None, help="Jupyter kernel for papermill (default: the notebook's)")
+    sweep.set_defaults(func=cmd_sweep)
+    report = commands.add_parser("report", help="Markdown/HTML report of a run or sweep directory")
+    report.add_argument("directory", help="a run directory or a sweep directory")
+    report.add_argument("--html", action="store_true", help="also write report.html")
+    report.set_defaults(func=cmd_report)
     from metalora.prepare import add_arguments
 
     prepare = commands.add_parser("prepare-data", help="turn a dataset (hub or local files) into a task suite")

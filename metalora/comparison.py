@@ -88,11 +88,17 @@ def _train_in_child(cfg: Config, resume: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         params = save_config(cfg, tmp)
         command = [sys.executable, "-m", "metalora.train", str(params), *(["--resume"] if resume else [])]
-        done = subprocess.run(command, check=False)
-    if done.returncode != 0:
+        child = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+        errors = []
+        for line in child.stderr:  # echoed as it comes (progress), errors kept for the exception
+            sys.stderr.write(line)
+            if "error:" in line:
+                errors.append(line.strip())
+        status = child.wait()
+    if status != 0:
+        reason = errors[-1] if errors else "see its output above"
         raise EvaluationError(
-            f"training {cfg.meta.algorithm} into {cfg.run_dir} failed (exit status {done.returncode}); "
-            "its error is printed above"
+            f"training {cfg.meta.algorithm} into {cfg.run_dir} failed (exit status {status}): {reason}"
         )
 
 

@@ -129,3 +129,56 @@ def training_curves(metrics: pd.DataFrame, path: str | Path, title: str = "Meta-
         ax.set_xlabel("step")
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def sweep_figure(summary: pd.DataFrame, key: str, path: str | Path, title: str = "Sweep"):
+    """Score vs one swept value, a line (with 95 % CI band) per shot count.
+
+    Args:
+        summary: a sweep's summary.csv rows (key, n_shots, mean, ci_low, ci_high).
+        key: the swept config key (x axis).
+        path: PNG to write.
+        title: the figure title.
+
+    Returns:
+        The figure.
+    """
+    sns.set_theme(style="whitegrid")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    numeric = pd.api.types.is_numeric_dtype(summary[key]) and not pd.api.types.is_bool_dtype(summary[key])
+    positions = summary[key] if numeric else summary[key].astype(str)
+    colors = sns.color_palette("viridis", summary["n_shots"].nunique())
+    for color, (shots, rows) in zip(colors, summary.assign(_x=positions).groupby("n_shots"), strict=True):
+        rows = rows.sort_values("_x") if numeric else rows
+        ax.errorbar(rows["_x"], rows["mean"], yerr=[rows["mean"] - rows["ci_low"], rows["ci_high"] - rows["mean"]],
+                    marker="o", capsize=3, color=color, label=f"{shots} shots")  # fmt: skip
+        ax.fill_between(rows["_x"], rows["ci_low"], rows["ci_high"], alpha=0.12, color=color)
+    if numeric and summary[key].min() > 0 and summary[key].max() / summary[key].min() >= 8:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(key)
+    ax.set_ylabel("score after adaptation\nmean and 95 % CI over tasks x seeds")
+    ax.set_title(title)
+    ax.legend(fontsize=8, title="held-out shots")
+    return _save(fig, path)
+
+
+def sweep_heatmap(summary: pd.DataFrame, rows_key: str, columns_key: str, path: str | Path, title: str = "Sweep"):
+    """Mean score over a 2-D sweep at its largest shot count.
+
+    Args:
+        summary: a sweep's summary.csv rows.
+        rows_key: the config key on the rows.
+        columns_key: the config key on the columns.
+        path: PNG to write.
+        title: the figure title.
+
+    Returns:
+        The figure.
+    """
+    sns.set_theme(style="white")
+    shots = summary["n_shots"].max()
+    table = summary[summary["n_shots"] == shots].pivot_table(index=rows_key, columns=columns_key, values="mean")
+    fig, ax = plt.subplots(figsize=(1.6 * table.shape[1] + 3, 0.8 * table.shape[0] + 2))
+    sns.heatmap(table, annot=True, fmt=".3f", cmap="viridis", ax=ax, cbar_kws={"label": f"mean score at {shots} shots"})
+    ax.set_title(title)
+    return _save(fig, path)

@@ -12,6 +12,9 @@ from scipy import stats
 
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 2000
+SIGNIFICANCE_COLUMNS = [
+    "method", "reference", "n_shots", "n_pairs", "mean_diff", "ci_low", "ci_high", "p_wilcoxon", "p_holm",
+]  # fmt: skip
 
 
 def mean_ci(values: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float, float]:
@@ -99,11 +102,11 @@ def significance(results: pd.DataFrame, reference: str = "metalora") -> pd.DataF
 
     Returns:
         Columns method, reference, n_shots, n_pairs, mean_diff (method - reference), ci_low, ci_high,
-        p_wilcoxon, p_holm (Holm-adjusted across the shot counts of that method). Empty when the
-        reference is absent.
+        p_wilcoxon, p_holm (Holm-adjusted across the shot counts of that method). No rows when the
+        reference is absent or is the only method.
     """
     if reference not in set(results["method"]):
-        return pd.DataFrame()
+        return pd.DataFrame(columns=SIGNIFICANCE_COLUMNS)
     keys = ["task", "n_shots", "seed"]
     ref = results[results["method"] == reference].set_index(keys)["value"]
     rows = []
@@ -120,4 +123,4 @@ def significance(results: pd.DataFrame, reference: str = "metalora") -> pd.DataF
         for row, adjusted in zip(method_rows, holm([r["p_wilcoxon"] for r in method_rows]), strict=True):
             row["p_holm"] = adjusted
         rows.extend(method_rows)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=SIGNIFICANCE_COLUMNS)

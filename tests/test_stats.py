@@ -54,3 +54,5 @@ def test_summary_and_significance_tables():
     assert sig["mean_diff"].tolist() == pytest.approx([-0.3, -0.3])
     assert (sig["p_holm"] >= sig["p_wilcoxon"]).all()
     assert significance(results[results["method"] == "lora"]).empty
+    alone = significance(results[results["method"] == "metalora"])
+    assert alone.empty and list(alone.columns) == list(sig.columns)

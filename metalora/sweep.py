@@ -1,0 +1,240 @@
+"""`metalora sweep params/ablations/<name>.yaml`: an ablation grid executed point by point with papermill.
+
+A sweep file names a notebook, the parameter files every point starts from, fixed overrides, and
+either a `grid` (every combination of the listed values) or named `cases` (sets of values that go
+together, e.g. the reptile switch), or both (their product). Each point runs the notebook into
+`outputs/sweeps/<name>/<point>/` with `train.output_dir` and `train.run_name` pointing there, so
+its run directory, eval/ tables and executed notebook sit together. Finished points are skipped on
+a re-run; a failing point is recorded with its error in point.json and the sweep goes on. At the end
+the points' results are aggregated into results.csv, summary.csv, points.csv and figures.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from metalora.config import ConfigError, load_config
+from metalora.io import atomic_write_json, atomic_write_text
+from metalora.plots import sweep_figure, sweep_heatmap
+from metalora.stats import summarise
+
+POINT_FILE = "point.json"
+
+
+@dataclass
+class SweepSpec:
+    """A parsed sweep file."""
+
+    name: str
+    notebook: str
+    config_files: list[str]
+    overrides: list[str] = field(default_factory=list)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    cases: dict[str, dict[str, Any]] = field(default_factory=dict)
+    output_dir: str = "outputs/sweeps"
+
+
+@dataclass
+class SweepPoint:
+    """One point: its directory name and the overrides that define it."""
+
+    name: str
+    values: dict[str, Any]
+
+    def overrides(self) -> list[str]:
+        """The point's values as `a.b=value` strings (lists in YAML flow form)."""
+        return [f"{key}={_flow(value)}" for key, value in self.values.items()]
+
+
+def _flow(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ",".join(_flow(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    """Read and check a sweep file.
+
+    Args:
+        path: the YAML file (its stem is the sweep's name).
+
+    Returns:
+        The sweep spec.
+
+    Raises:
+        ConfigError: a missing file, an unknown key, no grid and no cases, or a point whose config
+            does not load (the error names the point and the key).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: sweep file not found")
+    raw = OmegaConf.to_container(OmegaConf.load(path))
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with notebook, config_files and grid or cases")
+    known = {"notebook", "config_files", "overrides", "grid", "cases", "output_dir"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+    for key in ("notebook", "config_files"):
+        if key not in raw:
+            raise ConfigError(f"{path}: missing key '{key}'")
+    if not raw.get("grid") and not raw.get("cases"):
+        raise ConfigError(f"{path}: give a 'grid' (key: [values]) or 'cases' (name: {{key: value}})")
+    for key, values in (raw.get("grid") or {}).items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{path}: grid key '{key}' needs a non-empty list of values")
+    spec = SweepSpec(name=path.stem, **raw)
+    for point in sweep_points(spec):
+        try:
+            load_config(spec.config_files, [*spec.overrides, *point.overrides()])
+        except ConfigError as err:
+            raise ConfigError(f"{path}: point '{point.name}': {err}") from err
+    return spec
+
+
+def sweep_points(spec: SweepSpec) -> list[SweepPoint]:
+    """Every point of the sweep: the grid's combinations, times the cases when both are given."""
+    keys = list(spec.grid)
+    combos = [dict(zip(keys, values, strict=True)) for values in itertools.product(*spec.grid.values())]
+    cases = list(spec.cases.items()) or [("", {})]
+    points = []
+    for combo in combos:
+        for case_name, case_values in cases:
+            parts = [f"{k}={_flow(v)}" for k, v in combo.items()] + ([case_name] if case_name else [])
+            points.append(SweepPoint(",".join(parts), {**combo, **case_values}))
+    return points
+
+
+def sweep_dir(spec: SweepSpec) -> Path:
+    """Where the sweep's points and aggregates go."""
+    return Path(spec.output_dir) / spec.name
+
+
+def point_parameters(spec: SweepSpec, point: SweepPoint) -> dict[str, Any]:
+    """The notebook parameters of a point (what `papermill -p/-y` would pass)."""
+    root = sweep_dir(spec)
+    overrides = [*spec.overrides, *point.overrides(), f"train.output_dir={root}", f"train.run_name={point.name}"]
+    return {"config_files": list(spec.config_files), "overrides": overrides}
+
+
+def is_finished(point_dir: Path) -> bool:
+    """A point is finished when its record says ok and its few-shot summary exists."""
+    record = point_dir / POINT_FILE
+    if not record.is_file() or not (point_dir / "eval" / "summary.csv").is_file():
+        return False
+    return json.loads(record.read_text()).get("status") == "ok"
+
+
+def run_point(spec: SweepSpec, point: SweepPoint, kernel: str | None = None) -> dict[str, Any]:
+    """Execute the sweep's notebook for one point and record the outcome in point.json.
+
+    Returns:
+        The record: name, values, status ("ok" or "failed") and, on failure, the error.
+    """
+    import papermill
+
+    point_dir = sweep_dir(spec) / point.name
+    point_dir.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {"name": point.name, "values": point.values}
+    try:
+        papermill.execute_notebook(
+            spec.notebook, str(point_dir / "notebook.ipynb"), parameters=point_parameters(spec, point),
+            kernel_name=kernel, progress_bar=False, cwd=str(Path.cwd()),
+        )  # fmt: skip
+        record["status"] = "ok"
+    except Exception as err:  # a failing point is recorded and the sweep goes on
+        record["status"] = "failed"
+        # papermill reports the notebook's own exception in ename/evalue
+        name, value = getattr(err, "ename", type(err).__name__), getattr(err, "evalue", str(err))
+        record["error"] = f"{name}: {value}".strip()[:4000]
+        record["traceback"] = traceback.format_exc()[-4000:]
+    atomic_write_json(point_dir / POINT_FILE, record)
+    return record
+
+
+def run_sweep(path: str | Path, kernel: str | None = None) -> Path:
+    """Run every unfinished point of a sweep, then aggregate.
+
+    Args:
+        path: the sweep file.
+        kernel: Jupyter kernel name for papermill (default: the notebook's).
+
+    Returns:
+        The sweep directory.
+    """
+    from tqdm.auto import tqdm
+
+    spec = load_sweep(path)
+    root = sweep_dir(spec)
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(root / "sweep.yaml", Path(path).read_text())
+    for point in tqdm(sweep_points(spec), desc=f"sweep {spec.name}"):
+        if is_finished(root / point.name):
+            continue
+        record = run_point(spec, point, kernel)
+        if record["status"] != "ok":
+            print(f"point {point.name} failed: {record['error'].splitlines()[0]}")
+    aggregate_sweep(root)
+    return root
+
+
+def aggregate_sweep(root: str | Path) -> pd.DataFrame:
+    """Collect the points' results into results.csv, summary.csv and points.csv, and draw figures.
+
+    The figures show each point's own trained algorithm (its `meta.algorithm`) against the swept
+    values: a line per shot count for a 1-D sweep, a heatmap at the largest shot count for 2-D.
+
+    Args:
+        root: the sweep directory.
+
+    Returns:
+        The per-point summary (swept values, method, n_shots, mean and CI).
+    """
+    root = Path(root)
+    spec = load_sweep(root / "sweep.yaml")
+    spec.output_dir = str(root.parent)
+    keys = list(spec.grid) + (["case"] if spec.cases else [])
+    records, frames = [], []
+    for point in sweep_points(spec):
+        point_dir = root / point.name
+        record_path = point_dir / POINT_FILE
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {"status": "not run"}
+        records.append({"point": point.name, "status": record["status"], "error": record.get("error", "")})
+        if record["status"] != "ok":
+            continue
+        cfg = load_config(spec.config_files, [*spec.overrides, *point.overrides()])
+        results = pd.read_csv(point_dir / "eval" / "results.csv")
+        results = results[results["method"] == cfg.meta.algorithm].copy()
+        results.insert(0, "point", point.name)
+        for key in spec.grid:
+            results[key] = point.values[key]
+        if spec.cases:
+            results["case"] = point.name.split(",")[-1]
+        frames.append(results)
+    atomic_write_text(root / "points.csv", pd.DataFrame(records).to_csv(index=False))
+    if not frames:
+        return pd.DataFrame()
+    results = pd.concat(frames, ignore_index=True)
+    atomic_write_text(root / "results.csv", results.to_csv(index=False))
+    summary = pd.concat(
+        [summarise(group).assign(**dict(zip(keys, values if isinstance(values, tuple) else (values,), strict=True)))
+         for values, group in results.groupby(keys, sort=False)],
+        ignore_index=True,
+    )  # fmt: skip
+    summary = summary[keys + [c for c in summary.columns if c not in keys]]
+    atomic_write_text(root / "summary.csv", summary.to_csv(index=False))
+    if len(keys) == 1:
+        sweep_figure(summary, keys[0], root / "sweep.png", title=f"Sweep {spec.name}")
+    elif len(keys) == 2:
+        sweep_heatmap(summary, keys[0], keys[1], root / "sweep_heatmap.png", title=f"Sweep {spec.name}")
+    return summary
