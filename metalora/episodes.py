@@ -164,7 +164,23 @@ class Encoder:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         return {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
 
-    def batches(self, task: Task, examples: list[Example], batch_size: int) -> list[dict[str, torch.Tensor]]:
-        """Collate `examples` of `task` into batches of at most `batch_size` rows, in order."""
+    def batches(
+        self, task: Task, examples: list[Example], batch_size: int, group_by_length: bool = False
+    ) -> list[dict[str, torch.Tensor]]:
+        """Collate `examples` of `task` into batches of at most `batch_size` rows.
+
+        Args:
+            task: the task (its instruction goes into the prompt).
+            examples: the examples, batched in order unless grouped.
+            batch_size: rows per batch.
+            group_by_length: sort by encoded length first, so rows of similar length share a batch
+                and little padding is computed. Only for sets whose loss is a token-weighted mean
+                over all batches (query sets, scoring), where the order does not change the result.
+
+        Returns:
+            The collated batches.
+        """
         encoded = [self.encode(task, e) for e in examples]
+        if group_by_length:
+            encoded.sort(key=lambda pair: len(pair[0]) + len(pair[1]))
         return [self.collate(encoded[i : i + batch_size]) for i in range(0, len(encoded), batch_size)]

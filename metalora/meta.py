@@ -104,7 +104,7 @@ def meta_gradients(
         task = tasks[episode.task]
         support = encoder.batches(task, episode.support, cfg.inner_batch_size)
         loss_examples = episode.support + episode.query if multitask else episode.query
-        query = encoder.batches(task, loss_examples, cfg.query_batch_size)
+        query = encoder.batches(task, loss_examples, cfg.query_batch_size, group_by_length=True)
         # Dropout masks come from the episode's own seed, so a task's result does not depend on
         # which process adapts it or what ran before it.
         with torch.random.fork_rng(devices=[]):

@@ -70,7 +70,7 @@ def test_loss(model: torch.nn.Module, params: Params, encoder: Encoder, task: Ta
     Returns:
         The mean cross-entropy per target token.
     """
-    batches = encoder.batches(task, examples, batch_size)
+    batches = encoder.batches(task, examples, batch_size, group_by_length=True)
     total = sum(count_target_tokens(b) for b in batches)
     return sum(float(batch_loss(model, params, b)) * count_target_tokens(b) for b in batches) / total
 

@@ -241,3 +241,23 @@ def test_task_stats_count_every_real_token_forwarded():
     expected = sum(real[i % len(real)] for i in range(steps)) + real[0]
     expected += sum(int(b["attention_mask"].sum()) for b in query)
     assert stats[0].tokens == expected > sum(int((b["labels"] != -100).sum()) for b in support + query)
+
+
+def test_grouping_query_rows_by_length_keeps_loss_and_gradient_and_cuts_padding():
+    from metalora.meta import query_loss_and_grad
+
+    trainer = trainer_for("meta.n_query=12", "meta.query_batch_size=3")
+    nudge_lora_b(trainer)
+    episode = first_episode(trainer)[0]
+    task = trainer.experiment.train[episode.task].task
+    wrt = list(trainer.shared.values())
+    results = {}
+    for grouped in (False, True):
+        batches = trainer.encoder.batches(task, episode.query, 3, group_by_length=grouped)
+        padding = sum(int((b["attention_mask"] == 0).sum()) for b in batches)
+        loss, grads = query_loss_and_grad(trainer.model, trainer.shared, wrt, batches, weight=1.0)
+        results[grouped] = (loss, grads, padding)
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-5)
+    for a, b in zip(results[True][1], results[False][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert results[True][2] < results[False][2]
