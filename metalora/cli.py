@@ -74,6 +74,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Benchmark the kit's meta-step against the naive reference and FOMAML."""
+    from metalora.benchmarks.meta_step import main as bench_main
+
+    return bench_main(args.args)
+
+
 def cmd_prepare_data(args: argparse.Namespace) -> int:
     """Convert a dataset into a task suite directory."""
     from metalora.prepare import prepare
@@ -105,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("directory", help="a run directory or a sweep directory")
     report.add_argument("--html", action="store_true", help="also write report.html")
     report.set_defaults(func=cmd_report)
+    bench = commands.add_parser("bench", help="meta-step benchmark: metalora vs naive reference vs fomaml",
+                                add_help=False)  # fmt: skip
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="params files, overrides, --steps, --meta-batches")
+    bench.set_defaults(func=cmd_bench)
     from metalora.prepare import add_arguments
 
     prepare = commands.add_parser("prepare-data", help="turn a dataset (hub or local files) into a task suite")

@@ -1,0 +1,252 @@
+"""`metalora bench`: the kit's meta-step side by side with a naive reference and FOMAML.
+
+    metalora bench [params.yaml ...] [a.b=value ...] [--steps 5] [--warmup 1] [--meta-batches 1,2,4,8]
+
+Variants, on the same episodes (the same seed and steps) and the same model:
+- metalora: the kit's functional meta-step (`metalora.meta.meta_step`);
+- naive: the way the method is often first written, kept here as the reference: a deep copy of
+  the PEFT model per task, a fresh AdamW per task, full-vocabulary logits over every position
+  (the model's own `labels` loss), then the stage-2 gradient per task;
+- fomaml: the kit's first-order meta-step over every base weight.
+Each variant runs in its own child process, so its peak memory (CUDA max allocated, or the peak
+resident set size on CPU) is its own. Useful FLOPs are counted with torch's FlopCounterMode on the
+kit's path (metalora, or fomaml for itself) for one step and scaled by tokens; the naive reference
+does the same useful work as metalora, plus waste. The matmul peak is measured in a child too.
+Results: a Markdown table on stdout and outputs/bench/meta_step.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from metalora.config import Config, load_config, save_config, split_args
+from metalora.efficiency import directory_bytes
+from metalora.episodes import Encoder, Episode
+from metalora.io import atomic_write_json, atomic_write_text
+from metalora.lora import lora_params, save_adapter
+from metalora.loss import count_input_tokens
+from metalora.meta import meta_step
+from metalora.tasks import Task
+from metalora.train import build_trainer
+
+RESULT_TAG = "BENCH-RESULT "
+
+
+def naive_meta_step(
+    peft_model: torch.nn.Module,
+    episodes: list[Episode],
+    tasks: dict[str, Task],
+    encoder: Encoder,
+    cfg: Config,
+    meta_optimizer: torch.optim.Optimizer,
+) -> None:
+    """The naive reference: per-task deep copy and AdamW, full logits, first-order meta-gradient."""
+    shared = lora_params(peft_model)
+    grads = {name: torch.zeros_like(t) for name, t in shared.items()}
+    for episode in episodes:
+        task = tasks[episode.task]
+        learner = copy.deepcopy(peft_model)
+        trainable = [p for p in learner.parameters() if p.requires_grad]
+        # No weight decay: the same update rule as the kit's functional Adam, only written naively.
+        inner_optimizer = torch.optim.AdamW(trainable, lr=cfg.meta.inner_lr, weight_decay=0.0)
+        support = encoder.batches(task, episode.support, cfg.meta.inner_batch_size)
+        for step in range(cfg.meta.inner_steps):
+            batch = support[step % len(support)]
+            inner_optimizer.zero_grad()
+            learner(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+            ).loss.backward()
+            inner_optimizer.step()
+        inner_optimizer.zero_grad()
+        for batch in encoder.batches(task, episode.query, cfg.meta.query_batch_size):
+            out = learner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+            (out.loss * len(batch["input_ids"]) / len(episode.query)).backward()
+        for name, parameter in learner.named_parameters():
+            if parameter.requires_grad:
+                grads[name] += parameter.grad / len(episodes)
+        del learner, inner_optimizer
+    for name, tensor in shared.items():
+        tensor.grad = grads[name]
+    meta_optimizer.step()
+    meta_optimizer.zero_grad(set_to_none=True)
+
+
+def _step_tokens(episodes: list[Episode], tasks: dict[str, Task], encoder: Encoder, cfg: Config) -> int:
+    """Real tokens an algorithm must forward per meta-step: its inner steps and its query batches."""
+    total = 0
+    for episode in episodes:
+        task = tasks[episode.task]
+        support = encoder.batches(task, episode.support, cfg.meta.inner_batch_size)
+        total += sum(count_input_tokens(support[i % len(support)]) for i in range(cfg.meta.inner_steps))
+        total += sum(count_input_tokens(b) for b in encoder.batches(task, episode.query, cfg.meta.query_batch_size))
+    return total
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_variant(variant: str, cfg: Config, steps: int, warmup: int, bf16: bool) -> dict[str, object]:
+    """Time one variant in this process (call it in a fresh child for honest peak memory).
+
+    Returns:
+        seconds per step (median), tokens/s, counted FLOPs per token, peak memory, weights bytes.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu")
+    cfg = copy.deepcopy(cfg)
+    cfg.meta.algorithm = "fomaml" if variant == "fomaml" else "metalora"
+    torch.manual_seed(cfg.train.seed)
+    trainer = build_trainer(cfg, device)
+    tasks = {name: pool.task for name, pool in trainer.experiment.train.items()}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def one_step(step: int) -> None:
+        episodes = trainer.sampler.sample(step)
+        with autocast:
+            if variant == "naive":
+                naive_meta_step(trainer.model, episodes, tasks, trainer.encoder, cfg, trainer.optimizer)
+            else:
+                meta_step(trainer.model, trainer.shared, episodes, tasks, trainer.encoder, cfg.meta,
+                          trainer.optimizer, total_tasks=len(episodes))  # fmt: skip
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    seconds, tokens = [], []
+    for step in range(warmup + steps):
+        began = time.perf_counter()
+        one_step(step)
+        if step >= warmup:
+            seconds.append(time.perf_counter() - began)
+            tokens.append(_step_tokens(trainer.sampler.sample(step), tasks, trainer.encoder, cfg))
+    peak = _peak_memory_mb(device)
+    flops_per_token = float("nan")
+    if variant != "naive":  # the kit's own path defines the useful work
+        counter = FlopCounterMode(display=False)
+        extra = warmup + steps
+        with counter:
+            one_step(extra)
+        flops_per_token = counter.get_total_flops() / _step_tokens(trainer.sampler.sample(extra), tasks,
+                                                                    trainer.encoder, cfg)  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        if variant == "fomaml":
+            trainer.model.save_pretrained(Path(tmp) / "model")
+        else:
+            save_adapter(trainer.model, Path(tmp) / "adapter")
+        weights_bytes = directory_bytes(Path(tmp))
+    return {
+        "variant": variant, "meta_batch_size": cfg.meta.meta_batch_size, "seconds_per_step": statistics.median(seconds),
+        "tokens_per_s": sum(tokens) / sum(seconds), "flops_per_token": flops_per_token, "peak_memory_mb": peak,
+        "memory_measure": "cuda_max_allocated" if device.type == "cuda" else "peak_rss", "weights_bytes": weights_bytes,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "steps": steps, "warmup": warmup, "bf16": bf16,
+    }  # fmt: skip
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 3.0) -> float:
+    """Best observed FLOP/s of a square matmul on `device` (the machine's practical peak)."""
+    n = 2048 if device.type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        began = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = max(best, 2 * n**3 / (time.perf_counter() - began))
+    return best
+
+
+def _child(args: argparse.Namespace, cfg: Config) -> None:
+    if args.child == "matmul":
+        device = torch.device("cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu")
+        result: dict[str, object] = {
+            "matmul_flops": matmul_peak(device, torch.bfloat16 if args.bf16 else torch.float32)
+        }
+    else:
+        result = run_variant(args.child, cfg, args.steps, args.warmup, args.bf16)
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+def _spawn(params: Path, child: str, meta_batch: int, args: argparse.Namespace) -> dict[str, object]:
+    command = [sys.executable, "-m", "metalora.benchmarks.meta_step", str(params), f"meta.meta_batch_size={meta_batch}",
+               "--child", child, "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
+    if args.bf16:
+        command.append("--bf16")
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    for line in done.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG) :])
+    return {"variant": child, "meta_batch_size": meta_batch, "error": done.stderr.strip().splitlines()[-1:]}
+
+
+def markdown(rows: list[dict], peak: float) -> str:
+    """The results as a Markdown table (FLOP share against the measured matmul peak)."""
+    lines = ["| variant | meta-batch | s/step (median) | tokens/s | useful GFLOP/s | share of matmul peak | "
+             "peak memory (MB) | weights on disk (bytes) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | {r['meta_batch_size']} | failed: {r['error']} | | | | | |")
+            continue
+        rate = r["useful_flops_per_s"]
+        cells = [
+            r["variant"], r["meta_batch_size"], f"{r['seconds_per_step']:.2f}", f"{r['tokens_per_s']:.0f}",
+            f"{rate / 1e9:.1f}", f"{rate / peak:.0%}", f"{r['peak_memory_mb']:.0f}", f"{r['weights_bytes']:,}",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + f"\n\nmatmul peak measured: {peak / 1e9:.1f} GFLOP/s\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark (or, with --child, one variant of it); returns the exit status."""
+    parser = argparse.ArgumentParser(prog="metalora bench", description=__doc__.splitlines()[0])
+    parser.add_argument("config", nargs="*", help="YAML files then a.b=value overrides (default: base + demo)")
+    parser.add_argument("--steps", type=int, default=5, help="timed meta-steps per variant")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed meta-steps first")
+    parser.add_argument("--meta-batches", default="1,2,4,8", help="meta-batch sizes of the memory sweep")
+    parser.add_argument("--variants", default="metalora,naive,fomaml", help="variants to compare")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    parser.add_argument("--output", default="outputs/bench", help="where meta_step.json and .md go")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    files, overrides = split_args(args.config)
+    cfg = load_config(files or ["params/base.yaml", "params/demo.yaml"], overrides)
+    if args.child:
+        _child(args, cfg)
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        params = save_config(cfg, tmp)
+        peak = float(_spawn(params, "matmul", cfg.meta.meta_batch_size, args)["matmul_flops"])
+        rows = [_spawn(params, v, cfg.meta.meta_batch_size, args) for v in args.variants.split(",")]
+        sweep = [_spawn(params, "metalora", m, args) for m in (int(x) for x in args.meta_batches.split(","))]
+    useful = {r["meta_batch_size"]: r["flops_per_token"] for r in rows + sweep if r.get("variant") == "metalora"}
+    for r in rows + sweep:
+        if "error" not in r:
+            per_token = r["flops_per_token"] if r["variant"] == "fomaml" else useful[r["meta_batch_size"]]
+            r["useful_flops_per_s"] = per_token * r["tokens_per_s"]
+    table = markdown(rows, peak) + "\nMemory sweep (metalora):\n\n" + markdown(sweep, peak)
+    print(table)
+    out = Path(args.output)
+    record = {"rows": rows, "meta_batch_sweep": sweep, "matmul_peak_flops": peak,
+              "machine": platform.machine(), "threads": torch.get_num_threads()}  # fmt: skip
+    atomic_write_json(out / "meta_step.json", record)
+    atomic_write_text(out / "meta_step.md", table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

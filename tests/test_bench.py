@@ -1,0 +1,52 @@
+"""The meta-step benchmark: its naive reference computes the same update, and its output schema."""
+
+import json
+
+import pytest
+import torch
+
+from metalora.benchmarks.meta_step import main as bench_main
+from metalora.benchmarks.meta_step import naive_meta_step
+from metalora.config import load_config
+from metalora.lora import lora_params
+from metalora.meta import meta_step
+from metalora.train import build_trainer
+
+SMOKE = ["params/base.yaml", "params/smoke.yaml"]
+
+
+def test_the_naive_reference_takes_the_same_meta_step_as_the_kit():
+    cfg = load_config(SMOKE, ["lora.dropout=0.0", "meta.inner_optimizer=adam", "meta.inner_steps=3"])
+    updated = []
+    for naive in (False, True):
+        torch.manual_seed(0)
+        trainer = build_trainer(cfg)
+        with torch.no_grad():
+            for name, p in trainer.shared.items():
+                if "lora_B" in name:
+                    p.copy_(torch.randn_like(p) * 0.05)
+        tasks = {n: p.task for n, p in trainer.experiment.train.items()}
+        episodes = trainer.sampler.sample(0)
+        if naive:
+            naive_meta_step(trainer.model, episodes, tasks, trainer.encoder, cfg, trainer.optimizer)
+        else:
+            meta_step(trainer.model, trainer.shared, episodes, tasks, trainer.encoder, cfg.meta, trainer.optimizer,
+                      total_tasks=len(episodes))  # fmt: skip
+        updated.append({k: v.detach().clone() for k, v in lora_params(trainer.model).items()})
+    for name in updated[0]:
+        torch.testing.assert_close(updated[0][name], updated[1][name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_bench_writes_every_variant_and_the_memory_sweep(tmp_path, capsys):
+    options = ["--steps", "1", "--warmup", "0", "--meta-batches", "1,2", "--output", str(tmp_path)]
+    assert bench_main([*SMOKE, *options]) == 0
+    record = json.loads((tmp_path / "meta_step.json").read_text())
+    rows = {r["variant"]: r for r in record["rows"]}
+    assert set(rows) == {"metalora", "naive", "fomaml"} and record["matmul_peak_flops"] > 0
+    for row in rows.values():
+        assert row["seconds_per_step"] > 0 and row["peak_memory_mb"] > 0 and row["useful_flops_per_s"] > 0
+    assert rows["fomaml"]["weights_bytes"] > 10 * rows["metalora"]["weights_bytes"]
+    assert rows["fomaml"]["flops_per_token"] > rows["metalora"]["flops_per_token"]
+    assert [r["meta_batch_size"] for r in record["meta_batch_sweep"]] == [1, 2]
+    assert "| naive |" in capsys.readouterr().out
