@@ -183,7 +183,7 @@ def run_sweep(path: str | Path, kernel: str | None = None) -> Path:
             continue
         record = run_point(spec, point, kernel)
         if record["status"] != "ok":
-            print(f"point {point.name} failed: {record['error'].splitlines()[0]}")
+            tqdm.write(f"point {point.name} failed: {record['error'].splitlines()[0]}")
     aggregate_sweep(root)
     return root
 
