@@ -110,8 +110,9 @@ def evaluate_init(
         init: the initial weights by name.
         heldout: held-out tasks with their adaptation pools and test sets.
         encoder: tokenisation and collation.
-        n_shots: shot counts (0 = no adaptation, scored once per seed for a uniform table).
-        seeds: seeds per (task, shots) point.
+        n_shots: shot counts (0 = no adaptation).
+        seeds: seeds per (task, shots) point; 0 shots is scored once (seed 0), since nothing there
+            depends on the seed and repeated identical rows would inflate the n behind each CI.
         settings: adaptation steps, learning rate, optimizer, batch size.
         max_test: test examples scored per task at most.
         batch_size: rows per scoring forward pass.
@@ -120,7 +121,7 @@ def evaluate_init(
         One row per (task, shots, seed).
     """
     rows = []
-    points = [(t, n, s) for t in heldout for n in n_shots for s in range(seeds)]
+    points = [(t, n, s) for t in heldout for n in n_shots for s in range(1 if n == 0 else seeds)]
     model.eval()
     for task_name, shots_count, seed in tqdm(points, desc=f"eval {method}", leave=False):
         pools = heldout[task_name]

@@ -112,9 +112,9 @@ def test_evaluate_init_rows(setup):
     pools = {"t": heldout_pools(task, n_test=6, seed=0)}
     rows = evaluate_init(model, "lora", snapshot_lora(model), pools, encoder, [0, 3], 2, AdaptSettings(2, 1e-2),
                          max_test=4, batch_size=4)  # fmt: skip
-    assert [(r.n_shots, r.seed) for r in rows] == [(0, 0), (0, 1), (3, 0), (3, 1)]
+    # 0 shots: nothing depends on the seed, so it is scored once rather than repeated per seed
+    assert [(r.n_shots, r.seed) for r in rows] == [(0, 0), (3, 0), (3, 1)]
     assert all(r.metric == "accuracy" and 0.0 <= r.value <= 1.0 and r.n_test == 4 for r in rows)
-    assert rows[0].value == rows[1].value  # 0 shots: nothing depends on the seed
 
 
 def test_match_rate_goes_through_the_evaluate_module():
