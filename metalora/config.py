@@ -78,6 +78,9 @@ class MetaConfig:
     n_query: int = 20
     # Query examples per forward pass (memory bound, not a statistical choice).
     query_batch_size: int = 8
+    # Forward the first support batch again at the adapted weights to log the adaptation gap: one
+    # extra no-grad forward per task. False skips it, and the gap is then not logged.
+    measure_gap: bool = True
 
 
 @dataclass

@@ -31,17 +31,19 @@ class TaskStats:
     """What one task of a meta-batch reported."""
 
     task: str
-    first_inner_loss: float
-    last_inner_loss: float
-    support_loss_after: float
+    # None where nothing measured them: no inner steps (multitask) and no support check.
+    first_inner_loss: float | None
+    last_inner_loss: float | None
+    # None when `meta.measure_gap` is off.
+    support_loss_after: float | None
     query_loss: float
     # Real (non-padding) tokens forwarded for this task: inner steps, query batches, support check.
     tokens: int
 
     @property
-    def adaptation_gap(self) -> float:
-        """Query loss minus support loss, both at the adapted weights."""
-        return self.query_loss - self.support_loss_after
+    def adaptation_gap(self) -> float | None:
+        """Query loss minus support loss, both at the adapted weights (None when not measured)."""
+        return None if self.support_loss_after is None else self.query_loss - self.support_loss_after
 
 
 def query_loss_and_grad(
@@ -128,11 +130,14 @@ def meta_gradients(
                 q_loss, task_grads = query_loss_and_grad(model, adapted, wrt, query, 1.0 / total_tasks)
                 for acc, g in zip(grads, task_grads, strict=True):
                     acc.add_(g)
-            with torch.no_grad():
-                support_after = float(batch_loss(model, adapted, support[0]))
-        # Tokens actually forwarded: one support batch per inner step, every query batch, one support check.
+            support_after = None
+            if cfg.measure_gap:
+                with torch.no_grad():
+                    support_after = float(batch_loss(model, adapted, support[0]))
+        # Tokens actually forwarded: one support batch per inner step, every query batch, the support check.
         inner_tokens = sum(count_input_tokens(support[i % len(support)]) for i in range(inner_steps))
-        tokens = inner_tokens + sum(count_input_tokens(b) for b in query) + count_input_tokens(support[0])
+        tokens = inner_tokens + sum(count_input_tokens(b) for b in query)
+        tokens += count_input_tokens(support[0]) if cfg.measure_gap else 0
         first = inner[0] if inner else support_after
         stats.append(TaskStats(episode.task, first, inner[-1] if inner else first, support_after, q_loss, tokens))
         del adapted

@@ -8,6 +8,7 @@ safetensors cache directory and later loads read that.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from pathlib import Path
@@ -124,7 +125,7 @@ def embedded_model_dir(cfg: ModelConfig) -> Path:
         A directory that `from_pretrained` loads.
     """
     target = cache_root(cfg) / EMBEDDED_CACHE_NAME
-    if (target / "config.json").is_file():
+    if _is_plain_model_dir(target):
         return target
     gguf = embedded_gguf_path()
     steps = tqdm(total=4, desc="converting embedded model (once)", unit="step")
@@ -134,9 +135,11 @@ def embedded_model_dir(cfg: ModelConfig) -> Path:
     steps.set_postfix_str("dequantising GGUF weights")
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     steps.update()
-    # A GGUF-loaded model refuses save_pretrained, so rebuild a plain model from its config.
+    # A GGUF-loaded model refuses save_pretrained, so rebuild a plain model from its config; without
+    # the GGUF quantization entry, or every model loaded from the cache would refuse it too (FOMAML).
     steps.set_postfix_str("rebuilding")
-    config = AutoConfig.for_model(**loaded.config.to_dict())
+    plain = {k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"}
+    config = AutoConfig.for_model(**plain)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
@@ -148,6 +151,12 @@ def embedded_model_dir(cfg: ModelConfig) -> Path:
     steps.update()
     steps.close()
     return target
+
+
+def _is_plain_model_dir(directory: Path) -> bool:
+    # Caches converted before the quantization entry was dropped are converted again.
+    config = directory / "config.json"
+    return config.is_file() and "quantization_config" not in json.loads(config.read_text())
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

@@ -109,7 +109,7 @@ def efficiency_figure(efficiency: pd.DataFrame, path: str | Path):
 
 
 def training_curves(metrics: pd.DataFrame, path: str | Path, title: str = "Meta-training"):
-    """Meta-loss (query loss after adaptation) and adaptation gap per step.
+    """Meta-loss (query loss after adaptation) and, where logged, the adaptation gap per step.
 
     Args:
         metrics: a run's metrics.jsonl rows.
@@ -120,13 +120,20 @@ def training_curves(metrics: pd.DataFrame, path: str | Path, title: str = "Meta-
         The figure.
     """
     sns.set_theme(style="whitegrid")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    sns.lineplot(data=metrics, x="step", y="stage2/meta_loss", ax=axes[0])
-    axes[0].set_ylabel("query loss after adaptation")
-    sns.lineplot(data=metrics, x="step", y="adaptation_gap", ax=axes[1])
-    axes[1].set_ylabel("query loss - support loss")
-    for ax in axes:
+    # The gap is absent from runs with meta.measure_gap=false.
+    panels = [(column, label) for column, label in (("stage2/meta_loss", "query loss after adaptation"),
+                                                    ("adaptation_gap", "query loss - support loss"))
+              if column in metrics.columns]  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    # Each step sees a few sampled tasks, so the raw curve is noisy; the rolling mean shows the trend.
+    window = min(50, max(1, len(metrics) // 5))
+    for ax, (column, label) in zip(axes[0], panels, strict=True):
+        ax.plot(metrics["step"], metrics[column], alpha=0.35, label="per step")
+        smooth = metrics[column].rolling(window, min_periods=1).mean()
+        ax.plot(metrics["step"], smooth, linewidth=2, label=f"rolling mean ({window} steps)")
         ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.legend(fontsize="small")
     fig.suptitle(title)
     return _save(fig, path)
 

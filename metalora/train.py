@@ -71,6 +71,8 @@ def build_trainer(cfg: Config, device: torch.device | str = "cpu") -> Trainer:
     if cfg.meta.algorithm == "fomaml":
         shared = dict(model.named_parameters())
     else:
+        # The fresh LoRA init is a function of the seed alone, whatever ran before in this process.
+        torch.manual_seed(cfg.train.seed)
         model = attach_lora(model, cfg.lora)
         shared = lora_params(model)
     model.train()  # LoRA dropout is part of the inner loop
@@ -104,14 +106,21 @@ def step_metrics(step: int, stats: list[TaskStats], seconds: float, device: torc
     """Flatten one meta-step's task statistics into the logged metrics."""
     metrics: dict[str, float] = {"step": step}
     for s in stats:
-        metrics[f"stage1/{s.task}/loss_first"] = s.first_inner_loss
-        metrics[f"stage1/{s.task}/loss_last"] = s.last_inner_loss
+        if s.first_inner_loss is not None:
+            metrics[f"stage1/{s.task}/loss_first"] = s.first_inner_loss
+            metrics[f"stage1/{s.task}/loss_last"] = s.last_inner_loss
     metrics["stage2/meta_loss"] = sum(s.query_loss for s in stats) / len(stats)
-    metrics["adaptation_gap"] = sum(s.adaptation_gap for s in stats) / len(stats)
+    gaps = [s.adaptation_gap for s in stats]
+    if None not in gaps:
+        metrics["adaptation_gap"] = sum(gaps) / len(gaps)
     metrics["system/time_per_step_s"] = seconds
     metrics["system/tokens_per_s"] = sum(s.tokens for s in stats) / seconds
     metrics["system/peak_memory_mb"] = peak_memory_mb(device)
     return metrics
+
+
+def _losses_finite(stats: TaskStats) -> bool:
+    return all(math.isfinite(v) for v in (stats.query_loss, stats.last_inner_loss) if v is not None)
 
 
 def _truncate_metrics(path: Path, start: int) -> None:
@@ -185,7 +194,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
         return accelerator.reduce(t, reduction="sum") if world > 1 else t
 
     def all_finite(stats: list[TaskStats]) -> bool:
-        local = all(math.isfinite(v) for s in stats for v in (s.query_loss, s.last_inner_loss))
+        local = all(_losses_finite(s) for s in stats)
         bad = reduce(torch.tensor(0.0 if local else 1.0, device=accelerator.device))
         return float(bad) == 0.0
 
@@ -201,7 +210,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
                 total_tasks=cfg.meta.meta_batch_size, reduce=reduce, can_step=all_finite,
             )  # fmt: skip
         all_stats = gather_object(stats) if world > 1 else stats
-        if not all(math.isfinite(v) for s in all_stats for v in (s.query_loss, s.last_inner_loss)):
+        if not all(_losses_finite(s) for s in all_stats):
             if accelerator.is_main_process:
                 save_checkpoint(run_dir, step, trainer.model, trainer.optimizer, cfg.meta.algorithm, cfg.train.seed)
             bad = sorted({s.task for s in all_stats if not math.isfinite(s.query_loss)})

@@ -243,6 +243,27 @@ def test_task_stats_count_every_real_token_forwarded():
     assert stats[0].tokens == expected > sum(int((b["labels"] != -100).sum()) for b in support + query)
 
 
+def test_skipping_the_gap_check_keeps_the_gradient_and_drops_only_its_forward():
+    from metalora.train import step_metrics
+
+    results = {}
+    for measure in (True, False):
+        trainer = trainer_for(f"meta.measure_gap={str(measure).lower()}")
+        episode = first_episode(trainer)[0]
+        grads, stats = meta_gradients(trainer.model, trainer.shared, [episode], tasks_of(trainer), trainer.encoder,
+                                      trainer.cfg.meta, total_tasks=1)  # fmt: skip
+        results[measure] = (grads, stats[0], step_metrics(0, stats, 1.0, torch.device("cpu")))
+        _, support = support_batches(trainer, episode)
+    (grads_on, with_gap, logged_on), (grads_off, without, logged_off) = results[True], results[False]
+    # Two trainers built in one process start from the same LoRA init (seeded in build_trainer).
+    for a, b in zip(grads_on, grads_off, strict=True):
+        assert torch.equal(a, b)
+    assert with_gap.tokens - without.tokens == int(support[0]["attention_mask"].sum())
+    assert without.adaptation_gap is None and with_gap.adaptation_gap is not None
+    assert "adaptation_gap" in logged_on and "adaptation_gap" not in logged_off
+    assert logged_on["stage2/meta_loss"] == logged_off["stage2/meta_loss"]
+
+
 def test_grouping_query_rows_by_length_keeps_loss_and_gradient_and_cuts_padding():
     from metalora.meta import query_loss_and_grad
 

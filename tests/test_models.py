@@ -92,3 +92,13 @@ def test_embedded_model_answers_a_simple_prompt():
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+@pytest.mark.slow
+def test_embedded_model_is_a_plain_saveable_model(tmp_path):
+    # FOMAML checkpoints save the whole model: a GGUF quantization entry left in the cached config
+    # would make save_pretrained refuse.
+    model, _ = load_model(ModelConfig(name="embedded"))
+    assert getattr(model.config, "quantization_config", None) is None
+    model.save_pretrained(tmp_path / "full")
+    assert (tmp_path / "full" / "model.safetensors").is_file()

@@ -217,14 +217,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", nargs="*", help="YAML files then a.b=value overrides (default: base + demo)")
     parser.add_argument("--steps", type=int, default=5, help="timed meta-steps per variant")
     parser.add_argument("--warmup", type=int, default=1, help="untimed meta-steps first")
-    parser.add_argument("--meta-batches", default="1,2,4,8", help="meta-batch sizes of the memory sweep")
+    parser.add_argument("--meta-batches", default="1,2,4,8", help="meta-batch sizes of the memory sweep ('' skips it)")
     parser.add_argument("--variants", default="metalora,naive,fomaml", help="variants to compare")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     parser.add_argument("--output", default="outputs/bench", help="where meta_step.json and .md go")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     files, overrides = split_args(args.config)
-    cfg = load_config(files or ["params/base.yaml", "params/demo.yaml"], overrides)
+    # The reference computes no diagnostics, so the kit's step skips its adaptation-gap forward too
+    # (`meta.measure_gap=true` on the command line puts it back).
+    cfg = load_config(files or ["params/base.yaml", "params/demo.yaml"], ["meta.measure_gap=false", *overrides])
     if args.child:
         _child(args, cfg)
         return 0
@@ -232,13 +234,13 @@ def main(argv: list[str] | None = None) -> int:
         params = save_config(cfg, tmp)
         peak = float(_spawn(params, "matmul", cfg.meta.meta_batch_size, args)["matmul_flops"])
         rows = [_spawn(params, v, cfg.meta.meta_batch_size, args) for v in args.variants.split(",")]
-        sweep = [_spawn(params, "metalora", m, args) for m in (int(x) for x in args.meta_batches.split(","))]
+        sweep = [_spawn(params, "metalora", int(m), args) for m in args.meta_batches.split(",") if m]
     useful = {r["meta_batch_size"]: r["flops_per_token"] for r in rows + sweep if r.get("variant") == "metalora"}
     for r in rows + sweep:
         if "error" not in r:
             per_token = r["flops_per_token"] if r["variant"] == "fomaml" else useful[r["meta_batch_size"]]
             r["useful_flops_per_s"] = per_token * r["tokens_per_s"]
-    table = markdown(rows, peak) + "\nMemory sweep (metalora):\n\n" + markdown(sweep, peak)
+    table = markdown(rows, peak) + (f"\nMemory sweep (metalora):\n\n{markdown(sweep, peak)}" if sweep else "")
     print(table)
     out = Path(args.output)
     record = {"rows": rows, "meta_batch_sweep": sweep, "matmul_peak_flops": peak,
