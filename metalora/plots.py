@@ -93,7 +93,7 @@ def efficiency_figure(efficiency: pd.DataFrame, path: str | Path):
         ("peak_memory_mb", "peak memory (MB)", False),
         ("final_weights_bytes", "final weights on disk (bytes, log)", True),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), layout="constrained")
     labels = [METHOD_LABELS.get(m, m) for m in efficiency["method"]]
     colors = [PALETTE.get(m, "grey") for m in efficiency["method"]]
     for ax, (column, title, log) in zip(axes, panels, strict=True):
