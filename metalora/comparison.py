@@ -155,7 +155,6 @@ def run_evaluation(cfg: Config, train_missing: bool = False) -> Path:
 
 
 def _evaluate_methods(cfg: Config, experiment: Experiment, runs: dict[str, Path]) -> list[EvalRow]:
-    torch.manual_seed(cfg.train.seed)  # the fresh LoRA init of the `lora` and `full_data` methods
     model, tokenizer = load_model(cfg.model)
     encoder = Encoder(tokenizer, cfg.data.prompt_template, cfg.data.use_instruction,
                       cfg.data.max_prompt_tokens, cfg.data.max_target_tokens)  # fmt: skip
@@ -175,7 +174,8 @@ def _evaluate_methods(cfg: Config, experiment: Experiment, runs: dict[str, Path]
         init = {k: v.detach() for k, v in full_model.named_parameters()}
         rows += curve(full_model, "fomaml", init, list(cfg.eval.n_shots), settings)
         del full_model, init
-    peft_model = attach_lora(model, cfg.lora)
+    # The fresh init of the `lora` and `full_data` methods: the one meta-training started from.
+    peft_model = attach_lora(model, cfg.lora, seed=cfg.train.seed)
     fresh = snapshot_lora(peft_model)
     full_data = AdaptSettings(cfg.baseline.full_data_steps, cfg.baseline.full_data_lr, cfg.meta.inner_optimizer,
                               cfg.meta.inner_batch_size)  # fmt: skip

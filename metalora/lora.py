@@ -26,12 +26,15 @@ class AdapterError(MetaloraError):
     """An adapter directory is missing, incomplete or does not fit the model."""
 
 
-def attach_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
+def attach_lora(model: PreTrainedModel, cfg: LoraConfig, seed: int | None = None) -> PeftModel:
     """Wrap `model` with fresh LoRA adapters; every base weight is frozen.
 
     Args:
         model: the base causal LM.
         cfg: rank, alpha, dropout and target module names.
+        seed: seeds torch's RNG right before the random A matrices are drawn, so a fresh adapter is a
+            function of the seed alone, whatever ran before in the process; None draws from the
+            current RNG state.
 
     Returns:
         The peft model. Its LoRA B matrices start at zero, so its outputs equal the base model's.
@@ -43,6 +46,8 @@ def attach_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
         target_modules=list(cfg.target_modules),
         task_type="CAUSAL_LM",
     )
+    if seed is not None:
+        torch.manual_seed(seed)
     return get_peft_model(model, peft_config)
 
 

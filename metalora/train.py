@@ -71,9 +71,7 @@ def build_trainer(cfg: Config, device: torch.device | str = "cpu") -> Trainer:
     if cfg.meta.algorithm == "fomaml":
         shared = dict(model.named_parameters())
     else:
-        # The fresh LoRA init is a function of the seed alone, whatever ran before in this process.
-        torch.manual_seed(cfg.train.seed)
-        model = attach_lora(model, cfg.lora)
+        model = attach_lora(model, cfg.lora, seed=cfg.train.seed)
         shared = lora_params(model)
     model.train()  # LoRA dropout is part of the inner loop
     if cfg.meta.algorithm == "reptile":

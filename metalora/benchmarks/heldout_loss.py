@@ -38,8 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     experiment = build_experiment(cfg.data, cfg.train.seed)
     model, tokenizer = load_model(cfg.model)
-    torch.manual_seed(cfg.train.seed)  # the same fresh init as the meta-training run started from
-    model = attach_lora(model, cfg.lora)
+    model = attach_lora(model, cfg.lora, seed=cfg.train.seed)  # the init meta-training started from
     model.eval()
     fresh = snapshot_lora(model)
     meta = adapter_init(model, run_dir / "adapter")
