@@ -26,7 +26,7 @@ from metalora.errors import MetaloraError
 from metalora.evaluation import AdaptSettings, EvalRow, adapter_init, evaluate_init, rows_as_dicts, snapshot_lora
 from metalora.io import atomic_write_text
 from metalora.lora import attach_lora
-from metalora.models import load_model
+from metalora.models import load_model, pick_device
 from metalora.plots import efficiency_figure, few_shot_figure
 from metalora.splits import Experiment, build_experiment
 from metalora.stats import significance, summarise
@@ -155,9 +155,11 @@ def run_evaluation(cfg: Config, train_missing: bool = False) -> Path:
 
 
 def _evaluate_methods(cfg: Config, experiment: Experiment, runs: dict[str, Path]) -> list[EvalRow]:
+    device = pick_device(cfg.train.cpu)
     model, tokenizer = load_model(cfg.model)
+    model.to(device)
     encoder = Encoder(tokenizer, cfg.data.prompt_template, cfg.data.use_instruction,
-                      cfg.data.max_prompt_tokens, cfg.data.max_target_tokens)  # fmt: skip
+                      cfg.data.max_prompt_tokens, cfg.data.max_target_tokens, device)  # fmt: skip
     settings = AdaptSettings(cfg.eval.adapt_steps, cfg.eval.adapt_lr, cfg.meta.inner_optimizer,
                              cfg.meta.inner_batch_size)  # fmt: skip
 
@@ -170,6 +172,7 @@ def _evaluate_methods(cfg: Config, experiment: Experiment, runs: dict[str, Path]
     if "fomaml" in methods:
         full_model, _ = load_model(cfg.model)
         load_full_weights(full_model, runs["fomaml"] / "model")
+        full_model.to(device)
         full_model.eval()
         init = {k: v.detach() for k, v in full_model.named_parameters()}
         rows += curve(full_model, "fomaml", init, list(cfg.eval.n_shots), settings)

@@ -39,6 +39,9 @@ class ModelConfig:
     cache_dir: str = ""
     # Weight dtype of the frozen base model.
     dtype: str = "float32"
+    # Build the architecture from the model's config with seeded random weights instead of loading
+    # them: speed and memory figures on a machine that has the config and tokenizer but not the weights.
+    random_init: bool = False
 
 
 @dataclass

@@ -102,6 +102,7 @@ class Encoder:
         use_instruction: fill {instruction} with the task's instruction (else an empty string).
         max_prompt_tokens: prompts are cut from the left to this length (the end is kept).
         max_target_tokens: targets are cut to this length (before the end-of-sequence token).
+        device: where collated batches are put (the model's device).
     """
 
     def __init__(
@@ -111,12 +112,14 @@ class Encoder:
         use_instruction: bool = True,
         max_prompt_tokens: int = 256,
         max_target_tokens: int = 32,
+        device: torch.device | str = "cpu",
     ):
         self.tokenizer = tokenizer
         self.template = template
         self.use_instruction = use_instruction
         self.max_prompt_tokens = max_prompt_tokens
         self.max_target_tokens = max_target_tokens
+        self.device = torch.device(device)
         self._cache: dict[str, tuple[list[int], list[int]]] = {}
 
     def prompt(self, task: Task, example: Example) -> str:
@@ -162,7 +165,8 @@ class Encoder:
             mask[i, width - len(row) :] = 1
             labels[i, width - len(target) :] = torch.tensor(target)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
+        return {key: tensor.to(self.device) for key, tensor in batch.items()}
 
     def batches(
         self, task: Task, examples: list[Example], batch_size: int, group_by_length: bool = False

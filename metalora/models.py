@@ -20,7 +20,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
-    LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -60,7 +60,8 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     """Load the base causal LM and its tokenizer described by `cfg`.
 
     Args:
-        cfg: model config (`name` is "embedded", "tiny-random", a hub id or a local directory).
+        cfg: model config (`name` is "embedded", "tiny-random", a hub id or a local directory;
+            `random_init` keeps the architecture and tokenizer but draws the weights).
 
     Returns:
         (model, tokenizer). The tokenizer pads on the left (targets end every row, so the
@@ -73,19 +74,24 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     if cfg.name == "tiny-random":
         model, tokenizer = _tiny_random(dtype)
     elif cfg.name == "embedded":
-        model, tokenizer = _load_pretrained(str(embedded_model_dir(cfg)), dtype)
+        model, tokenizer = _load_pretrained(str(embedded_model_dir(cfg)), dtype, cfg.random_init)
     else:
-        model, tokenizer = _load_pretrained(cfg.name, dtype)
+        model, tokenizer = _load_pretrained(cfg.name, dtype, cfg.random_init)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
-def _load_pretrained(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_pretrained(
+    name: str, dtype: torch.dtype, random_init: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        if random_init:
+            model = _random_from_config(AutoConfig.from_pretrained(name), dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except OSError as err:
         if Path(name).exists():
             raise ModelLoadError(f"model directory '{name}' could not be loaded: {err}") from err
@@ -96,6 +102,14 @@ def _load_pretrained(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, Pr
             "Use model.name=embedded (SmolLM2-135M-Instruct, no download) or a local model directory."
         ) from err
     return model, tokenizer
+
+
+def _random_from_config(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
+    # The same private seed as tiny-random: two processes build identical weights, and the caller's
+    # RNG is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_RANDOM_SEED)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def embedded_gguf_path() -> Path:
@@ -189,10 +203,19 @@ def _tiny_random(dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokeniz
         tie_word_embeddings=True,
     )
     # Seed a private generator so that building the model does not disturb the caller's RNG.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_RANDOM_SEED)
-        model = LlamaForCausalLM(config).to(dtype)
-    return model, tokenizer
+    return _random_from_config(config, dtype), tokenizer
+
+
+def pick_device(force_cpu: bool = False) -> torch.device:
+    """Return the first CUDA device when one is visible and `force_cpu` is off, else the CPU.
+
+    Args:
+        force_cpu: the `train.cpu` setting.
+
+    Returns:
+        The device to put the model and batches on.
+    """
+    return torch.device("cuda" if torch.cuda.is_available() and not force_cpu else "cpu")
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:

@@ -128,11 +128,13 @@ def greedy_generate(model: torch.nn.Module, params: Params, prompts: list[list[i
     for i, p in enumerate(prompts):
         ids[i, width - len(p) :] = torch.tensor(p)
         mask[i, width - len(p) :] = 1
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": True,
               "logits_to_keep": 1}  # fmt: skip
     out_tokens: list[list[int]] = [[] for _ in prompts]
-    finished = torch.zeros(len(prompts), dtype=torch.bool)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
         out = functional_call(model, params, args=(), kwargs=kwargs)
         nxt = out.logits[:, -1].argmax(-1)
@@ -142,7 +144,7 @@ def greedy_generate(model: torch.nn.Module, params: Params, prompts: list[list[i
         finished |= nxt == eos_id
         if bool(finished.all()):
             break
-        mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], dim=1)
+        mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype, device=device)], dim=1)
         positions = positions[:, -1:] + 1
         kwargs = {"input_ids": nxt.unsqueeze(-1), "attention_mask": mask, "position_ids": positions,
                   "past_key_values": out.past_key_values, "use_cache": True}  # fmt: skip

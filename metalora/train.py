@@ -86,6 +86,7 @@ def build_trainer(cfg: Config, device: torch.device | str = "cpu") -> Trainer:
         cfg.data.use_instruction,
         cfg.data.max_prompt_tokens,
         cfg.data.max_target_tokens,
+        device=device,
     )
     sampler = EpisodeSampler(
         experiment.train, cfg.meta.n_support, cfg.meta.n_query, cfg.meta.meta_batch_size, cfg.train.seed

@@ -1,6 +1,7 @@
 import pytest
 import torch
 from peft import PeftModel
+from transformers import AutoConfig
 
 from metalora.config import LoraConfig, ModelConfig
 from metalora.lora import AdapterError, attach_lora, load_adapter, load_adapter_into, lora_params, save_adapter
@@ -102,3 +103,33 @@ def test_embedded_model_is_a_plain_saveable_model(tmp_path):
     assert getattr(model.config, "quantization_config", None) is None
     model.save_pretrained(tmp_path / "full")
     assert (tmp_path / "full" / "model.safetensors").is_file()
+
+
+def test_random_init_needs_only_config_and_tokenizer(tiny, tmp_path):
+    model, tokenizer = tiny
+    model.config.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert not list(tmp_path.glob("*.safetensors"))
+    cfg = ModelConfig(name=str(tmp_path), random_init=True, dtype="bfloat16")
+    first, loaded_tokenizer = load_model(cfg)
+    second, _ = load_model(cfg)
+    assert type(first) is type(model) and loaded_tokenizer.vocab_size == tokenizer.vocab_size
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items(), strict=True):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b), name
+    # Without random_init the same directory is refused: it holds no weights.
+    with pytest.raises(ModelLoadError, match=str(tmp_path)):
+        load_model(ModelConfig(name=str(tmp_path)))
+
+
+def test_architecture_presets_load_with_random_init(tiny, tmp_path):
+    from metalora.benchmarks.architectures import PRESETS, export_architectures
+
+    model, tokenizer = tiny
+    model.config.save_pretrained(tmp_path / "source")
+    tokenizer.save_pretrained(tmp_path / "source")
+    written = export_architectures(tmp_path / "arch", str(tmp_path / "source"))
+    assert [p.name for p in written] == list(PRESETS)
+    base, _ = load_model(ModelConfig(name=str(tmp_path / "arch" / "base"), random_init=True))
+    assert base.config.hidden_size == model.config.hidden_size
+    wide = AutoConfig.from_pretrained(tmp_path / "arch" / "llama-1.7b")
+    assert (wide.hidden_size, wide.num_hidden_layers) == (2048, 24)

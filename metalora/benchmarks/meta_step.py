@@ -39,6 +39,7 @@ from metalora.io import atomic_write_json, atomic_write_text
 from metalora.lora import lora_params, save_adapter
 from metalora.loss import count_input_tokens
 from metalora.meta import meta_step
+from metalora.models import pick_device
 from metalora.tasks import Task
 from metalora.train import build_trainer
 
@@ -107,7 +108,7 @@ def run_variant(variant: str, cfg: Config, steps: int, warmup: int, bf16: bool) 
     Returns:
         seconds per step (median), tokens/s, counted FLOPs per token, peak memory, weights bytes.
     """
-    device = torch.device("cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu")
+    device = pick_device(cfg.train.cpu)
     cfg = copy.deepcopy(cfg)
     cfg.meta.algorithm = "fomaml" if variant == "fomaml" else "metalora"
     torch.manual_seed(cfg.train.seed)
@@ -173,7 +174,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 3.0) 
 
 def _child(args: argparse.Namespace, cfg: Config) -> None:
     if args.child == "matmul":
-        device = torch.device("cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu")
+        device = pick_device(cfg.train.cpu)
         result: dict[str, object] = {
             "matmul_flops": matmul_peak(device, torch.bfloat16 if args.bf16 else torch.float32)
         }
@@ -190,8 +191,11 @@ def _spawn(params: Path, child: str, meta_batch: int, args: argparse.Namespace) 
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     for line in done.stdout.splitlines():
         if line.startswith(RESULT_TAG):
+            # Each row is printed as it finishes, so a run cut short still leaves what it measured.
+            print(line, flush=True)
             return json.loads(line[len(RESULT_TAG) :])
-    return {"variant": child, "meta_batch_size": meta_batch, "error": done.stderr.strip().splitlines()[-1:]}
+    # The traceback's last lines: enough to see where a child failed without its whole log.
+    return {"variant": child, "meta_batch_size": meta_batch, "error": done.stderr.strip().splitlines()[-12:]}
 
 
 def markdown(rows: list[dict], peak: float) -> str:
@@ -200,7 +204,7 @@ def markdown(rows: list[dict], peak: float) -> str:
              "peak memory (MB) | weights on disk (bytes) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['variant']} | {r['meta_batch_size']} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {r['variant']} | {r['meta_batch_size']} | failed: {r['error'][-1]} | | | | | |")
             continue
         rate = r["useful_flops_per_s"]
         cells = [
@@ -235,11 +239,16 @@ def main(argv: list[str] | None = None) -> int:
         peak = float(_spawn(params, "matmul", cfg.meta.meta_batch_size, args)["matmul_flops"])
         rows = [_spawn(params, v, cfg.meta.meta_batch_size, args) for v in args.variants.split(",")]
         sweep = [_spawn(params, "metalora", int(m), args) for m in args.meta_batches.split(",") if m]
-    useful = {r["meta_batch_size"]: r["flops_per_token"] for r in rows + sweep if r.get("variant") == "metalora"}
+    finished = [r for r in rows + sweep if "error" not in r]
+    useful = {r["meta_batch_size"]: r["flops_per_token"] for r in finished if r["variant"] == "metalora"}
+    for r in finished:
+        # The naive reference's useful work is the kit's on the same episodes (nan if the kit's failed).
+        per_token = r["flops_per_token"] if r["variant"] == "fomaml" else useful.get(r["meta_batch_size"], float("nan"))
+        r["useful_flops_per_s"] = per_token * r["tokens_per_s"]
     for r in rows + sweep:
-        if "error" not in r:
-            per_token = r["flops_per_token"] if r["variant"] == "fomaml" else useful[r["meta_batch_size"]]
-            r["useful_flops_per_s"] = per_token * r["tokens_per_s"]
+        if "error" in r:
+            failure = "\n".join(r["error"])
+            print(f"{r['variant']} (meta-batch {r['meta_batch_size']}) failed:\n{failure}", file=sys.stderr)
     table = markdown(rows, peak) + (f"\nMemory sweep (metalora):\n\n{markdown(sweep, peak)}" if sweep else "")
     print(table)
     out = Path(args.output)
