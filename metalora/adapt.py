@@ -59,7 +59,7 @@ def adapt(
             if optimizer == "sgd":
                 updated[name] = value - lr * grad
             else:
-                updated[name], moments[name] = _adam_update(
+                updated[name], moments[name] = adam_update(
                     value, grad, moments.get(name), step + 1, lr, smooth=not first_order
                 )
         current = _fresh_leaves(updated) if first_order else updated
@@ -71,7 +71,7 @@ def _fresh_leaves(params: Params) -> Params:
     return {k: v.detach().requires_grad_(True) for k, v in params.items()}
 
 
-def _adam_update(
+def adam_update(
     value: torch.Tensor,
     grad: torch.Tensor,
     state: tuple[torch.Tensor, torch.Tensor] | None,
@@ -79,6 +79,19 @@ def _adam_update(
     lr: float,
     smooth: bool,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """One functional Adam step (no weight decay); elementwise, so stacked per-task tensors work too.
+
+    Args:
+        value: the weights.
+        grad: their gradient.
+        state: the first and second moments from the previous step (None at the first step).
+        t: the step number, from 1 (bias correction).
+        lr: learning rate.
+        smooth: use sqrt(v_hat + eps^2), differentiable where a gradient is zero (second order).
+
+    Returns:
+        (the new weights, the new moments).
+    """
     beta1, beta2 = ADAM_BETAS
     m_prev, v_prev = state if state is not None else (torch.zeros_like(grad), torch.zeros_like(grad))
     m = beta1 * m_prev + (1 - beta1) * grad

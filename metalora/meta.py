@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from metalora.adapt import Params, adapt
+from metalora.batched import adapt_batched, batched_loss, batched_loss_and_grad, can_batch
 from metalora.config import MetaConfig
 from metalora.episodes import Encoder, Episode
 from metalora.loss import batch_loss, count_input_tokens, count_target_tokens
@@ -96,6 +97,10 @@ def meta_gradients(
     Returns:
         (one gradient per shared tensor in `shared` order, per-task statistics).
     """
+    if cfg.task_batched:
+        batched = _task_batched_gradients(model, shared, episodes, tasks, encoder, cfg, total_tasks)
+        if batched is not None:
+            return batched
     names = list(shared)
     grads = [torch.zeros_like(shared[n]) for n in names]
     stats = []
@@ -134,14 +139,59 @@ def meta_gradients(
             if cfg.measure_gap:
                 with torch.no_grad():
                     support_after = float(batch_loss(model, adapted, support[0]))
-        # Tokens actually forwarded: one support batch per inner step, every query batch, the support check.
-        inner_tokens = sum(count_input_tokens(support[i % len(support)]) for i in range(inner_steps))
-        tokens = inner_tokens + sum(count_input_tokens(b) for b in query)
-        tokens += count_input_tokens(support[0]) if cfg.measure_gap else 0
+        tokens = _forwarded_tokens(support, query, inner_steps, cfg.measure_gap)
         first = inner[0] if inner else support_after
         stats.append(TaskStats(episode.task, first, inner[-1] if inner else first, support_after, q_loss, tokens))
         del adapted
     return grads, stats
+
+
+def _forwarded_tokens(
+    support: list[dict[str, torch.Tensor]], query: list[dict[str, torch.Tensor]], inner_steps: int, gap: bool
+) -> int:
+    # Tokens actually forwarded: one support batch per inner step, every query batch, the support check.
+    inner_tokens = sum(count_input_tokens(support[i % len(support)]) for i in range(inner_steps))
+    return inner_tokens + sum(count_input_tokens(b) for b in query) + (count_input_tokens(support[0]) if gap else 0)
+
+
+def _task_batched_gradients(
+    model: torch.nn.Module,
+    shared: Params,
+    episodes: list[Episode],
+    tasks: dict[str, Task],
+    encoder: Encoder,
+    cfg: MetaConfig,
+    total_tasks: int,
+) -> tuple[list[torch.Tensor], list[TaskStats]] | None:
+    """First-order metalora with every task of `episodes` adapted at once (None when not batchable)."""
+    support = [encoder.batches(tasks[e.task], e.support, cfg.inner_batch_size) for e in episodes]
+    query = [encoder.batches(tasks[e.task], e.query, cfg.query_batch_size, group_by_length=True) for e in episodes]
+    if not (can_batch(support) and can_batch(query)):
+        return None
+    device = next(iter(shared.values())).device
+    target_tokens = torch.tensor([[count_target_tokens(b) for b in q] for q in query], dtype=torch.float32)
+    shares = (target_tokens / target_tokens.sum(-1, keepdim=True)).to(device)
+    # One seed per meta-batch: the tasks' dropout masks are drawn together.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(episodes[0].seed)
+        adapted, inner = adapt_batched(model, shared, support, cfg.inner_steps, cfg.inner_lr, cfg.inner_optimizer)
+        query_losses = torch.zeros(len(episodes), device=device)
+        summed = {name: torch.zeros_like(value) for name, value in adapted.items()}
+        for j in range(len(query[0])):
+            losses, grads = batched_loss_and_grad(model, adapted, [q[j] for q in query], shares[:, j])
+            query_losses += losses.detach()
+            for name, grad in grads.items():
+                summed[name].add_(grad)
+        support_after: list[float | None] = [None] * len(episodes)
+        if cfg.measure_gap:
+            support_after = batched_loss(model, adapted, [s[0] for s in support]).tolist()
+    grads_out = [summed[name].sum(0) / total_tasks for name in shared]
+    stats = []
+    for t, episode in enumerate(episodes):
+        first, last = (inner[t][0], inner[t][-1]) if inner[t] else (support_after[t], support_after[t])
+        tokens = _forwarded_tokens(support[t], query[t], cfg.inner_steps, cfg.measure_gap)
+        stats.append(TaskStats(episode.task, first, last, support_after[t], float(query_losses[t]), tokens))
+    return grads_out, stats
 
 
 def _mean_loss(model: torch.nn.Module, params: Params, batches: list[dict[str, torch.Tensor]]) -> float:

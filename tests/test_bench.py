@@ -43,10 +43,26 @@ def test_bench_writes_every_variant_and_the_memory_sweep(tmp_path, capsys):
     assert bench_main([*SMOKE, *options]) == 0
     record = json.loads((tmp_path / "meta_step.json").read_text())
     rows = {r["variant"]: r for r in record["rows"]}
-    assert set(rows) == {"metalora", "naive", "fomaml"} and record["matmul_peak_flops"] > 0
+    assert set(rows) == {"metalora", "metalora-batched", "naive", "fomaml"} and record["matmul_peak_flops"] > 0
     for row in rows.values():
         assert row["seconds_per_step"] > 0 and row["peak_memory_mb"] > 0 and row["useful_flops_per_s"] > 0
     assert rows["fomaml"]["weights_bytes"] > 10 * rows["metalora"]["weights_bytes"]
     assert rows["fomaml"]["flops_per_token"] > rows["metalora"]["flops_per_token"]
-    assert [r["meta_batch_size"] for r in record["meta_batch_sweep"]] == [1, 2]
+    sweep = [(r["variant"], r["meta_batch_size"]) for r in record["meta_batch_sweep"]]
+    assert sweep == [("metalora", 1), ("metalora", 2), ("metalora-batched", 1), ("metalora-batched", 2)]
     assert "| naive |" in capsys.readouterr().out
+
+
+def test_repeats_combine_into_median_time_and_highest_memory():
+    from metalora.benchmarks.meta_step import combine_repeats
+
+    def run(seconds, rate, memory):
+        return {"variant": "naive", "meta_batch_size": 2, "seconds_per_step": seconds, "tokens_per_s": rate,
+                "peak_memory_mb": memory}  # fmt: skip
+
+    runs = [run(9.0, 100.0, 10), {"variant": "naive", "meta_batch_size": 2, "error": ["killed"]},
+            run(13.0, 70.0, 12), run(10.0, 90.0, 11)]  # fmt: skip
+    row = combine_repeats(runs)
+    assert (row["seconds_per_step"], row["tokens_per_s"], row["peak_memory_mb"]) == (10.0, 90.0, 12)
+    assert row["seconds_per_step_runs"] == [9.0, 13.0, 10.0] and row["failed_repeats"] == 1
+    assert "error" in combine_repeats(runs[1:2])

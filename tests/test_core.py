@@ -282,3 +282,49 @@ def test_grouping_query_rows_by_length_keeps_loss_and_gradient_and_cuts_padding(
     for a, b in zip(results[True][1], results[False][1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     assert results[True][2] < results[False][2]
+
+
+@pytest.mark.parametrize("inner_optimizer", ["adam", "sgd"])
+def test_task_batched_adaptation_matches_the_per_task_loop(inner_optimizer):
+    # Two query batches per task and a meta-batch of three exercise the token-weighted query mean
+    # and tasks padded to a common width.
+    overrides = [f"meta.inner_optimizer={inner_optimizer}", "meta.meta_batch_size=3", "meta.query_batch_size=2"]
+    results = {}
+    for batched in (False, True):
+        trainer = trainer_for(*overrides, f"meta.task_batched={str(batched).lower()}")
+        nudge_lora_b(trainer)
+        episodes = trainer.sampler.sample(0)
+        results[batched] = meta_gradients(trainer.model, trainer.shared, episodes, tasks_of(trainer),
+                                          trainer.encoder, trainer.cfg.meta, total_tasks=4)  # fmt: skip
+    (loop_grads, loop_stats), (batched_grads, batched_stats) = results[False], results[True]
+    assert any(float(g.abs().max()) > 0 for g in loop_grads)
+    for a, b in zip(loop_grads, batched_grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    for a, b in zip(loop_stats, batched_stats, strict=True):
+        assert (a.task, a.tokens) == (b.task, b.tokens)
+        for field in ("first_inner_loss", "last_inner_loss", "support_loss_after", "query_loss"):
+            assert getattr(b, field) == pytest.approx(getattr(a, field), rel=1e-5), field
+
+
+def test_task_batched_falls_back_to_the_loop_when_batches_do_not_line_up():
+    from metalora.batched import can_batch
+
+    trainer = trainer_for("meta.task_batched=true", "meta.n_support=3", "meta.inner_batch_size=2")
+    episodes = trainer.sampler.sample(0)
+    support = [support_batches(trainer, e)[1] for e in episodes]
+    assert can_batch(support)  # 2 + 1 rows in every task
+    assert not can_batch([support[0], support[1][:1]])
+    # A step still runs (here batched) with dropout on, and the weights move.
+    trainer = trainer_for("meta.task_batched=true", "lora.dropout=0.1")
+    nudge_lora_b(trainer)
+    before = snapshot(trainer.shared)
+    run_steps(trainer, 1)
+    assert any(not torch.equal(before[k], v) for k, v in trainer.shared.items())
+
+
+def test_task_batched_is_refused_where_it_does_not_apply():
+    from metalora.config import ConfigError
+
+    for overrides in (["meta.first_order=false"], ["meta.algorithm=reptile"], ["meta.algorithm=fomaml"]):
+        with pytest.raises(ConfigError, match="meta.task_batched"):
+            load_config(SMOKE, ["meta.task_batched=true", *overrides])

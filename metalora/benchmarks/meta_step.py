@@ -1,9 +1,11 @@
 """`metalora bench`: the kit's meta-step side by side with a naive reference and FOMAML.
 
-    metalora bench [params.yaml ...] [a.b=value ...] [--steps 5] [--warmup 1] [--meta-batches 1,2,4,8]
+    metalora bench [params.yaml ...] [a.b=value ...] [--steps 5] [--warmup 1] [--repeats 1] [--meta-batches 1,2,4,8]
 
 Variants, on the same episodes (the same seed and steps) and the same model:
 - metalora: the kit's functional meta-step (`metalora.meta.meta_step`);
+- metalora-batched: the same with `meta.task_batched` (all tasks of a meta-batch adapted in one
+  vmapped forward/backward);
 - naive: the way the method is often first written, kept here as the reference: a deep copy of
   the PEFT model per task, a fresh AdamW per task, full-vocabulary logits over every position
   (the model's own `labels` loss), then the stage-2 gradient per task;
@@ -111,6 +113,7 @@ def run_variant(variant: str, cfg: Config, steps: int, warmup: int, bf16: bool) 
     device = pick_device(cfg.train.cpu)
     cfg = copy.deepcopy(cfg)
     cfg.meta.algorithm = "fomaml" if variant == "fomaml" else "metalora"
+    cfg.meta.task_batched = variant == "metalora-batched"
     torch.manual_seed(cfg.train.seed)
     trainer = build_trainer(cfg, device)
     tasks = {name: pool.task for name, pool in trainer.experiment.train.items()}
@@ -136,7 +139,7 @@ def run_variant(variant: str, cfg: Config, steps: int, warmup: int, bf16: bool) 
             tokens.append(_step_tokens(trainer.sampler.sample(step), tasks, trainer.encoder, cfg))
     peak = _peak_memory_mb(device)
     flops_per_token = float("nan")
-    if variant != "naive":  # the kit's own path defines the useful work
+    if variant in ("metalora", "fomaml"):  # the kit's own per-task path defines the useful work
         counter = FlopCounterMode(display=False)
         extra = warmup + steps
         with counter:
@@ -198,17 +201,41 @@ def _spawn(params: Path, child: str, meta_batch: int, args: argparse.Namespace) 
     return {"variant": child, "meta_batch_size": meta_batch, "error": done.stderr.strip().splitlines()[-12:]}
 
 
+def combine_repeats(runs: list[dict]) -> dict:
+    """Merge one variant's repeated children: median time and rate, highest peak memory, every time kept.
+
+    Args:
+        runs: the rows of the same variant and meta-batch, one per repeat.
+
+    Returns:
+        One row (the last failure's row when every repeat failed).
+    """
+    finished = [r for r in runs if "error" not in r]
+    if not finished:
+        return runs[-1]
+    row = dict(finished[0])
+    row["seconds_per_step"] = statistics.median(r["seconds_per_step"] for r in finished)
+    row["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in finished)
+    row["peak_memory_mb"] = max(r["peak_memory_mb"] for r in finished)
+    row["seconds_per_step_runs"] = [r["seconds_per_step"] for r in finished]
+    row["failed_repeats"] = len(runs) - len(finished)
+    return row
+
+
 def markdown(rows: list[dict], peak: float) -> str:
     """The results as a Markdown table (FLOP share against the measured matmul peak)."""
-    lines = ["| variant | meta-batch | s/step (median) | tokens/s | useful GFLOP/s | share of matmul peak | "
-             "peak memory (MB) | weights on disk (bytes) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| variant | meta-batch | s/step (median) | s/step range over repeats | tokens/s | useful GFLOP/s | "
+             "share of matmul peak | peak memory (MB) | weights on disk (bytes) |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['variant']} | {r['meta_batch_size']} | failed: {r['error'][-1]} | | | | | |")
+            lines.append(f"| {r['variant']} | {r['meta_batch_size']} | failed: {r['error'][-1]} | | | | | | |")
             continue
         rate = r["useful_flops_per_s"]
+        times = r.get("seconds_per_step_runs", [r["seconds_per_step"]])
         cells = [
-            r["variant"], r["meta_batch_size"], f"{r['seconds_per_step']:.2f}", f"{r['tokens_per_s']:.0f}",
+            r["variant"], r["meta_batch_size"], f"{r['seconds_per_step']:.2f}",
+            f"{min(times):.2f}-{max(times):.2f} ({len(times)} runs)", f"{r['tokens_per_s']:.0f}",
             f"{rate / 1e9:.1f}", f"{rate / peak:.0%}", f"{r['peak_memory_mb']:.0f}", f"{r['weights_bytes']:,}",
         ]  # fmt: skip
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -222,7 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed meta-steps per variant")
     parser.add_argument("--warmup", type=int, default=1, help="untimed meta-steps first")
     parser.add_argument("--meta-batches", default="1,2,4,8", help="meta-batch sizes of the memory sweep ('' skips it)")
-    parser.add_argument("--variants", default="metalora,naive,fomaml", help="variants to compare")
+    parser.add_argument("--variants", default="metalora,metalora-batched,naive,fomaml", help="variants to compare")
+    parser.add_argument("--sweep-variants", default="metalora,metalora-batched", help="variants of the memory sweep")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="children per compared variant, run round-robin so drift hits every variant alike",
+    )
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     parser.add_argument("--output", default="outputs/bench", help="where meta_step.json and .md go")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -237,22 +271,26 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         params = save_config(cfg, tmp)
         peak = float(_spawn(params, "matmul", cfg.meta.meta_batch_size, args)["matmul_flops"])
-        rows = [_spawn(params, v, cfg.meta.meta_batch_size, args) for v in args.variants.split(",")]
-        sweep = [_spawn(params, "metalora", int(m), args) for m in args.meta_batches.split(",") if m]
+        variants = args.variants.split(",")
+        runs = [[_spawn(params, v, cfg.meta.meta_batch_size, args) for v in variants] for _ in range(args.repeats)]
+        rows = [combine_repeats([repeat[i] for repeat in runs]) for i in range(len(variants))]
+        sweep = [_spawn(params, v, int(m), args) for v in args.sweep_variants.split(",")
+                 for m in args.meta_batches.split(",") if m]  # fmt: skip
     finished = [r for r in rows + sweep if "error" not in r]
     useful = {r["meta_batch_size"]: r["flops_per_token"] for r in finished if r["variant"] == "metalora"}
     for r in finished:
-        # The naive reference's useful work is the kit's on the same episodes (nan if the kit's failed).
+        # The naive reference and the task-batched step do the kit's useful work on the same episodes
+        # (nan if the kit's per-task variant failed).
         per_token = r["flops_per_token"] if r["variant"] == "fomaml" else useful.get(r["meta_batch_size"], float("nan"))
         r["useful_flops_per_s"] = per_token * r["tokens_per_s"]
     for r in rows + sweep:
         if "error" in r:
             failure = "\n".join(r["error"])
             print(f"{r['variant']} (meta-batch {r['meta_batch_size']}) failed:\n{failure}", file=sys.stderr)
-    table = markdown(rows, peak) + (f"\nMemory sweep (metalora):\n\n{markdown(sweep, peak)}" if sweep else "")
+    table = markdown(rows, peak) + (f"\nMemory sweep:\n\n{markdown(sweep, peak)}" if sweep else "")
     print(table)
     out = Path(args.output)
-    record = {"rows": rows, "meta_batch_sweep": sweep, "matmul_peak_flops": peak,
+    record = {"rows": rows, "meta_batch_sweep": sweep, "matmul_peak_flops": peak, "repeats": args.repeats,
               "machine": platform.machine(), "threads": torch.get_num_threads()}  # fmt: skip
     atomic_write_json(out / "meta_step.json", record)
     atomic_write_text(out / "meta_step.md", table)
