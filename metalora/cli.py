@@ -133,7 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         The process exit status.
     """
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough = {"train": cmd_train, "bench": cmd_bench}
+    if argv and argv[0] in passthrough:
+        # Their own parsers take every argument: argparse's REMAINDER would drop a leading option.
+        args = argparse.Namespace(func=passthrough[argv[0]], args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except MetaloraError as err:

@@ -66,3 +66,13 @@ def test_repeats_combine_into_median_time_and_highest_memory():
     assert (row["seconds_per_step"], row["tokens_per_s"], row["peak_memory_mb"]) == (10.0, 90.0, 12)
     assert row["seconds_per_step_runs"] == [9.0, 13.0, 10.0] and row["failed_repeats"] == 1
     assert "error" in combine_repeats(runs[1:2])
+
+
+def test_the_cli_hands_leading_options_to_the_bench(monkeypatch):
+    import metalora.benchmarks.meta_step as bench
+    from metalora.cli import main
+
+    seen = []
+    monkeypatch.setattr(bench, "main", lambda argv: seen.append(argv) or 0)
+    assert main(["bench", "--variants", "metalora,naive", "--repeats", "3", "params/smoke.yaml"]) == 0
+    assert seen == [["--variants", "metalora,naive", "--repeats", "3", "params/smoke.yaml"]]
