@@ -18,10 +18,11 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import grad_and_value, vmap
 
 from metalora.adapt import Params, adam_update
 from metalora.episodes import IGNORE_INDEX
+from metalora.loss import window_logits
 
 Batch = dict[str, torch.Tensor]
 PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "position_ids": 0, "labels": IGNORE_INDEX}
@@ -62,22 +63,7 @@ def _task_loss(model: torch.nn.Module, window: int):
     """One task's mean target cross-entropy as a function vmap can map (no data-dependent branches)."""
 
     def loss(params: Params, batch: Batch, weight: torch.Tensor) -> torch.Tensor:
-        width = batch["input_ids"].shape[-1]
-        keep = torch.arange(width - window - 1, width - 1, device=batch["input_ids"].device)
-        out = functional_call(
-            model,
-            params,
-            args=(),
-            kwargs={
-                "input_ids": batch["input_ids"],
-                "attention_mask": batch["attention_mask"],
-                "position_ids": batch["position_ids"],
-                "logits_to_keep": keep,
-                "use_cache": False,
-            },
-        )
-        logits = out.logits.float()
-        labels = batch["labels"][:, width - window :]
+        logits, labels = window_logits(model, params, batch, window)
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
         return ce * weight
 

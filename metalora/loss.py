@@ -30,8 +30,25 @@ def target_logits(model: torch.nn.Module, params: dict[str, torch.Tensor], batch
     Returns:
         logits [B, T, V] in float32 and the labels [B, T] they predict.
     """
+    return window_logits(model, params, batch, target_window(batch["labels"]))
+
+
+def window_logits(
+    model: torch.nn.Module, params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], window: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (logits, labels) of the last `window` target columns (no data-dependent branches: vmap-safe).
+
+    Args:
+        model: the causal LM.
+        params: parameters by name for this forward pass.
+        batch: a collated batch; its `attention_mask` may be 2-D or a ready 4-D mask.
+        window: T, the trailing columns that hold every target token.
+
+    Returns:
+        logits [B, T, V] in float32 and the labels [B, T] they predict.
+    """
     labels = batch["labels"]
-    width, window = labels.shape[1], target_window(labels)
+    width = labels.shape[1]
     # Position p predicts token p + 1, so the logits needed are those of positions width-T-1 .. width-2.
     keep = torch.arange(width - window - 1, width - 1, device=labels.device)
     out = functional_call(
