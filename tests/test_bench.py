@@ -39,7 +39,7 @@ def test_the_naive_reference_takes_the_same_meta_step_as_the_kit():
 
 @pytest.mark.slow
 def test_bench_writes_every_variant_and_the_memory_sweep(tmp_path, capsys):
-    options = ["--steps", "1", "--warmup", "0", "--meta-batches", "1,2", "--output", str(tmp_path)]
+    options = ["--steps", "1", "--warmup", "0", "--meta-batches", "1,2", "--output", str(tmp_path), "--profile"]
     assert bench_main([*SMOKE, *options]) == 0
     record = json.loads((tmp_path / "meta_step.json").read_text())
     rows = {r["variant"]: r for r in record["rows"]}
@@ -48,9 +48,28 @@ def test_bench_writes_every_variant_and_the_memory_sweep(tmp_path, capsys):
         assert row["seconds_per_step"] > 0 and row["peak_memory_mb"] > 0 and row["useful_flops_per_s"] > 0
     assert rows["fomaml"]["weights_bytes"] > 10 * rows["metalora"]["weights_bytes"]
     assert rows["fomaml"]["flops_per_token"] > rows["metalora"]["flops_per_token"]
+    # Each compared variant was profiled (shares of one step's time), the sweep was not.
+    for row in rows.values():
+        shares = row["time_breakdown"]
+        assert sum(shares.values()) == pytest.approx(1.0) and shares["matrix multiply"] > 0
+        assert 0 < row["memory_after_setup_mb"] <= row["peak_memory_mb"]
+    assert rows["metalora"]["model_parameter_bytes"] > rows["fomaml"]["model_parameter_bytes"]  # + the LoRA weights
+    assert all(r["time_breakdown"] is None for r in record["meta_batch_sweep"])
     sweep = [(r["variant"], r["meta_batch_size"]) for r in record["meta_batch_sweep"]]
     assert sweep == [("metalora", 1), ("metalora", 2), ("metalora-batched", 1), ("metalora-batched", 2)]
-    assert "| naive |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| naive |" in out and "| random numbers |" in out
+
+
+def test_profiled_time_is_split_into_matmul_attention_random_and_other():
+    from metalora.benchmarks.meta_step import time_breakdown
+
+    events = [("aten::mm", 5.0), ("aten::addmm", 1.0), ("aten::bernoulli_", 2.0),
+              ("aten::_scaled_dot_product_flash_attention_for_cpu", 1.0), ("aten::mul", 1.0)]  # fmt: skip
+    shares = time_breakdown(events)
+    assert shares == pytest.approx({"matrix multiply": 0.6, "attention": 0.1, "random numbers": 0.2, "other": 0.1})
+    with pytest.raises(ValueError, match="no operator time"):
+        time_breakdown([("aten::mm", 0.0)])
 
 
 def test_repeats_combine_into_median_time_and_highest_memory():

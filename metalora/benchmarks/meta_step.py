@@ -14,6 +14,8 @@ Each variant runs in its own child process, so its peak memory (CUDA max allocat
 resident set size on CPU) is its own. Useful FLOPs are counted with torch's FlopCounterMode on the
 kit's path (metalora, or fomaml for itself) for one step and scaled by tokens; the naive reference
 does the same useful work as metalora, plus waste. The matmul peak is measured in a child too.
+`--profile` adds one more step per compared variant under torch.profiler and reports where its time
+goes (matrix multiplies, attention, random numbers for dropout, everything else).
 Results: a Markdown table on stdout and outputs/bench/meta_step.{json,md}.
 """
 
@@ -32,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from metalora.config import Config, load_config, save_config, split_args
@@ -98,17 +101,81 @@ def _step_tokens(episodes: list[Episode], tasks: dict[str, Task], encoder: Encod
     return total
 
 
+def _current_memory_mb(device: torch.device) -> float:
+    """Memory held now: CUDA allocated, or the resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+OP_CATEGORIES = (
+    ("matrix multiply", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
+    ("attention", ("scaled_dot_product", "flash_attention", "efficient_attention")),
+    ("random numbers", ("aten::bernoulli", "aten::rand", "aten::uniform", "aten::normal", "aten::native_dropout")),
+)
+
+
+def op_category(name: str) -> str:
+    """The category of a profiled operator name (see OP_CATEGORIES); the rest is 'other'."""
+    for category, markers in OP_CATEGORIES:
+        if any(marker in name for marker in markers):
+            return category
+    return "other"
+
+
+def time_breakdown(events: list[tuple[str, float]]) -> dict[str, float]:
+    """Share of the total self time per category.
+
+    Args:
+        events: (operator name, self time) pairs, e.g. from a profiler's key averages.
+
+    Returns:
+        {category: share} over the categories of OP_CATEGORIES and 'other', summing to 1.
+    """
+    totals = dict.fromkeys([c for c, _ in OP_CATEGORIES] + ["other"], 0.0)
+    for name, self_time in events:
+        totals[op_category(name)] += self_time
+    whole = sum(totals.values())
+    if whole <= 0:
+        raise ValueError("the profile recorded no operator time")
+    return {category: value / whole for category, value in totals.items()}
+
+
+def _profile_step(one_step, step: int, device: torch.device) -> dict[str, float]:
+    """Run one step under torch.profiler; its self time (device time on CUDA) by category."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        one_step(step)
+    if device.type == "cuda":
+        events = [(e.key, e.self_device_time_total) for e in prof.key_averages()]
+    else:
+        events = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
+    return time_breakdown(events)
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_variant(variant: str, cfg: Config, steps: int, warmup: int, bf16: bool) -> dict[str, object]:
+def run_variant(
+    variant: str, cfg: Config, steps: int, warmup: int, bf16: bool, profile_time: bool = False
+) -> dict[str, object]:
     """Time one variant in this process (call it in a fresh child for honest peak memory).
 
+    Args:
+        variant: metalora, metalora-batched, naive or fomaml.
+        cfg: the run's configuration.
+        steps: timed meta-steps.
+        warmup: untimed meta-steps first.
+        bf16: bf16 autocast.
+        profile_time: run one more step under torch.profiler and report its time by category.
+
     Returns:
-        seconds per step (median), tokens/s, counted FLOPs per token, peak memory, weights bytes.
+        seconds per step (median), tokens/s, counted FLOPs per token, peak memory, memory after set-up,
+        the model's parameter bytes, weights bytes on disk (and the time breakdown when profiled).
     """
     device = pick_device(cfg.train.cpu)
     cfg = copy.deepcopy(cfg)
@@ -117,6 +184,9 @@ def run_variant(variant: str, cfg: Config, steps: int, warmup: int, bf16: bool) 
     torch.manual_seed(cfg.train.seed)
     trainer = build_trainer(cfg, device)
     tasks = {name: pool.task for name, pool in trainer.experiment.train.items()}
+    # Before any step: on CPU the base weights are memory-mapped and become resident as the first step reads them.
+    setup_memory = _current_memory_mb(device)
+    parameter_bytes = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def one_step(step: int) -> None:
@@ -152,12 +222,14 @@ def run_variant(variant: str, cfg: Config, steps: int, warmup: int, bf16: bool) 
         else:
             save_adapter(trainer.model, Path(tmp) / "adapter")
         weights_bytes = directory_bytes(Path(tmp))
+    breakdown = _profile_step(one_step, warmup + steps + 1, device) if profile_time else None
     return {
         "variant": variant, "meta_batch_size": cfg.meta.meta_batch_size, "seconds_per_step": statistics.median(seconds),
         "tokens_per_s": sum(tokens) / sum(seconds), "flops_per_token": flops_per_token, "peak_memory_mb": peak,
         "memory_measure": "cuda_max_allocated" if device.type == "cuda" else "peak_rss", "weights_bytes": weights_bytes,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "steps": steps, "warmup": warmup, "bf16": bf16,
+        "steps": steps, "warmup": warmup, "bf16": bf16, "memory_after_setup_mb": setup_memory,
+        "model_parameter_bytes": parameter_bytes, "time_breakdown": breakdown,
     }  # fmt: skip
 
 
@@ -182,15 +254,19 @@ def _child(args: argparse.Namespace, cfg: Config) -> None:
             "matmul_flops": matmul_peak(device, torch.bfloat16 if args.bf16 else torch.float32)
         }
     else:
-        result = run_variant(args.child, cfg, args.steps, args.warmup, args.bf16)
+        result = run_variant(args.child, cfg, args.steps, args.warmup, args.bf16, args.profile)
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
-def _spawn(params: Path, child: str, meta_batch: int, args: argparse.Namespace) -> dict[str, object]:
+def _spawn(
+    params: Path, child: str, meta_batch: int, args: argparse.Namespace, profile_time: bool = False
+) -> dict[str, object]:
     command = [sys.executable, "-m", "metalora.benchmarks.meta_step", str(params), f"meta.meta_batch_size={meta_batch}",
                "--child", child, "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
     if args.bf16:
         command.append("--bf16")
+    if profile_time:
+        command.append("--profile")
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     for line in done.stdout.splitlines():
         if line.startswith(RESULT_TAG):
@@ -242,6 +318,19 @@ def markdown(rows: list[dict], peak: float) -> str:
     return "\n".join(lines) + f"\n\nmatmul peak measured: {peak / 1e9:.1f} GFLOP/s\n"
 
 
+def breakdown_markdown(rows: list[dict]) -> str:
+    """The profiled rows' time shares by category, and the memory held before their first step, as a table."""
+    categories = [c for c, _ in OP_CATEGORIES] + ["other"]
+    lines = ["| variant | " + " | ".join(categories) + " | memory after set-up (MB) | parameters (MB) |",
+             "|---|" + "---|" * (len(categories) + 2)]  # fmt: skip
+    for r in rows:
+        if r.get("time_breakdown"):
+            shares = [f"{r['time_breakdown'][c]:.0%}" for c in categories]
+            sizes = [f"{r['memory_after_setup_mb']:.0f}", f"{r['model_parameter_bytes'] / 2**20:.1f}"]
+            lines.append(f"| {r['variant']} | " + " | ".join(shares + sizes) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (or, with --child, one variant of it); returns the exit status."""
     parser = argparse.ArgumentParser(prog="metalora bench", description=__doc__.splitlines()[0])
@@ -258,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         help="children per compared variant, run round-robin so drift hits every variant alike",
     )
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    parser.add_argument("--profile", action="store_true", help="report where each compared variant's step spends time")
     parser.add_argument("--output", default="outputs/bench", help="where meta_step.json and .md go")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -272,7 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         params = save_config(cfg, tmp)
         peak = float(_spawn(params, "matmul", cfg.meta.meta_batch_size, args)["matmul_flops"])
         variants = args.variants.split(",")
-        runs = [[_spawn(params, v, cfg.meta.meta_batch_size, args) for v in variants] for _ in range(args.repeats)]
+        # Profiled in the first repeat only: the profiled step is extra and untimed.
+        runs = [[_spawn(params, v, cfg.meta.meta_batch_size, args, args.profile and repeat == 0) for v in variants]
+                for repeat in range(args.repeats)]  # fmt: skip
         rows = [combine_repeats([repeat[i] for repeat in runs]) for i in range(len(variants))]
         sweep = [_spawn(params, v, int(m), args) for v in args.sweep_variants.split(",")
                  for m in args.meta_batches.split(",") if m]  # fmt: skip
@@ -288,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
             failure = "\n".join(r["error"])
             print(f"{r['variant']} (meta-batch {r['meta_batch_size']}) failed:\n{failure}", file=sys.stderr)
     table = markdown(rows, peak) + (f"\nMemory sweep:\n\n{markdown(sweep, peak)}" if sweep else "")
+    if args.profile:
+        table += f"\nWhere one profiled step's time goes (self time):\n\n{breakdown_markdown(rows)}"
     print(table)
     out = Path(args.output)
     record = {"rows": rows, "meta_batch_sweep": sweep, "matmul_peak_flops": peak, "repeats": args.repeats,
