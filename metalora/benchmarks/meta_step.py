@@ -114,6 +114,7 @@ OP_CATEGORIES = (
     ("attention", ("scaled_dot_product", "flash_attention", "efficient_attention")),
     ("random numbers", ("aten::bernoulli", "aten::rand", "aten::uniform", "aten::normal", "aten::native_dropout")),
 )
+CATEGORIES = [category for category, _ in OP_CATEGORIES] + ["other"]
 
 
 def op_category(name: str) -> str:
@@ -131,9 +132,9 @@ def time_breakdown(events: list[tuple[str, float]]) -> dict[str, float]:
         events: (operator name, self time) pairs, e.g. from a profiler's key averages.
 
     Returns:
-        {category: share} over the categories of OP_CATEGORIES and 'other', summing to 1.
+        {category: share} over CATEGORIES, summing to 1.
     """
-    totals = dict.fromkeys([c for c, _ in OP_CATEGORIES] + ["other"], 0.0)
+    totals = dict.fromkeys(CATEGORIES, 0.0)
     for name, self_time in events:
         totals[op_category(name)] += self_time
     whole = sum(totals.values())
@@ -320,12 +321,11 @@ def markdown(rows: list[dict], peak: float) -> str:
 
 def breakdown_markdown(rows: list[dict]) -> str:
     """The profiled rows' time shares by category, and the memory held before their first step, as a table."""
-    categories = [c for c, _ in OP_CATEGORIES] + ["other"]
-    lines = ["| variant | " + " | ".join(categories) + " | memory after set-up (MB) | parameters (MB) |",
-             "|---|" + "---|" * (len(categories) + 2)]  # fmt: skip
+    lines = ["| variant | " + " | ".join(CATEGORIES) + " | memory after set-up (MB) | parameters (MB) |",
+             "|---|" + "---|" * (len(CATEGORIES) + 2)]  # fmt: skip
     for r in rows:
         if r.get("time_breakdown"):
-            shares = [f"{r['time_breakdown'][c]:.0%}" for c in categories]
+            shares = [f"{r['time_breakdown'][c]:.0%}" for c in CATEGORIES]
             sizes = [f"{r['memory_after_setup_mb']:.0f}", f"{r['model_parameter_bytes'] / 2**20:.1f}"]
             lines.append(f"| {r['variant']} | " + " | ".join(shares + sizes) + " |")
     return "\n".join(lines) + "\n"
