@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.func import grad_and_value, vmap
 
 from metalora.adapt import Params, adam_update
+from metalora.dropout import torch_dropout_masks
 from metalora.episodes import IGNORE_INDEX
 from metalora.loss import window_logits
 
@@ -87,7 +88,8 @@ def batched_loss_and_grad(
     stacked, window = stack_batches(batches)
     if weights is None:
         weights = torch.ones(len(batches), device=stacked["input_ids"].device)
-    with warnings.catch_warnings():
+    # Only torch's generator gives vmap different dropout masks per task.
+    with warnings.catch_warnings(), torch_dropout_masks():
         # Attention has no vmap rule on some backends and runs per task: known, and a small share.
         warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
         mapped = vmap(grad_and_value(_task_loss(model, window)), randomness="different")
@@ -100,7 +102,7 @@ def batched_loss(model: torch.nn.Module, params: Params, batches: list[Batch]) -
     """Per-task mean target cross-entropy of one batch per task under stacked `params` (no graph)."""
     stacked, window = stack_batches(batches)
     weights = torch.ones(len(batches), device=stacked["input_ids"].device)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch_dropout_masks():
         warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
         return vmap(_task_loss(model, window), randomness="different")(params, stacked, weights)
 

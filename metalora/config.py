@@ -25,6 +25,7 @@ METHODS = ("base", "lora", "multitask", "metalora", "reptile", "fomaml", "full_d
 TRAINED_METHODS = ("multitask", "metalora", "reptile", "fomaml")
 INNER_OPTIMIZERS = ("sgd", "adam")
 DTYPES = ("float32", "bfloat16", "float16")
+CPU_DROPOUT_MASKS = ("numpy", "torch")
 
 
 class ConfigError(MetaloraError, ValueError):
@@ -54,6 +55,9 @@ class LoraConfig:
     dropout: float = 0.05
     # Module names that receive LoRA adapters.
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # Where dropout masks come from on CPU: numpy (PCG64, several times faster; metalora/dropout.py) or
+    # torch (peft's own nn.Dropout). GPUs always use torch's fused dropout.
+    cpu_dropout_masks: str = "numpy"
 
 
 @dataclass
@@ -222,6 +226,7 @@ def _check_values(cfg: Config) -> None:
         ("lora.alpha", cfg.lora.alpha > 0, "a positive integer"),
         ("lora.dropout", 0.0 <= cfg.lora.dropout < 1.0, "in [0, 1)"),
         ("lora.target_modules", len(cfg.lora.target_modules) > 0, "a non-empty list"),
+        ("lora.cpu_dropout_masks", cfg.lora.cpu_dropout_masks in CPU_DROPOUT_MASKS, f"one of {CPU_DROPOUT_MASKS}"),
         ("meta.inner_lr", cfg.meta.inner_lr > 0, "positive"),
         ("meta.meta_lr", cfg.meta.meta_lr > 0, "positive"),
         ("meta.inner_steps", cfg.meta.inner_steps >= 0, ">= 0"),

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from metalora.config import LoraConfig
+from metalora.dropout import use_numpy_dropout
 from metalora.errors import MetaloraError
 from metalora.io import atomic_directory
 
@@ -31,7 +32,7 @@ def attach_lora(model: PreTrainedModel, cfg: LoraConfig, seed: int | None = None
 
     Args:
         model: the base causal LM.
-        cfg: rank, alpha, dropout and target module names.
+        cfg: rank, alpha, dropout, target module names and where CPU dropout masks come from.
         seed: seeds torch's RNG right before the random A matrices are drawn, so a fresh adapter is a
             function of the seed alone, whatever ran before in the process; None draws from the
             current RNG state.
@@ -48,7 +49,10 @@ def attach_lora(model: PreTrainedModel, cfg: LoraConfig, seed: int | None = None
     )
     if seed is not None:
         torch.manual_seed(seed)
-    return get_peft_model(model, peft_config)
+    peft_model = get_peft_model(model, peft_config)
+    if cfg.cpu_dropout_masks == "numpy":
+        use_numpy_dropout(peft_model)
+    return peft_model
 
 
 def lora_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:

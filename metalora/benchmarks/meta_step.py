@@ -8,7 +8,8 @@ Variants, on the same episodes (the same seed and steps) and the same model:
   vmapped forward/backward);
 - naive: the way the method is often first written, kept here as the reference: a deep copy of
   the PEFT model per task, a fresh AdamW per task, full-vocabulary logits over every position
-  (the model's own `labels` loss), then the stage-2 gradient per task;
+  (the model's own `labels` loss), then the stage-2 gradient per task; peft's own LoRA dropout
+  (torch's CPU masks, whatever `lora.cpu_dropout_masks` says for the kit);
 - fomaml: the kit's first-order meta-step over every base weight.
 Each variant runs in its own child process, so its peak memory (CUDA max allocated, or the peak
 resident set size on CPU) is its own. Useful FLOPs are counted with torch's FlopCounterMode on the
@@ -182,6 +183,8 @@ def run_variant(
     cfg = copy.deepcopy(cfg)
     cfg.meta.algorithm = "fomaml" if variant == "fomaml" else "metalora"
     cfg.meta.task_batched = variant == "metalora-batched"
+    if variant == "naive":
+        cfg.lora.cpu_dropout_masks = "torch"  # the reference is peft as shipped, nn.Dropout included
     torch.manual_seed(cfg.train.seed)
     trainer = build_trainer(cfg, device)
     tasks = {name: pool.task for name, pool in trainer.experiment.train.items()}
