@@ -18,9 +18,12 @@ from contextvars import ContextVar
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 MASK_LEVELS = 2**16  # one uint16 per element: p is rounded to a multiple of 2**-16
 SEED_BOUND = 2**63 - 1
+# The profiler sees torch operators only; this label puts numpy's mask time in a profile too.
+PROFILE_LABEL = "metalora::numpy_dropout_mask"
 
 _torch_masks_only: ContextVar[bool] = ContextVar("torch_masks_only", default=False)
 
@@ -60,11 +63,12 @@ class NumpyMaskDropout(torch.nn.Module):
             return x
         if x.device.type != "cpu" or _torch_masks_only.get():
             return F.dropout(x, self.p, training=True)
-        seed = int(torch.randint(0, SEED_BOUND, (1,)))
-        count = x.numel()
-        raw = np.random.Generator(np.random.PCG64(seed)).bit_generator.random_raw((count + 3) // 4)
-        keep = (raw.view(np.uint16)[:count] >= self.dropped_levels).astype(np.float32)
-        keep *= np.float32(1.0 / (1.0 - self.effective_p))
+        with record_function(PROFILE_LABEL):
+            seed = int(torch.randint(0, SEED_BOUND, (1,)))
+            count = x.numel()
+            raw = np.random.Generator(np.random.PCG64(seed)).bit_generator.random_raw((count + 3) // 4)
+            keep = (raw.view(np.uint16)[:count] >= self.dropped_levels).astype(np.float32)
+            keep *= np.float32(1.0 / (1.0 - self.effective_p))
         return x * torch.from_numpy(keep).view(x.shape).to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -91,3 +91,16 @@ def test_mask_benchmark_prints_one_timed_row_per_width(capsys):
     for row in rows:
         torch_us, numpy_us = (float(cell) for cell in row.split("|")[2:4])
         assert torch_us > 0 and numpy_us > 0
+
+
+def test_profiler_counts_numpy_mask_time_as_random_numbers():
+    from torch.profiler import profile
+
+    from metalora.benchmarks.meta_step import op_category
+    from metalora.dropout import PROFILE_LABEL
+
+    with profile() as prof:
+        NumpyMaskDropout(0.1)(torch.ones(64, 512))
+    labelled = [e for e in prof.key_averages() if e.key == PROFILE_LABEL]
+    assert labelled and labelled[0].self_cpu_time_total > 0
+    assert op_category(PROFILE_LABEL) == "random numbers"

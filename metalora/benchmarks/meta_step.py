@@ -39,6 +39,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from metalora.config import Config, load_config, save_config, split_args
+from metalora.dropout import PROFILE_LABEL
 from metalora.efficiency import directory_bytes
 from metalora.episodes import Encoder, Episode
 from metalora.io import atomic_write_json, atomic_write_text
@@ -113,7 +114,10 @@ def _current_memory_mb(device: torch.device) -> float:
 OP_CATEGORIES = (
     ("matrix multiply", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
     ("attention", ("scaled_dot_product", "flash_attention", "efficient_attention")),
-    ("random numbers", ("aten::bernoulli", "aten::rand", "aten::uniform", "aten::normal", "aten::native_dropout")),
+    (
+        "random numbers",
+        ("aten::bernoulli", "aten::rand", "aten::uniform", "aten::normal", "aten::native_dropout", PROFILE_LABEL),
+    ),
 )
 CATEGORIES = [category for category, _ in OP_CATEGORIES] + ["other"]
 
