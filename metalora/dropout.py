@@ -1,8 +1,9 @@
 """LoRA dropout whose CPU masks come from numpy's PCG64 instead of torch's CPU generator.
 
 torch fills a CPU dropout mask element by element from its Mersenne Twister (`bernoulli_`): on the
-2-core benchmark machine that was about 13 % of a meta-step's time. numpy's PCG64 fills the same mask
-from 16 random bits per element about six times faster. Each mask's generator is seeded from torch's
+2-core benchmark machine that was about 12 % of a meta-step's time (`metalora bench --profile`). numpy's
+PCG64 fills the same mask from 16 random bits per element; a dropout call, forward and backward, took
+2-4x less time there (`python -m metalora.benchmarks.dropout_masks`). Each mask's generator is seeded from torch's
 CPU generator, so `torch.manual_seed` still decides every mask and the kit's per-episode seeding is
 unchanged. On other devices torch's own (fused) dropout runs. So does it inside `torch_dropout_masks()`,
 which the task-batched path uses: `torch.func.vmap` draws different masks per task only from torch's
