@@ -67,7 +67,7 @@ class NumpyMaskDropout(torch.nn.Module):
         with record_function(PROFILE_LABEL):
             seed = int(torch.randint(0, SEED_BOUND, (1,)))
             count = x.numel()
-            raw = np.random.Generator(np.random.PCG64(seed)).bit_generator.random_raw((count + 3) // 4)
+            raw = np.random.PCG64(seed).random_raw((count + 3) // 4)
             keep = (raw.view(np.uint16)[:count] >= self.dropped_levels).astype(np.float32)
             keep *= np.float32(1.0 / (1.0 - self.effective_p))
         return x * torch.from_numpy(keep).view(x.shape).to(x.dtype)
