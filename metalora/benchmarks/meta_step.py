@@ -5,7 +5,7 @@
 Variants, on the same episodes (the same seed and steps) and the same model:
 - metalora: the kit's functional meta-step (`metalora.meta.meta_step`);
 - metalora-batched: the same with `meta.task_batched` (all tasks of a meta-batch adapted in one
-  vmapped forward/backward);
+  vmapped forward pass and one backward);
 - naive: the way the method is often first written, kept here as the reference: a deep copy of
   the PEFT model per task, a fresh AdamW per task, full-vocabulary logits over every position
   (the model's own `labels` loss), then the stage-2 gradient per task; peft's own LoRA dropout
