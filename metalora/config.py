@@ -93,6 +93,11 @@ class MetaConfig:
     # task (torch.func.vmap). Same result as the per-task loop up to float rounding, except that the
     # LoRA dropout masks are drawn per meta-batch instead of per task.
     task_batched: bool = False
+    # Pack a support or query batch into one row without padding (block-diagonal attention,
+    # positions from 0 per example; the same losses) when its examples hold at most this many tokens
+    # in all; longer batches are left-padded, and 0 pads every batch. Attention over a packed row
+    # costs the square of its length, hence the bound. The task-batched path always pads.
+    pack_tokens: int = 256
 
 
 @dataclass
@@ -235,6 +240,7 @@ def _check_values(cfg: Config) -> None:
         ("meta.n_support", cfg.meta.n_support > 0, "positive"),
         ("meta.n_query", cfg.meta.n_query > 0, "positive"),
         ("meta.query_batch_size", cfg.meta.query_batch_size > 0, "positive"),
+        ("meta.pack_tokens", cfg.meta.pack_tokens >= 0, ">= 0"),
         (
             "meta.task_batched",
             not cfg.meta.task_batched or (cfg.meta.algorithm == "metalora" and cfg.meta.first_order),

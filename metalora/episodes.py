@@ -1,7 +1,13 @@
 """Episodes (task, support, query) as a pure function of (seed, step), and their tokenisation.
 
 Batches are left-padded: every row ends with its target, so the positions that carry a loss line up
-in the last columns and only those columns need logits (see `loss.py`).
+in the last columns and only those columns need logits (see `loss.py`). A batch can instead be
+packed: its examples laid end to end in one row with no padding, each counting its positions from
+0. A packed batch has no attention mask: from the restarting positions transformers builds the
+block-diagonal causal mask for the model's attention implementation (its packed-sequence format),
+so each example attends only to itself and the per-token losses are those of the padded batch.
+Either way the batch carries `logit_positions`, the positions whose logits predict a target token,
+computed here on the CPU so that the loss needs no device-to-host read.
 """
 
 from __future__ import annotations
@@ -165,26 +171,70 @@ class Encoder:
             mask[i, width - len(row) :] = 1
             labels[i, width - len(target) :] = torch.tensor(target)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        batch = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
+        # Position p predicts token p + 1: the T trailing target columns are predicted from one column earlier.
+        window = max(len(t) for _, t in pairs)
+        batch = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, "labels": labels,
+                 "logit_positions": torch.arange(width - window - 1, width - 1)}  # fmt: skip
+        return {key: tensor.to(self.device) for key, tensor in batch.items()}
+
+    def pack(self, pairs: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        """Lay (prompt, target) pairs end to end in one row, without padding.
+
+        Args:
+            pairs: (prompt ids, target ids) per example; every prompt must be non-empty.
+
+        Returns:
+            input_ids, position_ids (from 0 within each example) and labels (-100 outside targets),
+            each [1, N] for N tokens in all, and logit_positions, the positions whose logits predict a
+            target token. No attention_mask: the model derives it from the positions.
+
+        Raises:
+            ValueError: an example has an empty prompt (its first target token would have no
+                position to be predicted from, and its positions would not mark where it starts).
+        """
+        if any(not prompt for prompt, _ in pairs):
+            raise ValueError("cannot pack an example with an empty prompt: its first target token has no predictor")
+        lengths = torch.tensor([len(p) + len(t) for p, t in pairs])
+        starts = torch.cumsum(lengths, 0) - lengths
+        positions = torch.arange(int(lengths.sum())) - torch.repeat_interleave(starts, lengths)
+        labels = torch.tensor([token for p, t in pairs for token in [IGNORE_INDEX] * len(p) + t])
+        batch = {
+            "input_ids": torch.tensor([token for p, t in pairs for token in p + t])[None],
+            "position_ids": positions[None],
+            "labels": labels[None],
+            "logit_positions": (labels != IGNORE_INDEX).nonzero().squeeze(-1) - 1,
+        }
         return {key: tensor.to(self.device) for key, tensor in batch.items()}
 
     def batches(
-        self, task: Task, examples: list[Example], batch_size: int, group_by_length: bool = False
+        self,
+        task: Task,
+        examples: list[Example],
+        batch_size: int,
+        group_by_length: bool = False,
+        pack_tokens: int = 0,
     ) -> list[dict[str, torch.Tensor]]:
-        """Collate `examples` of `task` into batches of at most `batch_size` rows.
+        """Collate `examples` of `task` into batches of at most `batch_size` examples.
 
         Args:
             task: the task (its instruction goes into the prompt).
             examples: the examples, batched in order unless grouped.
-            batch_size: rows per batch.
+            batch_size: examples per batch.
             group_by_length: sort by encoded length first, so rows of similar length share a batch
                 and little padding is computed. Only for sets whose loss is a token-weighted mean
                 over all batches (query sets, scoring), where the order does not change the result.
+            pack_tokens: pack a batch into one row (`pack`) when its examples hold at most this many
+                tokens in all; longer batches, and every batch when 0, are left-padded (`collate`).
+                Attention over a packed row costs the square of its length, so the bound keeps it small.
 
         Returns:
-            The collated batches.
+            The batches.
         """
         encoded = [self.encode(task, e) for e in examples]
         if group_by_length:
             encoded.sort(key=lambda pair: len(pair[0]) + len(pair[1]))
-        return [self.collate(encoded[i : i + batch_size]) for i in range(0, len(encoded), batch_size)]
+        chunks = [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
+        return [
+            self.pack(chunk) if sum(len(p) + len(t) for p, t in chunk) <= pack_tokens else self.collate(chunk)
+            for chunk in chunks
+        ]

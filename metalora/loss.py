@@ -1,8 +1,9 @@
 """The loss of a batch under a parameter dict, with logits computed only where targets are.
 
-Rows are left-padded and end with their target, so every target token lies in the last T columns
-(T = the longest target). The model's `logits_to_keep` takes exactly the T positions that predict
-them, which skips the vocabulary projection over all prompt tokens.
+A batch names the positions whose logits predict a target token (`logit_positions`, see
+`episodes.py`): in a left-padded batch the T columns before the last (T = the longest target), in a
+packed one exactly the position before each target token. The model's `logits_to_keep` takes just
+those, which skips the vocabulary projection over all prompt tokens.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from metalora.episodes import IGNORE_INDEX
 
 
 def target_window(labels: torch.Tensor) -> int:
-    """Return T, the number of trailing columns that hold every target token of the batch."""
+    """Return T, the number of trailing columns that hold every target token of a left-padded batch."""
     return int((labels != IGNORE_INDEX).sum(-1).max())
 
 
@@ -25,12 +26,16 @@ def target_logits(model: torch.nn.Module, params: dict[str, torch.Tensor], batch
     Args:
         model: the causal LM (with or without LoRA); names missing from `params` use its own tensors.
         params: parameters by name that replace the module's for this call (nothing is written into it).
-        batch: a collated batch (see `Encoder.collate`).
+        batch: a collated or packed batch (see `Encoder.collate`, `Encoder.pack`); without
+            `logit_positions` it is taken as left-padded and its target window is read from the labels.
 
     Returns:
         logits [B, T, V] in float32 and the labels [B, T] they predict.
     """
-    return window_logits(model, params, batch, target_window(batch["labels"]))
+    keep = batch.get("logit_positions")
+    if keep is None:
+        return window_logits(model, params, batch, target_window(batch["labels"]))
+    return positions_logits(model, params, batch, keep)
 
 
 def window_logits(
@@ -41,29 +46,46 @@ def window_logits(
     Args:
         model: the causal LM.
         params: parameters by name for this forward pass.
-        batch: a collated batch; its `attention_mask` may be 2-D or a ready 4-D mask.
+        batch: a left-padded batch; its `attention_mask` may be 2-D or a ready 4-D mask.
         window: T, the trailing columns that hold every target token.
 
     Returns:
         logits [B, T, V] in float32 and the labels [B, T] they predict.
     """
-    labels = batch["labels"]
-    width = labels.shape[1]
+    width = batch["labels"].shape[1]
     # Position p predicts token p + 1, so the logits needed are those of positions width-T-1 .. width-2.
-    keep = torch.arange(width - window - 1, width - 1, device=labels.device)
+    keep = torch.arange(width - window - 1, width - 1, device=batch["labels"].device)
+    return positions_logits(model, params, batch, keep)
+
+
+def positions_logits(
+    model: torch.nn.Module, params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], keep: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (logits, labels) at the positions `keep` and the tokens they predict (one position on).
+
+    Args:
+        model: the causal LM.
+        params: parameters by name for this forward pass.
+        batch: a batch; its `attention_mask` may be 2-D, a ready 4-D mask, or absent (packed).
+        keep: 1-D positions, the same in every row.
+
+    Returns:
+        logits [B, len(keep), V] in float32 and the labels [B, len(keep)] they predict.
+    """
     out = functional_call(
         model,
         params,
         args=(),
         kwargs={
             "input_ids": batch["input_ids"],
-            "attention_mask": batch["attention_mask"],
+            # None for a packed batch: the model builds its mask from the restarting positions.
+            "attention_mask": batch.get("attention_mask"),
             "position_ids": batch["position_ids"],
             "logits_to_keep": keep,
             "use_cache": False,
         },
     )
-    return out.logits.float(), labels[:, width - window :]
+    return out.logits.float(), batch["labels"][:, keep + 1]
 
 
 def batch_loss(model: torch.nn.Module, params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -72,7 +94,7 @@ def batch_loss(model: torch.nn.Module, params: dict[str, torch.Tensor], batch: d
     Args:
         model: the causal LM.
         params: parameters by name for this forward pass.
-        batch: a collated batch.
+        batch: a collated or packed batch.
 
     Returns:
         A scalar loss tensor (differentiable with respect to `params`).
@@ -88,4 +110,6 @@ def count_target_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 def count_input_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Return the number of real (non-padding) tokens a forward pass over `batch` processes."""
-    return int(batch["attention_mask"].sum())
+    mask = batch.get("attention_mask")
+    # A packed batch has no mask and no padding.
+    return batch["input_ids"].numel() if mask is None else int(mask.sum())

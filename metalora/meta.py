@@ -109,9 +109,10 @@ def meta_gradients(
     inner_steps = 0 if multitask else cfg.inner_steps
     for episode in episodes:
         task = tasks[episode.task]
-        support = encoder.batches(task, episode.support, cfg.inner_batch_size)
+        support = encoder.batches(task, episode.support, cfg.inner_batch_size, pack_tokens=cfg.pack_tokens)
         loss_examples = episode.support + episode.query if multitask else episode.query
-        query = encoder.batches(task, loss_examples, cfg.query_batch_size, group_by_length=True)
+        query = encoder.batches(task, loss_examples, cfg.query_batch_size, group_by_length=True,
+                                pack_tokens=cfg.pack_tokens)  # fmt: skip
         # Dropout masks come from the episode's own seed, so a task's result does not depend on
         # which process adapts it or what ran before it.
         with torch.random.fork_rng(devices=[]):

@@ -1,0 +1,121 @@
+"""Packed batches (examples end to end in one row, no padding) against left-padded ones, on tiny-random."""
+
+import pytest
+import torch
+
+from metalora.config import ConfigError, load_config
+from metalora.episodes import IGNORE_INDEX
+from metalora.loss import batch_loss, count_input_tokens, count_target_tokens
+from metalora.meta import meta_gradients
+from metalora.train import build_trainer
+
+SMOKE = ["params/base.yaml", "params/smoke.yaml"]
+
+
+def trainer_for(*overrides: str):
+    return build_trainer(load_config(SMOKE, ["lora.dropout=0.0", *overrides]))
+
+
+def support_pairs(trainer, count: int = 4):
+    episode = trainer.sampler.sample(0)[0]
+    task = trainer.experiment.train[episode.task].task
+    return task, episode, [trainer.encoder.encode(task, e) for e in episode.support[:count]]
+
+
+def uneven_pairs(pairs):
+    # Prompts of different lengths, so the padded batch has padding that packing removes.
+    return [(prompt[i:], target) for i, (prompt, target) in enumerate(pairs)]
+
+
+def test_a_packed_batch_lays_examples_end_to_end_with_positions_from_zero():
+    trainer = trainer_for()
+    _, _, pairs = support_pairs(trainer, 3)
+    pairs = uneven_pairs(pairs)
+    batch = trainer.encoder.pack(pairs)
+    lengths = [len(p) + len(t) for p, t in pairs]
+    assert batch["input_ids"][0].tolist() == [token for p, t in pairs for token in p + t]
+    assert batch["position_ids"][0].tolist() == [i for n in lengths for i in range(n)]
+    assert batch["labels"][0].tolist() == [token for p, t in pairs for token in [IGNORE_INDEX] * len(p) + t]
+    assert "attention_mask" not in batch  # the model derives the block-diagonal mask from the positions
+    # Each kept position is the one before a target token.
+    starts = [sum(lengths[:k]) for k in range(len(lengths))]
+    targets = [starts[k] + len(p) + j for k, (p, t) in enumerate(pairs) for j in range(len(t))]
+    assert (batch["logit_positions"] + 1).tolist() == targets
+    assert count_input_tokens(batch) == sum(lengths)
+    assert count_target_tokens(batch) == sum(len(t) for _, t in pairs)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_loss_and_gradients_equal_the_padded_batch(attention):
+    trainer = trainer_for()
+    trainer.model.set_attn_implementation(attention)  # eager is what second-order training uses
+    with torch.no_grad():
+        for name, p in trainer.shared.items():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    _, _, pairs = support_pairs(trainer)
+    pairs = uneven_pairs(pairs)
+    padded, packed = trainer.encoder.collate(pairs), trainer.encoder.pack(pairs)
+    assert count_input_tokens(padded) == count_input_tokens(packed) < padded["input_ids"].numel()
+    params = list(trainer.shared.values())
+    losses, grads = [], []
+    for batch in (padded, packed):
+        loss = batch_loss(trainer.model, trainer.shared, batch)
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, params))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    assert any(g.abs().max() > 0 for g in grads[0])
+    for want, got in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    # Each example alone: packing must not let one example attend to another.
+    alone = [batch_loss(trainer.model, trainer.shared, trainer.encoder.pack([pair])) for pair in pairs]
+    weights = [len(t) for _, t in pairs]
+    pooled = sum(loss * w for loss, w in zip(alone, weights, strict=True)) / sum(weights)
+    torch.testing.assert_close(pooled, losses[1], rtol=1e-5, atol=1e-6)
+
+
+def test_batches_are_packed_only_when_they_fit_the_token_bound():
+    trainer = trainer_for()
+    task, episode, pairs = support_pairs(trainer, 2)
+    examples = episode.support[:2]
+    tokens = sum(len(p) + len(t) for p, t in pairs)
+    fits = trainer.encoder.batches(task, examples, 2, pack_tokens=tokens)
+    too_long = trainer.encoder.batches(task, examples, 2, pack_tokens=tokens - 1)
+    never = trainer.encoder.batches(task, examples, 2)
+    assert "attention_mask" not in fits[0] and fits[0]["input_ids"].shape == (1, tokens)
+    assert (
+        too_long[0]["attention_mask"].shape
+        == never[0]["attention_mask"].shape
+        == (2, max(map(len, [p + t for p, t in pairs])))
+    )
+
+
+def test_meta_gradients_are_the_same_packed_and_padded():
+    grads, stats = [], []
+    for pack_tokens in (0, 4096):
+        trainer = trainer_for(f"meta.pack_tokens={pack_tokens}", "meta.inner_optimizer=adam")
+        with torch.no_grad():
+            for name, p in trainer.shared.items():
+                if "lora_B" in name:
+                    p.copy_(torch.randn_like(p, generator=torch.Generator().manual_seed(len(name))) * 0.05)
+        episodes = trainer.sampler.sample(0)
+        tasks = {n: p.task for n, p in trainer.experiment.train.items()}
+        g, s = meta_gradients(trainer.model, trainer.shared, episodes, tasks, trainer.encoder, trainer.cfg.meta,
+                              total_tasks=len(episodes))  # fmt: skip
+        grads.append(g)
+        stats.append(s)
+    for want, got in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    for padded, packed in zip(*stats, strict=True):
+        assert packed.tokens == padded.tokens
+        assert packed.query_loss == pytest.approx(padded.query_loss, rel=1e-5)
+        assert packed.last_inner_loss == pytest.approx(padded.last_inner_loss, rel=1e-5)
+
+
+def test_packing_refuses_an_empty_prompt_and_a_negative_bound():
+    trainer = trainer_for()
+    _, _, pairs = support_pairs(trainer, 2)
+    with pytest.raises(ValueError, match="empty prompt"):
+        trainer.encoder.pack([pairs[0], ([], pairs[1][1])])
+    with pytest.raises(ConfigError, match="meta.pack_tokens"):
+        load_config(SMOKE, ["meta.pack_tokens=-1"])
