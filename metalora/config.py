@@ -95,9 +95,11 @@ class MetaConfig:
     task_batched: bool = False
     # Pack a support or query batch into one row without padding (block-diagonal attention,
     # positions from 0 per example; the same losses) when its examples hold at most this many tokens
-    # in all; longer batches are left-padded, and 0 pads every batch. Attention over a packed row
-    # costs the square of its length, hence the bound. The task-batched path always pads.
-    pack_tokens: int = 256
+    # in all (256 is a sensible bound); longer batches are left-padded, and 0 pads every batch.
+    # Attention over a packed row costs the square of its length, hence the bound. Off by default:
+    # on the 2-core CPU it saved memory but no measurable time (README, Performance). The
+    # task-batched path always pads.
+    pack_tokens: int = 0
 
 
 @dataclass

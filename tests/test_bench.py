@@ -40,11 +40,11 @@ def test_the_naive_reference_takes_the_same_meta_step_as_the_kit():
 @pytest.mark.slow
 def test_bench_writes_every_variant_and_the_memory_sweep(tmp_path, capsys):
     options = ["--steps", "1", "--warmup", "0", "--meta-batches", "1,2", "--output", str(tmp_path), "--profile",
-               "--variants", "metalora,metalora-batched,metalora-padded,naive,fomaml"]  # fmt: skip
+               "--variants", "metalora,metalora-batched,metalora-packed,naive,fomaml"]  # fmt: skip
     assert bench_main([*SMOKE, *options]) == 0
     record = json.loads((tmp_path / "meta_step.json").read_text())
     rows = {r["variant"]: r for r in record["rows"]}
-    assert set(rows) == {"metalora", "metalora-batched", "metalora-padded", "naive", "fomaml"}
+    assert set(rows) == {"metalora", "metalora-batched", "metalora-packed", "naive", "fomaml"}
     assert record["matmul_peak_flops"] > 0
     for row in rows.values():
         assert row["seconds_per_step"] > 0 and row["peak_memory_mb"] > 0 and row["useful_flops_per_s"] > 0

@@ -119,3 +119,12 @@ def test_packing_refuses_an_empty_prompt_and_a_negative_bound():
         trainer.encoder.pack([pairs[0], ([], pairs[1][1])])
     with pytest.raises(ConfigError, match="meta.pack_tokens"):
         load_config(SMOKE, ["meta.pack_tokens=-1"])
+
+
+def test_the_packing_benchmark_times_both_layouts(capsys):
+    from metalora.benchmarks.packing import main
+
+    assert main([*SMOKE, "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "padding share of the padded batches" in out
+    assert "| padded |" in out and "| packed |" in out and "pair by pair: median" in out

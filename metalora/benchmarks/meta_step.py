@@ -6,7 +6,8 @@ Variants, on the same episodes (the same seed and steps) and the same model:
 - metalora: the kit's functional meta-step (`metalora.meta.meta_step`);
 - metalora-batched: the same with `meta.task_batched` (all tasks of a meta-batch adapted in one
   vmapped forward pass and one backward);
-- metalora-padded: the kit's meta-step with `meta.pack_tokens=0` (every batch left-padded, none packed);
+- metalora-packed: the kit's meta-step with short batches packed into one unpadded row
+  (`meta.pack_tokens`, 256 unless the config sets it);
 - naive: the way the method is often first written, kept here as the reference: a deep copy of
   the PEFT model per task, a fresh AdamW per task, full-vocabulary logits over every position
   (the model's own `labels` loss), then the stage-2 gradient per task; peft's own LoRA dropout
@@ -52,6 +53,8 @@ from metalora.tasks import Task
 from metalora.train import build_trainer
 
 RESULT_TAG = "BENCH-RESULT "
+# The packed variant's token bound when the config leaves packing off: a few short rows per batch.
+PACKED_VARIANT_TOKENS = 256
 
 
 def naive_meta_step(
@@ -173,7 +176,7 @@ def run_variant(
     """Time one variant in this process (call it in a fresh child for honest peak memory).
 
     Args:
-        variant: metalora, metalora-batched, metalora-padded, naive or fomaml.
+        variant: metalora, metalora-batched, metalora-packed, naive or fomaml.
         cfg: the run's configuration.
         steps: timed meta-steps.
         warmup: untimed meta-steps first.
@@ -188,8 +191,8 @@ def run_variant(
     cfg = copy.deepcopy(cfg)
     cfg.meta.algorithm = "fomaml" if variant == "fomaml" else "metalora"
     cfg.meta.task_batched = variant == "metalora-batched"
-    if variant == "metalora-padded":
-        cfg.meta.pack_tokens = 0
+    if variant == "metalora-packed":
+        cfg.meta.pack_tokens = cfg.meta.pack_tokens or PACKED_VARIANT_TOKENS
     if variant == "naive":
         cfg.lora.cpu_dropout_masks = "torch"  # the reference is peft as shipped, nn.Dropout included
     torch.manual_seed(cfg.train.seed)
