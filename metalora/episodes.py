@@ -24,6 +24,20 @@ from metalora.tasks import Example, Task, TaskError
 IGNORE_INDEX = -100
 
 
+def window_positions(width: int, window: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The positions whose logits predict the last `window` columns of a left-padded batch `width` wide.
+
+    Args:
+        width: the batch's columns.
+        window: T, the trailing columns that hold every target token.
+        device: where the positions go.
+
+    Returns:
+        The T positions width-T-1 .. width-2 (position p predicts token p + 1).
+    """
+    return torch.arange(width - window - 1, width - 1, device=device)
+
+
 @dataclass
 class Episode:
     """One task of a meta-batch: its slot in the meta-batch, an RNG seed for its dropout, its examples."""
@@ -171,10 +185,9 @@ class Encoder:
             mask[i, width - len(row) :] = 1
             labels[i, width - len(target) :] = torch.tensor(target)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        # Position p predicts token p + 1: the T trailing target columns are predicted from one column earlier.
         window = max(len(t) for _, t in pairs)
         batch = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, "labels": labels,
-                 "logit_positions": torch.arange(width - window - 1, width - 1)}  # fmt: skip
+                 "logit_positions": window_positions(width, window)}  # fmt: skip
         return {key: tensor.to(self.device) for key, tensor in batch.items()}
 
     def pack(self, pairs: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from metalora.episodes import IGNORE_INDEX
+from metalora.episodes import IGNORE_INDEX, window_positions
 
 
 def target_window(labels: torch.Tensor) -> int:
@@ -52,9 +52,7 @@ def window_logits(
     Returns:
         logits [B, T, V] in float32 and the labels [B, T] they predict.
     """
-    width = batch["labels"].shape[1]
-    # Position p predicts token p + 1, so the logits needed are those of positions width-T-1 .. width-2.
-    keep = torch.arange(width - window - 1, width - 1, device=batch["labels"].device)
+    keep = window_positions(batch["labels"].shape[1], window, batch["labels"].device)
     return positions_logits(model, params, batch, keep)
 
 

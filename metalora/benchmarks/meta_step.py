@@ -96,15 +96,28 @@ def naive_meta_step(
     meta_optimizer.zero_grad(set_to_none=True)
 
 
-def _step_tokens(episodes: list[Episode], tasks: dict[str, Task], encoder: Encoder, cfg: Config) -> int:
-    """Real tokens an algorithm must forward per meta-step: its inner steps and its query batches."""
-    total = 0
+def step_positions(episodes: list[Episode], tasks: dict[str, Task], encoder: Encoder, cfg: Config) -> tuple[int, int]:
+    """Real tokens an algorithm must forward per meta-step (its inner steps and its query batches), and
+    the positions the kit computes for them with padded batches (query batches grouped by length).
+
+    Args:
+        episodes: the meta-step's episodes.
+        tasks: task definitions by name.
+        encoder: tokenisation and collation.
+        cfg: the run's configuration (batch sizes, inner steps).
+
+    Returns:
+        (real tokens, computed positions).
+    """
+    real = positions = 0
     for episode in episodes:
         task = tasks[episode.task]
         support = encoder.batches(task, episode.support, cfg.meta.inner_batch_size)
-        total += sum(count_input_tokens(support[i % len(support)]) for i in range(cfg.meta.inner_steps))
-        total += sum(count_input_tokens(b) for b in encoder.batches(task, episode.query, cfg.meta.query_batch_size))
-    return total
+        query = encoder.batches(task, episode.query, cfg.meta.query_batch_size, group_by_length=True)
+        for batch in [support[i % len(support)] for i in range(cfg.meta.inner_steps)] + query:
+            real += count_input_tokens(batch)
+            positions += batch["input_ids"].numel()
+    return real, positions
 
 
 def _current_memory_mb(device: torch.device) -> float:
@@ -220,7 +233,7 @@ def run_variant(
         one_step(step)
         if step >= warmup:
             seconds.append(time.perf_counter() - began)
-            tokens.append(_step_tokens(trainer.sampler.sample(step), tasks, trainer.encoder, cfg))
+            tokens.append(step_positions(trainer.sampler.sample(step), tasks, trainer.encoder, cfg)[0])
     peak = _peak_memory_mb(device)
     flops_per_token = float("nan")
     if variant in ("metalora", "fomaml"):  # the kit's own per-task path defines the useful work
@@ -228,8 +241,8 @@ def run_variant(
         extra = warmup + steps
         with counter:
             one_step(extra)
-        flops_per_token = counter.get_total_flops() / _step_tokens(trainer.sampler.sample(extra), tasks,
-                                                                    trainer.encoder, cfg)  # fmt: skip
+        real_tokens, _ = step_positions(trainer.sampler.sample(extra), tasks, trainer.encoder, cfg)
+        flops_per_token = counter.get_total_flops() / real_tokens
     with tempfile.TemporaryDirectory() as tmp:
         if variant == "fomaml":
             trainer.model.save_pretrained(Path(tmp) / "model")

@@ -19,26 +19,11 @@ import time
 
 import torch
 
+from metalora.benchmarks.meta_step import step_positions
 from metalora.config import load_config, split_args
-from metalora.loss import count_input_tokens
 from metalora.meta import meta_gradients
 from metalora.models import pick_device
 from metalora.train import build_trainer
-
-
-def forwarded_positions(trainer, episodes, pack_tokens: int) -> tuple[int, int]:
-    """(real tokens, computed positions) of one meta-gradient's inner steps and query batches."""
-    cfg = trainer.cfg.meta
-    real = positions = 0
-    for episode in episodes:
-        task = trainer.experiment.train[episode.task].task
-        support = trainer.encoder.batches(task, episode.support, cfg.inner_batch_size, pack_tokens=pack_tokens)
-        query = trainer.encoder.batches(task, episode.query, cfg.query_batch_size, group_by_length=True,
-                                        pack_tokens=pack_tokens)  # fmt: skip
-        for batch in [support[i % len(support)] for i in range(cfg.inner_steps)] + query:
-            real += count_input_tokens(batch)
-            positions += batch["input_ids"].numel()
-    return real, positions
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             if step > 0:  # the first meta-batch warms both up
                 seconds[name].append(time.perf_counter() - began)
     ratios = [padded / packed for padded, packed in zip(seconds["padded"], seconds["packed"], strict=True)]
-    counts = [forwarded_positions(trainer, trainer.sampler.sample(s), 0) for s in range(1, args.steps + 1)]
+    counts = [step_positions(trainer.sampler.sample(s), tasks, trainer.encoder, cfg) for s in range(1, args.steps + 1)]
     real, positions = sum(c[0] for c in counts), sum(c[1] for c in counts)
     print(f"threads: {torch.get_num_threads()}; {args.steps} meta-batches; padding share of the padded batches: "
           f"{1 - real / positions:.1%} ({positions - real} of {positions} positions)\n")  # fmt: skip
