@@ -26,7 +26,7 @@ from torch.func import vmap
 from metalora.adapt import Params, adam_update
 from metalora.dropout import torch_dropout_masks
 from metalora.episodes import IGNORE_INDEX
-from metalora.loss import window_logits
+from metalora.loss import target_window, window_logits
 
 Batch = dict[str, torch.Tensor]
 PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "position_ids": 0, "labels": IGNORE_INDEX}
@@ -59,7 +59,7 @@ def stack_batches(batches: list[Batch]) -> tuple[Batch, int]:
     itself = torch.eye(width, dtype=torch.bool, device=device)
     causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
     stacked["attention_mask"] = (causal & (real_keys | itself))[:, :, None]
-    window = int((stacked["labels"] != IGNORE_INDEX).sum(-1).max())
+    window = target_window(stacked["labels"])
     return stacked, window
 
 

@@ -26,16 +26,12 @@ def target_logits(model: torch.nn.Module, params: dict[str, torch.Tensor], batch
     Args:
         model: the causal LM (with or without LoRA); names missing from `params` use its own tensors.
         params: parameters by name that replace the module's for this call (nothing is written into it).
-        batch: a collated or packed batch (see `Encoder.collate`, `Encoder.pack`); without
-            `logit_positions` it is taken as left-padded and its target window is read from the labels.
+        batch: a collated or packed batch (see `Encoder.collate`, `Encoder.pack`).
 
     Returns:
         logits [B, T, V] in float32 and the labels [B, T] they predict.
     """
-    keep = batch.get("logit_positions")
-    if keep is None:
-        return window_logits(model, params, batch, target_window(batch["labels"]))
-    return positions_logits(model, params, batch, keep)
+    return positions_logits(model, params, batch, batch["logit_positions"])
 
 
 def window_logits(

@@ -16,6 +16,14 @@ def trainer_for(*overrides: str):
     return build_trainer(load_config(SMOKE, ["lora.dropout=0.0", *overrides]))
 
 
+def nudge_lora_b(trainer):
+    # B = 0 makes the gradient wrt A zero; a non-zero B (the same in every trainer) exercises every LoRA weight.
+    with torch.no_grad():
+        for name, p in trainer.shared.items():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p, generator=torch.Generator().manual_seed(len(name))) * 0.05)
+
+
 def support_pairs(trainer, count: int = 4):
     episode = trainer.sampler.sample(0)[0]
     task = trainer.experiment.train[episode.task].task
@@ -49,10 +57,7 @@ def test_a_packed_batch_lays_examples_end_to_end_with_positions_from_zero():
 def test_packed_loss_and_gradients_equal_the_padded_batch(attention):
     trainer = trainer_for()
     trainer.model.set_attn_implementation(attention)  # eager is what second-order training uses
-    with torch.no_grad():
-        for name, p in trainer.shared.items():
-            if "lora_B" in name:
-                p.copy_(torch.randn_like(p) * 0.05)
+    nudge_lora_b(trainer)
     _, _, pairs = support_pairs(trainer)
     pairs = uneven_pairs(pairs)
     padded, packed = trainer.encoder.collate(pairs), trainer.encoder.pack(pairs)
@@ -94,10 +99,7 @@ def test_meta_gradients_are_the_same_packed_and_padded():
     grads, stats = [], []
     for pack_tokens in (0, 4096):
         trainer = trainer_for(f"meta.pack_tokens={pack_tokens}", "meta.inner_optimizer=adam")
-        with torch.no_grad():
-            for name, p in trainer.shared.items():
-                if "lora_B" in name:
-                    p.copy_(torch.randn_like(p, generator=torch.Generator().manual_seed(len(name))) * 0.05)
+        nudge_lora_b(trainer)
         episodes = trainer.sampler.sample(0)
         tasks = {n: p.task for n, p in trainer.experiment.train.items()}
         g, s = meta_gradients(trainer.model, trainer.shared, episodes, tasks, trainer.encoder, trainer.cfg.meta,
