@@ -49,10 +49,11 @@ def adapt(
         raise ValueError(f"unknown inner optimizer '{optimizer}' (expected sgd or adam)")
     current = _fresh_leaves(params) if first_order else dict(params)
     moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    losses: list[float] = []
+    # Kept on the device and read once at the end: a read per step would wait for the device each step.
+    losses: list[torch.Tensor] = []
     for step in range(steps):
         loss = loss_fn(model, current, batches[step % len(batches)])
-        losses.append(float(loss.detach()))
+        losses.append(loss.detach())
         grads = torch.autograd.grad(loss, list(current.values()), create_graph=not first_order)
         updated = {}
         for (name, value), grad in zip(current.items(), grads, strict=True):
@@ -63,7 +64,7 @@ def adapt(
                     value, grad, moments.get(name), step + 1, lr, smooth=not first_order
                 )
         current = _fresh_leaves(updated) if first_order else updated
-    return current, losses
+    return current, torch.stack(losses).tolist() if losses else []
 
 
 def _fresh_leaves(params: Params) -> Params:

@@ -172,7 +172,8 @@ class Encoder:
 
         Returns:
             input_ids, attention_mask, position_ids (count real tokens only, so padding does not shift
-            positions) and labels (-100 outside targets).
+            positions), labels (-100 outside targets), logit_positions (the window's columns) and the
+            CPU token counts target_tokens and input_tokens.
         """
         rows = [p + t for p, t in pairs]
         width = max(len(r) for r in rows)
@@ -188,7 +189,7 @@ class Encoder:
         window = max(len(t) for _, t in pairs)
         batch = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, "labels": labels,
                  "logit_positions": window_positions(width, window)}  # fmt: skip
-        return {key: tensor.to(self.device) for key, tensor in batch.items()}
+        return self._to_device(batch)
 
     def pack(self, pairs: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
         """Lay (prompt, target) pairs end to end in one row, without padding.
@@ -198,8 +199,9 @@ class Encoder:
 
         Returns:
             input_ids, position_ids (from 0 within each example) and labels (-100 outside targets),
-            each [1, N] for N tokens in all, and logit_positions, the positions whose logits predict a
-            target token. No attention_mask: the model derives it from the positions.
+            each [1, N] for N tokens in all, logit_positions, the positions whose logits predict a
+            target token, and the CPU token counts target_tokens and input_tokens. No attention_mask:
+            the model derives it from the positions.
 
         Raises:
             ValueError: an example has an empty prompt (its first target token would have no
@@ -217,7 +219,21 @@ class Encoder:
             "labels": labels[None],
             "logit_positions": (labels != IGNORE_INDEX).nonzero().squeeze(-1) - 1,
         }
-        return {key: tensor.to(self.device) for key, tensor in batch.items()}
+        return self._to_device(batch)
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Move a batch to the model's device, with its token counts computed and left on the CPU.
+
+        `target_tokens` and `input_tokens` (0-dim, CPU) let the loss weighting and the statistics
+        read the counts without waiting for the device (each read of a GPU tensor is a host sync).
+        """
+        mask = batch.get("attention_mask")
+        counts = {
+            "target_tokens": (batch["labels"] != IGNORE_INDEX).sum(),
+            # A packed batch has no mask and no padding.
+            "input_tokens": torch.tensor(batch["input_ids"].numel()) if mask is None else mask.sum(),
+        }
+        return {key: tensor.to(self.device) for key, tensor in batch.items()} | counts
 
     def batches(
         self,

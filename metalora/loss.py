@@ -98,12 +98,10 @@ def batch_loss(model: torch.nn.Module, params: dict[str, torch.Tensor], batch: d
 
 
 def count_target_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Return the number of tokens that carry a loss in `batch`."""
-    return int((batch["labels"] != IGNORE_INDEX).sum())
+    """Return the number of tokens that carry a loss in `batch` (counted on the CPU at collation)."""
+    return int(batch["target_tokens"])
 
 
 def count_input_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Return the number of real (non-padding) tokens a forward pass over `batch` processes."""
-    mask = batch.get("attention_mask")
-    # A packed batch has no mask and no padding.
-    return batch["input_ids"].numel() if mask is None else int(mask.sum())
+    return int(batch["input_tokens"])

@@ -60,7 +60,7 @@ def query_loss_and_grad(
     """
     total_tokens = sum(count_target_tokens(b) for b in batches)
     grads = [torch.zeros_like(t) for t in wrt]
-    total = 0.0
+    total = torch.zeros((), device=batches[0]["input_ids"].device)  # read once, after the last batch
     for index, batch in enumerate(batches):
         share = count_target_tokens(batch) / total_tokens
         loss = batch_loss(model, adapted, batch) * share
@@ -69,8 +69,8 @@ def query_loss_and_grad(
         for acc, part in zip(grads, parts, strict=True):
             if part is not None:
                 acc.add_(part, alpha=weight)
-        total += float(loss.detach())
-    return total, grads
+        total += loss.detach()
+    return float(total), grads
 
 
 def meta_gradients(

@@ -53,6 +53,24 @@ def test_a_packed_batch_lays_examples_end_to_end_with_positions_from_zero():
     assert count_target_tokens(batch) == sum(len(t) for _, t in pairs)
 
 
+def test_token_counts_stay_on_the_cpu_when_batches_go_to_another_device():
+    trainer = trainer_for()
+    _, _, pairs = support_pairs(trainer, 3)
+    pairs = uneven_pairs(pairs)
+    on_cpu = {"padded": trainer.encoder.collate(pairs), "packed": trainer.encoder.pack(pairs)}
+    # The meta device stands in for a GPU: data moves, and reading a count must not need it.
+    trainer.encoder.device = torch.device("meta")
+    elsewhere = {"padded": trainer.encoder.collate(pairs), "packed": trainer.encoder.pack(pairs)}
+    expected_targets = sum(len(t) for _, t in pairs)
+    expected_inputs = sum(len(p) + len(t) for p, t in pairs)
+    for layout, batch in elsewhere.items():
+        assert batch["input_ids"].device.type == "meta", layout
+        assert batch["target_tokens"].device.type == batch["input_tokens"].device.type == "cpu", layout
+        assert count_target_tokens(batch) == expected_targets, layout
+        assert count_input_tokens(batch) == expected_inputs, layout
+        assert int((on_cpu[layout]["labels"] != IGNORE_INDEX).sum()) == expected_targets, layout
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_packed_loss_and_gradients_equal_the_padded_batch(attention):
     trainer = trainer_for()
