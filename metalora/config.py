@@ -183,6 +183,9 @@ class TrainConfig:
     mixed_precision: str = ""
     # Force CPU even when a GPU is present.
     cpu: bool = False
+    # torch.compile each decoder layer for meta-training (metalora/compiled.py): fuses the elementwise work
+    # around the matmuls; the first steps pay the compile. LoRA-dropout masks then come from the compiler.
+    compile_layers: bool = False
 
 
 @dataclass
@@ -224,6 +227,7 @@ def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
 
 def _check_values(cfg: Config) -> None:
     """Reject values of the right type that make no sense, naming the key."""
+    second_order = cfg.meta.algorithm == "metalora" and not cfg.meta.first_order
     checks = [
         ("meta.algorithm", cfg.meta.algorithm in ALGORITHMS, f"one of {ALGORITHMS}"),
         ("meta.inner_optimizer", cfg.meta.inner_optimizer in INNER_OPTIMIZERS, f"one of {INNER_OPTIMIZERS}"),
@@ -247,6 +251,12 @@ def _check_values(cfg: Config) -> None:
             "meta.task_batched",
             not cfg.meta.task_batched or (cfg.meta.algorithm == "metalora" and cfg.meta.first_order),
             "false unless meta.algorithm is metalora with meta.first_order true",
+        ),
+        (
+            "train.compile_layers",
+            not cfg.train.compile_layers or not (second_order or cfg.meta.task_batched),
+            "false with second-order meta-learning (compiled graphs have no double backward) or "
+            "meta.task_batched (untested under vmap)",
         ),
         ("data.suites", len(cfg.data.suites) > 0, "a non-empty list"),
         ("data.support_fraction", 0.0 < cfg.data.support_fraction < 1.0, "in (0, 1)"),

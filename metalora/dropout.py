@@ -7,7 +7,8 @@ PCG64 fills the same mask from 16 random bits per element; a dropout call, forwa
 CPU generator, so `torch.manual_seed` still decides every mask and the kit's per-episode seeding is
 unchanged. On other devices torch's own (fused) dropout runs. So does it inside `torch_dropout_masks()`,
 which the task-batched path uses: `torch.func.vmap` draws different masks per task only from torch's
-generator, and a numpy mask would be shared by every task.
+generator, and a numpy mask would be shared by every task. A compiled graph (`metalora/compiled.py`)
+draws its masks with the compiler's random numbers.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ class NumpyMaskDropout(torch.nn.Module):
         """Drop and rescale elements of `x` in training mode; the identity in eval mode."""
         if not self.training or self.p == 0.0:
             return x
-        if x.device.type != "cpu" or _torch_masks_only.get():
+        # A compiled graph draws its own masks (and cannot trace numpy's generator or the context variable).
+        if x.device.type != "cpu" or torch.compiler.is_compiling() or _torch_masks_only.get():
             return F.dropout(x, self.p, training=True)
         with record_function(PROFILE_LABEL):
             seed = int(torch.randint(0, SEED_BOUND, (1,)))

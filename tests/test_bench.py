@@ -40,11 +40,11 @@ def test_the_naive_reference_takes_the_same_meta_step_as_the_kit():
 @pytest.mark.slow
 def test_bench_writes_every_variant_and_the_memory_sweep(tmp_path, capsys):
     options = ["--steps", "1", "--warmup", "0", "--meta-batches", "1,2", "--output", str(tmp_path), "--profile",
-               "--variants", "metalora,metalora-batched,metalora-packed,naive,fomaml"]  # fmt: skip
+               "--variants", "metalora,metalora-batched,metalora-packed,metalora-compiled,naive,fomaml"]  # fmt: skip
     assert bench_main([*SMOKE, *options]) == 0
     record = json.loads((tmp_path / "meta_step.json").read_text())
     rows = {r["variant"]: r for r in record["rows"]}
-    assert set(rows) == {"metalora", "metalora-batched", "metalora-packed", "naive", "fomaml"}
+    assert set(rows) == {"metalora", "metalora-batched", "metalora-packed", "metalora-compiled", "naive", "fomaml"}
     assert record["matmul_peak_flops"] > 0
     for row in rows.values():
         assert row["seconds_per_step"] > 0 and row["peak_memory_mb"] > 0 and row["useful_flops_per_s"] > 0
@@ -97,3 +97,10 @@ def test_the_cli_hands_leading_options_to_the_bench(monkeypatch):
     monkeypatch.setattr(bench, "main", lambda argv: seen.append(argv) or 0)
     assert main(["bench", "--variants", "metalora,naive", "--repeats", "3", "params/smoke.yaml"]) == 0
     assert seen == [["--variants", "metalora,naive", "--repeats", "3", "params/smoke.yaml"]]
+
+
+def test_an_unknown_variant_is_refused_by_name_before_anything_runs(capsys):
+    for option in ("--variants", "--sweep-variants"):
+        with pytest.raises(SystemExit):
+            bench_main([*SMOKE, option, "metalora,metalora-compield"])
+        assert f"{option}: unknown variant(s) metalora-compield" in capsys.readouterr().err

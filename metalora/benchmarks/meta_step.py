@@ -8,6 +8,8 @@ Variants, on the same episodes (the same seed and steps) and the same model:
   vmapped forward pass and one backward);
 - metalora-packed: the kit's meta-step with short batches packed into one unpadded row
   (`meta.pack_tokens`, 256 unless the config sets it);
+- metalora-compiled: the kit's meta-step with every decoder layer compiled (`train.compile_layers`;
+  the compile happens in the warm-up steps, so give it `--warmup 2` or more);
 - naive: the way the method is often first written, kept here as the reference: a deep copy of
   the PEFT model per task, a fresh AdamW per task, full-vocabulary logits over every position
   (the model's own `labels` loss), then the stage-2 gradient per task; peft's own LoRA dropout
@@ -53,6 +55,7 @@ from metalora.tasks import Task
 from metalora.train import build_trainer
 
 RESULT_TAG = "BENCH-RESULT "
+VARIANTS = ("metalora", "metalora-batched", "metalora-packed", "metalora-compiled", "naive", "fomaml")
 # The packed variant's token bound when the config leaves packing off: a few short rows per batch.
 PACKED_VARIANT_TOKENS = 256
 
@@ -189,7 +192,7 @@ def run_variant(
     """Time one variant in this process (call it in a fresh child for honest peak memory).
 
     Args:
-        variant: metalora, metalora-batched, metalora-packed, naive or fomaml.
+        variant: metalora, metalora-batched, metalora-packed, metalora-compiled, naive or fomaml.
         cfg: the run's configuration.
         steps: timed meta-steps.
         warmup: untimed meta-steps first.
@@ -206,6 +209,8 @@ def run_variant(
     cfg.meta.task_batched = variant == "metalora-batched"
     if variant == "metalora-packed":
         cfg.meta.pack_tokens = cfg.meta.pack_tokens or PACKED_VARIANT_TOKENS
+    if variant == "metalora-compiled":
+        cfg.train.compile_layers = True
     if variant == "naive":
         cfg.lora.cpu_dropout_masks = "torch"  # the reference is peft as shipped, nn.Dropout included
     torch.manual_seed(cfg.train.seed)
@@ -377,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="outputs/bench", help="where meta_step.json and .md go")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    for option, names in (("--variants", args.variants), ("--sweep-variants", args.sweep_variants)):
+        unknown = [name for name in names.split(",") if name and name not in VARIANTS]
+        if unknown:
+            parser.error(f"{option}: unknown variant(s) {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
     files, overrides = split_args(args.config)
     # The reference computes no diagnostics, so the kit's step skips its adaptation-gap forward too
     # (`meta.measure_gap=true` on the command line puts it back).

@@ -1,0 +1,66 @@
+"""Compiled decoder layers (`train.compile_layers`) against the eager model, on tiny-random."""
+
+import pytest
+import torch
+
+from metalora.compiled import compile_decoder_layers, decoder_layers
+from metalora.config import ConfigError, load_config
+from metalora.dropout import NumpyMaskDropout
+from metalora.meta import meta_gradients
+from metalora.train import build_trainer
+
+SMOKE = ["params/base.yaml", "params/smoke.yaml"]
+
+
+def meta_gradients_of(*overrides: str):
+    trainer = build_trainer(load_config(SMOKE, ["lora.dropout=0.0", *overrides]))
+    with torch.no_grad():  # B = 0 would make the gradient wrt A zero; the same non-zero B in both trainers
+        for name, p in trainer.shared.items():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p, generator=torch.Generator().manual_seed(len(name))) * 0.05)
+    episodes = trainer.sampler.sample(0)
+    tasks = {name: pool.task for name, pool in trainer.experiment.train.items()}
+    return trainer, meta_gradients(trainer.model, trainer.shared, episodes, tasks, trainer.encoder,
+                                   trainer.cfg.meta, total_tasks=len(episodes))  # fmt: skip
+
+
+@pytest.mark.slow
+def test_compiled_layers_give_the_eager_meta_gradients_and_statistics():
+    _, (eager_grads, eager_stats) = meta_gradients_of()
+    trainer, (compiled_grads, compiled_stats) = meta_gradients_of("train.compile_layers=true")
+    layers = decoder_layers(trainer.model)
+    assert layers and all(layer._compiled_call_impl is not None for layer in layers)
+    assert any(float(g.abs().max()) > 0 for g in eager_grads)
+    for a, b in zip(eager_grads, compiled_grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    for a, b in zip(eager_stats, compiled_stats, strict=True):
+        assert (a.task, a.tokens) == (b.task, b.tokens)
+        for field in ("first_inner_loss", "last_inner_loss", "query_loss"):
+            assert getattr(b, field) == pytest.approx(getattr(a, field), rel=1e-5), field
+
+
+def test_lora_dropout_compiles_into_one_graph_with_seeded_masks():
+    # fullgraph=True fails on any graph break, so numpy's generator must not be reached when compiling.
+    dropout = torch.compile(NumpyMaskDropout(0.5).train(), fullgraph=True)
+    x = torch.ones(400, 50)
+    torch.manual_seed(3)
+    first = dropout(x)
+    torch.manual_seed(3)
+    again = dropout(x)
+    torch.manual_seed(4)
+    other = dropout(x)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert set(first.unique().tolist()) == {0.0, 2.0}
+    assert float((first == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
+
+
+def test_compile_layers_is_refused_where_it_does_not_apply():
+    for overrides in (["meta.first_order=false"], ["meta.task_batched=true"]):
+        with pytest.raises(ConfigError, match="train.compile_layers"):
+            load_config(SMOKE, ["train.compile_layers=true", *overrides])
+    load_config(SMOKE, ["train.compile_layers=true", "meta.algorithm=fomaml"])
+
+
+def test_a_model_without_decoder_layers_is_refused_by_name():
+    with pytest.raises(ValueError, match="train.compile_layers: Sequential has no decoder layers"):
+        compile_decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
