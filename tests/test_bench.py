@@ -57,10 +57,15 @@ def test_bench_writes_every_variant_and_the_memory_sweep(tmp_path, capsys):
         assert 0 < row["memory_after_setup_mb"] <= row["peak_memory_mb"]
     assert rows["metalora"]["model_parameter_bytes"] > rows["fomaml"]["model_parameter_bytes"]  # + the LoRA weights
     assert all(r["time_breakdown"] is None for r in record["meta_batch_sweep"])
+    # The profiled step's matmuls, by what they multiply: FOMAML has no LoRA factors.
+    assert set(rows["metalora"]["matmul_rates"]) == {"base weights", "LoRA", "vocabulary projection"}
+    assert set(rows["fomaml"]["matmul_rates"]) == {"base weights", "vocabulary projection"}
+    for rate in rows["metalora"]["matmul_rates"].values():
+        assert 0 < rate["time_share"] < 1 and rate["flops_per_s"] > 0
     sweep = [(r["variant"], r["meta_batch_size"]) for r in record["meta_batch_sweep"]]
     assert sweep == [("metalora", 1), ("metalora", 2), ("metalora-batched", 1), ("metalora-batched", 2)]
     out = capsys.readouterr().out
-    assert "| naive |" in out and "| random numbers |" in out
+    assert "| naive |" in out and "| random numbers |" in out and "| metalora | LoRA |" in out
 
 
 def test_profiled_time_is_split_into_matmul_attention_random_and_other():
@@ -104,3 +109,38 @@ def test_an_unknown_variant_is_refused_by_name_before_anything_runs(capsys):
         with pytest.raises(SystemExit):
             bench_main([*SMOKE, option, "metalora,metalora-compield"])
         assert f"{option}: unknown variant(s) metalora-compield" in capsys.readouterr().err
+
+
+def test_matmul_operands_follow_each_operators_input_layout():
+    from metalora.benchmarks.matmul_rates import matmul_flops, operands
+
+    assert operands("aten::mm", [[96, 576], [576, 8]]) == ([96, 576], [576, 8])
+    assert operands("aten::mm", [[96, 576], [576, 8], [96, 8]]) == ([96, 576], [576, 8])  # out= follows
+    assert operands("aten::addmm", [[8], [96, 576], [576, 8], [], []]) == ([96, 576], [576, 8])  # addend, scalars
+    assert operands("aten::baddbmm", [[3, 5, 2], [3, 5, 7], [3, 7, 2], [], []]) == ([3, 5, 7], [3, 7, 2])
+    assert operands("aten::mm", [[], []]) is None  # traced while compiling: no shapes
+    with pytest.raises(ValueError, match="aten::mul"):
+        operands("aten::mul", [[2, 2], [2, 2]])
+    assert matmul_flops([96, 576], [576, 8]) == 2 * 96 * 576 * 8
+    assert matmul_flops([3, 5, 7], [3, 7, 2]) == 2 * 3 * 5 * 7 * 2
+
+
+def test_matmul_rates_split_base_lora_and_vocabulary_matmuls():
+    from metalora.benchmarks.matmul_rates import matmul_rates
+
+    events = [
+        ("aten::mm", [[96, 576], [576, 576]], 10, 6000.0),  # base: 10 calls, 6 ms
+        ("aten::mm", [[96, 576], [576, 8]], 20, 2000.0),  # LoRA A (r = 8)
+        ("aten::mm", [[8, 96], [96, 576]], 20, 1000.0),  # a LoRA gradient
+        ("aten::mm", [[20, 576], [576, 1000]], 1, 500.0),  # the vocabulary head (V = 1000)
+        ("aten::mul", [[96, 576], [96, 576]], 50, 500.0),  # not a matmul: only in the total
+        ("aten::mm", [[], []], 3, 0.0),  # traced while compiling: left out
+    ]
+    rates = matmul_rates(events, total_time=10000.0, lora_rank=8, vocab_size=1000)
+    assert list(rates) == ["base weights", "LoRA", "vocabulary projection"]
+    assert rates["base weights"]["time_share"] == pytest.approx(0.6)
+    assert rates["base weights"]["flops"] == pytest.approx(10 * 2 * 96 * 576 * 576)
+    assert rates["base weights"]["flops_per_s"] == pytest.approx(10 * 2 * 96 * 576 * 576 / 6e-3)
+    assert rates["LoRA"]["time_share"] == pytest.approx(0.3)
+    assert rates["LoRA"]["flops"] == pytest.approx(40 * 2 * 96 * 576 * 8)
+    assert rates["vocabulary projection"]["flops_per_s"] == pytest.approx(2 * 20 * 576 * 1000 / 5e-4)

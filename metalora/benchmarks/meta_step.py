@@ -42,6 +42,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
+from metalora.benchmarks.matmul_rates import matmul_rates
 from metalora.config import Config, load_config, save_config, split_args
 from metalora.dropout import PROFILE_LABEL
 from metalora.efficiency import directory_bytes
@@ -168,16 +169,22 @@ def time_breakdown(events: list[tuple[str, float]]) -> dict[str, float]:
     return {category: value / whole for category, value in totals.items()}
 
 
-def _profile_step(one_step, step: int, device: torch.device) -> dict[str, float]:
-    """Run one step under torch.profiler; its self time (device time on CUDA) by category."""
+def _profile_step(
+    one_step, step: int, device: torch.device, lora_rank: int, vocab_size: int
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Run one step under torch.profiler: its self time (device time on CUDA) by category, and its
+    matmuls' time share and FLOP rate by kind (`matmul_rates`)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         one_step(step)
-    if device.type == "cuda":
-        events = [(e.key, e.self_device_time_total) for e in prof.key_averages()]
-    else:
-        events = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
-    return time_breakdown(events)
+    groups = prof.key_averages(group_by_input_shape=True)
+    cuda = device.type == "cuda"
+    own = [e.self_device_time_total if cuda else e.self_cpu_time_total for e in groups]
+    # A matmul operator's device time is its kernels' (they are its children, not its self time).
+    matmul_time = [e.device_time_total if cuda else e.self_cpu_time_total for e in groups]
+    breakdown = time_breakdown([(e.key, t) for e, t in zip(groups, own, strict=True)])
+    shaped = [(e.key, e.input_shapes, e.count, t) for e, t in zip(groups, matmul_time, strict=True)]
+    return breakdown, matmul_rates(shaped, sum(own), lora_rank, vocab_size)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -254,14 +261,17 @@ def run_variant(
         else:
             save_adapter(trainer.model, Path(tmp) / "adapter")
         weights_bytes = directory_bytes(Path(tmp))
-    breakdown = _profile_step(one_step, warmup + steps + 1, device) if profile_time else None
+    breakdown, rates = None, None
+    if profile_time:
+        vocab = trainer.model.get_output_embeddings().weight.shape[0]
+        breakdown, rates = _profile_step(one_step, warmup + steps + 1, device, cfg.lora.r, vocab)
     return {
         "variant": variant, "meta_batch_size": cfg.meta.meta_batch_size, "seconds_per_step": statistics.median(seconds),
         "tokens_per_s": sum(tokens) / sum(seconds), "flops_per_token": flops_per_token, "peak_memory_mb": peak,
         "memory_measure": "cuda_max_allocated" if device.type == "cuda" else "peak_rss", "weights_bytes": weights_bytes,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "steps": steps, "warmup": warmup, "bf16": bf16, "memory_after_setup_mb": setup_memory,
-        "model_parameter_bytes": parameter_bytes, "time_breakdown": breakdown,
+        "model_parameter_bytes": parameter_bytes, "time_breakdown": breakdown, "matmul_rates": rates,
     }  # fmt: skip
 
 
@@ -362,6 +372,18 @@ def breakdown_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def matmul_rates_markdown(rows: list[dict], peak: float) -> str:
+    """The profiled rows' matmul time shares and FLOP rates by kind, against the measured peak, as a table."""
+    lines = ["| variant | matmuls of | share of the step's time | GFLOP in the step | GFLOP/s | share of matmul peak |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        for kind, rate in (r.get("matmul_rates") or {}).items():
+            cells = [r["variant"], kind, f"{rate['time_share']:.0%}", f"{rate['flops'] / 1e9:.1f}",
+                     f"{rate['flops_per_s'] / 1e9:.1f}", f"{rate['flops_per_s'] / peak:.0%}"]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (or, with --child, one variant of it); returns the exit status."""
     parser = argparse.ArgumentParser(prog="metalora bench", description=__doc__.splitlines()[0])
@@ -417,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(rows, peak) + (f"\nMemory sweep:\n\n{markdown(sweep, peak)}" if sweep else "")
     if args.profile:
         table += f"\nWhere one profiled step's time goes (self time):\n\n{breakdown_markdown(rows)}"
+        table += f"\nIts matrix multiplies by what they multiply:\n\n{matmul_rates_markdown(rows, peak)}"
     print(table)
     out = Path(args.output)
     record = {"rows": rows, "meta_batch_sweep": sweep, "matmul_peak_flops": peak, "repeats": args.repeats,
