@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from metalora.config import ConfigError
+
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """Return the model's decoder layers (transformers' layer base class marks them), in order."""
@@ -31,11 +33,11 @@ def compile_decoder_layers(model: torch.nn.Module) -> int:
         How many layers were compiled.
 
     Raises:
-        ValueError: the model has no layer built on transformers' decoder-layer base class.
+        ConfigError: the model has no layer built on transformers' decoder-layer base class.
     """
     layers = decoder_layers(model)
     if not layers:
-        raise ValueError(
+        raise ConfigError(
             f"train.compile_layers: {type(model).__name__} has no decoder layers to compile "
             "(none derives from transformers' GradientCheckpointingLayer)"
         )

@@ -62,5 +62,5 @@ def test_compile_layers_is_refused_where_it_does_not_apply():
 
 
 def test_a_model_without_decoder_layers_is_refused_by_name():
-    with pytest.raises(ValueError, match="train.compile_layers: Sequential has no decoder layers"):
+    with pytest.raises(ConfigError, match="train.compile_layers: Sequential has no decoder layers"):
         compile_decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))

@@ -16,12 +16,15 @@ Shapes = Sequence[Sequence[int]]
 
 
 def operands(name: str, shapes: Shapes) -> tuple[Sequence[int], Sequence[int]] | None:
-    """The two multiplied operands' shapes of a matmul call, or None where the profiler did not record them.
+    """The two multiplied operands' shapes of a matmul call.
 
     Args:
         name: the operator, one of MATMUL_OPS.
         shapes: its input shapes as the profiler records them: addmm and baddbmm lead with the addend, scalars
             (alpha, beta) and an `out=` tensor may follow; calls traced while compiling carry empty shapes.
+
+    Returns:
+        (left, right) shapes, or None where the profiler did not record them.
     """
     if name not in MATMUL_OPS:
         raise ValueError(f"not a matmul operator: {name}")
@@ -42,13 +45,16 @@ def matmul_flops(left: Sequence[int], right: Sequence[int]) -> float:
 def matmul_kind(shapes: Shapes, lora_rank: int, vocab_size: int) -> str:
     """Which weights a matmul multiplies: the LoRA factors, the vocabulary projection, or base weights.
 
+    A base-weight matmul over exactly r (or V) token rows would be filed under LoRA (or the vocabulary);
+    at a few such calls per step that moves little.
+
     Args:
         shapes: the two operands' shapes.
         lora_rank: r of the LoRA factors (their matmuls have a dimension of exactly r).
         vocab_size: the vocabulary (the output head's matmuls have a dimension of exactly that size).
 
-    A base-weight matmul over exactly r (or V) token rows would be filed under LoRA (or the vocabulary);
-    at a few such calls per step that moves little.
+    Returns:
+        One of KINDS.
     """
     dims = {d for shape in shapes for d in shape[-2:]}
     if vocab_size in dims:
