@@ -7,6 +7,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from metalora.config import ModelConfig  # noqa: E402
 from metalora.models import load_model  # noqa: E402
@@ -27,3 +28,20 @@ def shared_tasks() -> Path:
     if not (SHARED_TASKS / "tasks.json").is_file():
         pytest.skip(f"real task data not found at {SHARED_TASKS}")
     return SHARED_TASKS
+
+
+@pytest.fixture
+def nudge_lora_b():
+    """A function that sets a trainer's LoRA B weights to small values fixed by each weight's name.
+
+    B = 0 (peft's start) makes the gradient wrt A zero; a non-zero B, the same in every trainer built
+    alike, exercises every LoRA weight in comparisons between two trainers.
+    """
+
+    def nudge(trainer) -> None:
+        with torch.no_grad():
+            for name, p in trainer.shared.items():
+                if "lora_B" in name:
+                    p.copy_(torch.randn_like(p, generator=torch.Generator().manual_seed(len(name))) * 0.05)
+
+    return nudge

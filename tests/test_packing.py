@@ -16,14 +16,6 @@ def trainer_for(*overrides: str):
     return build_trainer(load_config(SMOKE, ["lora.dropout=0.0", *overrides]))
 
 
-def nudge_lora_b(trainer):
-    # B = 0 makes the gradient wrt A zero; a non-zero B (the same in every trainer) exercises every LoRA weight.
-    with torch.no_grad():
-        for name, p in trainer.shared.items():
-            if "lora_B" in name:
-                p.copy_(torch.randn_like(p, generator=torch.Generator().manual_seed(len(name))) * 0.05)
-
-
 def support_pairs(trainer, count: int = 4):
     episode = trainer.sampler.sample(0)[0]
     task = trainer.experiment.train[episode.task].task
@@ -72,7 +64,7 @@ def test_token_counts_stay_on_the_cpu_when_batches_go_to_another_device():
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_packed_loss_and_gradients_equal_the_padded_batch(attention):
+def test_packed_loss_and_gradients_equal_the_padded_batch(attention, nudge_lora_b):
     trainer = trainer_for()
     trainer.model.set_attn_implementation(attention)  # eager is what second-order training uses
     nudge_lora_b(trainer)
@@ -113,7 +105,7 @@ def test_batches_are_packed_only_when_they_fit_the_token_bound():
     )
 
 
-def test_meta_gradients_are_the_same_packed_and_padded():
+def test_meta_gradients_are_the_same_packed_and_padded(nudge_lora_b):
     grads, stats = [], []
     for pack_tokens in (0, 4096):
         trainer = trainer_for(f"meta.pack_tokens={pack_tokens}", "meta.inner_optimizer=adam")
