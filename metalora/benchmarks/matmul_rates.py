@@ -87,8 +87,9 @@ def matmul_rates(
             acc = totals.setdefault(matmul_kind(pair, lora_rank, vocab_size), [0.0, 0.0])
             acc[0] += micros
             acc[1] += calls * matmul_flops(*pair)
-    return {
-        kind: {"time_share": micros / total_time, "flops": flops, "flops_per_s": flops / (micros * 1e-6)}
-        for kind, (micros, flops) in ((k, totals[k]) for k in KINDS if k in totals)
-        if micros > 0
-    }
+    rates = {}
+    for kind in KINDS:  # in a fixed order, whatever order the profile listed them in
+        micros, flops = totals.get(kind, (0.0, 0.0))
+        if micros > 0:
+            rates[kind] = {"time_share": micros / total_time, "flops": flops, "flops_per_s": flops / (micros * 1e-6)}
+    return rates
