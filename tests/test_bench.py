@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from metalora.benchmarks.machine import cpu_model_name
 from metalora.benchmarks.meta_step import main as bench_main
 from metalora.benchmarks.meta_step import naive_meta_step
 from metalora.config import load_config
@@ -46,6 +47,7 @@ def test_bench_writes_every_variant_and_the_memory_sweep(tmp_path, capsys):
     rows = {r["variant"]: r for r in record["rows"]}
     assert set(rows) == {"metalora", "metalora-batched", "metalora-packed", "metalora-compiled", "naive", "fomaml"}
     assert record["matmul_peak_flops"] > 0
+    assert record["machine"]["cpu"] == cpu_model_name() == rows["metalora"]["device"]
     for row in rows.values():
         assert row["seconds_per_step"] > 0 and row["peak_memory_mb"] > 0 and row["useful_flops_per_s"] > 0
     assert rows["fomaml"]["weights_bytes"] > 10 * rows["metalora"]["weights_bytes"]
@@ -65,6 +67,7 @@ def test_bench_writes_every_variant_and_the_memory_sweep(tmp_path, capsys):
     sweep = [(r["variant"], r["meta_batch_size"]) for r in record["meta_batch_sweep"]]
     assert sweep == [("metalora", 1), ("metalora", 2), ("metalora-batched", 1), ("metalora-batched", 2)]
     out = capsys.readouterr().out
+    assert f"machine: {cpu_model_name()} (" in out
     assert "| naive |" in out and "| random numbers |" in out and "| metalora | LoRA |" in out
 
 

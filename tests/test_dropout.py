@@ -84,9 +84,12 @@ def test_unknown_mask_source_is_refused():
 
 def test_mask_benchmark_prints_one_timed_row_per_width(capsys):
     from metalora.benchmarks.dropout_masks import main
+    from metalora.benchmarks.machine import cpu_model_name
 
     assert main(["--tokens", "2,3", "--hidden", "8", "--rows", "2"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2×")]
+    out = capsys.readouterr().out
+    assert out.startswith(f"machine: {cpu_model_name()} (")
+    rows = [line for line in out.splitlines() if line.startswith("| 2×")]
     assert [row.split("|")[1].strip() for row in rows] == ["2×2×8", "2×3×8"]
     for row in rows:
         torch_us, numpy_us = (float(cell) for cell in row.split("|")[2:4])

@@ -15,6 +15,7 @@ import sys
 import torch
 from torch.utils.benchmark import Timer
 
+from metalora.benchmarks.machine import describe_machine, machine_line
 from metalora.dropout import NumpyMaskDropout
 
 
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", default="24,48,96", help="comma-separated token widths")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    print(f"threads: {torch.get_num_threads()}, p = {args.p}\n")
+    print(f"machine: {machine_line(describe_machine())}\np = {args.p}\n")
     print("| input | torch nn.Dropout µs | numpy masks µs | speed-up |\n|---|---|---|---|")
     for tokens in (int(t) for t in args.tokens.split(",")):
         x = torch.randn(args.rows, tokens, args.hidden, requires_grad=True)

@@ -10,12 +10,10 @@ loss on the task's test set for each. The figures go to `outputs/bench/heldout_l
 
 from __future__ import annotations
 
-import platform
 import sys
 import time
 
-import torch
-
+from metalora.benchmarks.machine import describe_machine, machine_line
 from metalora.checkpoint import latest_checkpoint
 from metalora.config import load_config, split_args
 from metalora.episodes import Encoder
@@ -62,12 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("fresh", "meta")}
     wins = sum(r["meta"] < r["fresh"] for r in rows)
     print(f"| **mean** | **{mean['fresh']:.4f}** | **{mean['meta']:.4f}** |")
+    machine = describe_machine()
     print(f"\nmeta-learned init lower on {wins}/{len(rows)} held-out tasks; meta-training {cfg.train.steps} steps "
-          f"took {train_seconds:.0f}s; model={cfg.model.name} machine={platform.machine()} "
-          f"threads={torch.get_num_threads()}")  # fmt: skip
+          f"took {train_seconds:.0f}s; model={cfg.model.name}\nmachine: {machine_line(machine)}")  # fmt: skip
     atomic_write_json("outputs/bench/heldout_loss.json",
                       {"rows": rows, "mean": mean, "wins": wins, "train_seconds": train_seconds,
-                       "steps": cfg.train.steps, "n_shots": n_shots, "model": cfg.model.name})  # fmt: skip
+                       "steps": cfg.train.steps, "n_shots": n_shots, "model": cfg.model.name,
+                       "machine": machine})  # fmt: skip
     return 0
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -42,6 +41,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
+from metalora.benchmarks.machine import cpu_model_name, describe_machine, machine_line
 from metalora.benchmarks.matmul_rates import matmul_rates
 from metalora.config import Config, load_config, save_config, split_args
 from metalora.dropout import PROFILE_LABEL
@@ -269,7 +269,7 @@ def run_variant(
         "variant": variant, "meta_batch_size": cfg.meta.meta_batch_size, "seconds_per_step": statistics.median(seconds),
         "tokens_per_s": sum(tokens) / sum(seconds), "flops_per_token": flops_per_token, "peak_memory_mb": peak,
         "memory_measure": "cuda_max_allocated" if device.type == "cuda" else "peak_rss", "weights_bytes": weights_bytes,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model_name(),
         "steps": steps, "warmup": warmup, "bf16": bf16, "memory_after_setup_mb": setup_memory,
         "model_parameter_bytes": parameter_bytes, "time_breakdown": breakdown, "matmul_rates": rates,
     }  # fmt: skip
@@ -292,8 +292,10 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 3.0) 
 def _child(args: argparse.Namespace, cfg: Config) -> None:
     if args.child == "matmul":
         device = pick_device(cfg.train.cpu)
+        # The machine is described by a child too, so the parent never touches the accelerator.
         result: dict[str, object] = {
-            "matmul_flops": matmul_peak(device, torch.bfloat16 if args.bf16 else torch.float32)
+            "matmul_flops": matmul_peak(device, torch.bfloat16 if args.bf16 else torch.float32),
+            "machine": describe_machine(),
         }
     else:
         result = run_variant(args.child, cfg, args.steps, args.warmup, args.bf16, args.profile)
@@ -417,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         params = save_config(cfg, tmp)
-        peak = float(_spawn(params, "matmul", cfg.meta.meta_batch_size, args)["matmul_flops"])
+        measured = _spawn(params, "matmul", cfg.meta.meta_batch_size, args)
+        peak, machine = float(measured["matmul_flops"]), measured["machine"]
         variants = args.variants.split(",")
         # Profiled in the first repeat only: the profiled step is extra and untimed.
         runs = [[_spawn(params, v, cfg.meta.meta_batch_size, args, args.profile and repeat == 0) for v in variants]
@@ -436,14 +439,16 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in r:
             failure = "\n".join(r["error"])
             print(f"{r['variant']} (meta-batch {r['meta_batch_size']}) failed:\n{failure}", file=sys.stderr)
-    table = markdown(rows, peak) + (f"\nMemory sweep:\n\n{markdown(sweep, peak)}" if sweep else "")
+    table = f"machine: {machine_line(machine)}\n\n" + markdown(rows, peak)
+    if sweep:
+        table += f"\nMemory sweep:\n\n{markdown(sweep, peak)}"
     if args.profile:
         table += f"\nWhere one profiled step's time goes (self time):\n\n{breakdown_markdown(rows)}"
         table += f"\nIts matrix multiplies by what they multiply:\n\n{matmul_rates_markdown(rows, peak)}"
     print(table)
     out = Path(args.output)
     record = {"rows": rows, "meta_batch_sweep": sweep, "matmul_peak_flops": peak, "repeats": args.repeats,
-              "machine": platform.machine(), "threads": torch.get_num_threads()}  # fmt: skip
+              "machine": machine}  # fmt: skip
     atomic_write_json(out / "meta_step.json", record)
     atomic_write_text(out / "meta_step.md", table)
     return 0

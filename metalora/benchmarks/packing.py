@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from metalora.benchmarks.machine import describe_machine, machine_line
 from metalora.benchmarks.meta_step import step_positions
 from metalora.config import load_config, split_args
 from metalora.meta import meta_gradients
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     ratios = [padded / packed for padded, packed in zip(seconds["padded"], seconds["packed"], strict=True)]
     counts = [step_positions(trainer.sampler.sample(s), tasks, trainer.encoder, cfg) for s in range(1, args.steps + 1)]
     real, positions = sum(c[0] for c in counts), sum(c[1] for c in counts)
-    print(f"threads: {torch.get_num_threads()}; {args.steps} meta-batches; padding share of the padded batches: "
+    print(f"machine: {machine_line(describe_machine())}")
+    print(f"{args.steps} meta-batches; padding share of the padded batches: "
           f"{1 - real / positions:.1%} ({positions - real} of {positions} positions)\n")  # fmt: skip
     print("| batches | s per meta-gradient, median | range |\n|---|---|---|")
     for name, values in seconds.items():

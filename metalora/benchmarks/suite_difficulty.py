@@ -9,12 +9,12 @@ prints a Markdown table; the rows go to `outputs/bench/suite_difficulty.json`.
 
 from __future__ import annotations
 
-import platform
 import sys
 import time
 
 import torch
 
+from metalora.benchmarks.machine import describe_machine, machine_line
 from metalora.config import load_config, split_args
 from metalora.episodes import Encoder
 from metalora.evaluation import AdaptSettings, evaluate_init, rows_as_dicts, snapshot_lora
@@ -49,10 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {task} | {family} | {' | '.join(f'{v:.2f}' for v in values)} |")
     means = [sum(r.value for r in rows if r.n_shots == n) / len(experiment.heldout) for n in shots]
     print(f"| **mean** | | {' | '.join(f'**{m:.3f}**' for m in means)} |")
-    print(f"\nmodel={cfg.model.name} machine={platform.machine()} threads={torch.get_num_threads()} "
-          f"wall={seconds:.0f}s adapt_steps={cfg.eval.adapt_steps} adapt_lr={cfg.eval.adapt_lr}")  # fmt: skip
+    machine = describe_machine()
+    print(f"\nmodel={cfg.model.name} wall={seconds:.0f}s adapt_steps={cfg.eval.adapt_steps} "
+          f"adapt_lr={cfg.eval.adapt_lr}\nmachine: {machine_line(machine)}")  # fmt: skip
     atomic_write_json("outputs/bench/suite_difficulty.json",
-                      {"rows": rows_as_dicts(rows), "seconds": seconds, "model": cfg.model.name})  # fmt: skip
+                      {"rows": rows_as_dicts(rows), "seconds": seconds, "model": cfg.model.name,
+                       "machine": machine})  # fmt: skip
     return 0
 
 
