@@ -20,7 +20,8 @@ resident set size on CPU) is its own. Useful FLOPs are counted with torch's Flop
 kit's path (metalora, or fomaml for itself) for one step and scaled by tokens; the naive reference
 does the same useful work as metalora, plus waste. The matmul peak is measured in a child too.
 `--profile` adds one more step per compared variant under torch.profiler and reports where its time
-goes (matrix multiplies, attention, random numbers for dropout, everything else).
+goes (matrix multiplies, attention, random numbers for dropout, everything else) and, except for
+fomaml (whose step is too large to profile with shapes), the rate of its matmuls by kind.
 Results: a Markdown table on stdout and outputs/bench/meta_step.{json,md}.
 """
 
@@ -170,12 +171,12 @@ def time_breakdown(events: list[tuple[str, float]]) -> dict[str, float]:
 
 
 def _profile_step(
-    one_step, step: int, device: torch.device, lora_rank: int, vocab_size: int
-) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    one_step, step: int, device: torch.device, lora_rank: int, vocab_size: int, shapes: bool = True
+) -> tuple[dict[str, float], dict[str, dict[str, float]] | None]:
     """Run one step under torch.profiler: its self time (device time on CUDA) by category, and its
-    matmuls' time share and FLOP rate by kind (`matmul_rates`)."""
+    matmuls' time share and FLOP rate by kind (`matmul_rates`; None when `shapes` is off)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities, record_shapes=True) as prof:
+    with profile(activities=activities, record_shapes=shapes) as prof:
         one_step(step)
     groups = prof.key_averages(group_by_input_shape=True)
     cuda = device.type == "cuda"
@@ -183,6 +184,8 @@ def _profile_step(
     # A matmul operator's device time is its kernels' (they are its children, not its self time).
     matmul_time = [e.device_time_total if cuda else e.self_cpu_time_total for e in groups]
     breakdown = time_breakdown([(e.key, t) for e, t in zip(groups, own, strict=True)])
+    if not shapes:
+        return breakdown, None
     shaped = [(e.key, e.input_shapes, e.count, t) for e, t in zip(groups, matmul_time, strict=True)]
     return breakdown, matmul_rates(shaped, sum(own), lora_rank, vocab_size)
 
@@ -264,7 +267,11 @@ def run_variant(
     breakdown, rates = None, None
     if profile_time:
         vocab = trainer.model.get_output_embeddings().weight.shape[0]
-        breakdown, rates = _profile_step(one_step, warmup + steps + 1, device, cfg.lora.r, vocab)
+        # Recording shapes keeps every operator's input tensors alive until the profile ends
+        # (pytorch/pytorch#133444); FOMAML's full-weight inner loop then held over 24 GiB of CPU memory
+        # on the embedded model, so its step is profiled without shapes and without matmul rates.
+        breakdown, rates = _profile_step(one_step, warmup + steps + 1, device, cfg.lora.r, vocab,
+                                         shapes=variant != "fomaml")  # fmt: skip
     return {
         "variant": variant, "meta_batch_size": cfg.meta.meta_batch_size, "seconds_per_step": statistics.median(seconds),
         "tokens_per_s": sum(tokens) / sum(seconds), "flops_per_token": flops_per_token, "peak_memory_mb": peak,
@@ -444,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
         table += f"\nMemory sweep:\n\n{markdown(sweep, peak)}"
     if args.profile:
         table += f"\nWhere one profiled step's time goes (self time):\n\n{breakdown_markdown(rows)}"
-        table += f"\nIts matrix multiplies by what they multiply:\n\n{matmul_rates_markdown(rows, peak)}"
+        if any(r.get("matmul_rates") for r in rows):
+            table += f"\nIts matrix multiplies by what they multiply:\n\n{matmul_rates_markdown(rows, peak)}"
     print(table)
     out = Path(args.output)
     record = {"rows": rows, "meta_batch_sweep": sweep, "matmul_peak_flops": peak, "repeats": args.repeats,
