@@ -32,7 +32,7 @@ def cpu_model_name(cpuinfo: Path = CPUINFO) -> str:
         lines = []
     for line in lines:
         key, _, value = line.partition(":")
-        # x86 says "model name"; some ARM kernels only say "Hardware" or "CPU part".
+        # x86 says "model name"; some ARM kernels name the processor only on a "Hardware" line.
         if key.strip() in ("model name", "Hardware") and value.strip():
             return value.strip()
     return platform.processor() or platform.machine()
