@@ -24,9 +24,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    """Print package versions, the device, and parameter counts for the configured model."""
-    import torch
-
+    """Print package versions, the machine, and parameter counts for the configured model."""
+    from metalora.benchmarks.machine import describe_machine
     from metalora.lora import attach_lora
     from metalora.models import count_parameters, load_model
 
@@ -36,7 +35,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             name: importlib.metadata.version(name)
             for name in ("metalora", "torch", "transformers", "peft", "accelerate", "datasets")
         },
-        "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "machine": describe_machine(),
         "model": cfg.model.name,
     }
     model, _ = load_model(cfg.model)

@@ -1,5 +1,6 @@
 """Benchmarks say what they ran on: the processor's name, torch's instruction set, threads, GPU."""
 
+import json
 import platform
 
 import torch
@@ -38,3 +39,13 @@ def test_the_caption_names_processor_instruction_set_threads_and_gpu():
     assert machine_line(machine) == "AMD EPYC (x86_64, AVX2), 2 logical CPUs, torch 2.13.0+cpu on 2 threads, no GPU"
     with_gpu = machine_line({**machine, "gpu": "NVIDIA H100 80GB HBM3"})
     assert with_gpu.endswith("GPU NVIDIA H100 80GB HBM3")
+
+
+def test_metalora_info_reports_the_machine_and_the_parameter_counts(capsys):
+    from metalora.cli import main
+
+    assert main(["info", "params/base.yaml", "params/smoke.yaml"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["machine"]["cpu"] == cpu_model_name()
+    assert info["machine"]["torch_threads"] == torch.get_num_threads()
+    assert 0 < info["lora_parameters"] < info["base_parameters"]
