@@ -25,8 +25,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Print package versions, the machine, and parameter counts for the configured model."""
-    from metalora.benchmarks.machine import describe_machine
     from metalora.lora import attach_lora
+    from metalora.machine import describe_machine
     from metalora.models import count_parameters, load_model
 
     cfg = config_from_args(args.config)

@@ -84,7 +84,7 @@ def test_unknown_mask_source_is_refused():
 
 def test_mask_benchmark_prints_one_timed_row_per_width(capsys):
     from metalora.benchmarks.dropout_masks import main
-    from metalora.benchmarks.machine import cpu_model_name
+    from metalora.machine import cpu_model_name
 
     assert main(["--tokens", "2,3", "--hidden", "8", "--rows", "2"]) == 0
     out = capsys.readouterr().out

@@ -5,7 +5,7 @@ import platform
 
 import torch
 
-from metalora.benchmarks.machine import cpu_model_name, describe_machine, machine_line
+from metalora.machine import cpu_model_name, describe_machine, machine_line
 
 
 def test_the_processor_name_is_read_from_cpuinfo(tmp_path):

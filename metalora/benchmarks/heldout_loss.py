@@ -13,13 +13,13 @@ from __future__ import annotations
 import sys
 import time
 
-from metalora.benchmarks.machine import describe_machine, machine_line
 from metalora.checkpoint import latest_checkpoint
 from metalora.config import load_config, split_args
 from metalora.episodes import Encoder
 from metalora.evaluation import AdaptSettings, adapt_on_shots, adapter_init, draw_shots, snapshot_lora
 from metalora.io import atomic_write_json
 from metalora.lora import attach_lora
+from metalora.machine import describe_machine, machine_line
 from metalora.models import load_model
 from metalora.scoring import test_loss
 from metalora.splits import build_experiment

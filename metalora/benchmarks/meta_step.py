@@ -42,7 +42,6 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from metalora.benchmarks.machine import cpu_model_name, describe_machine, machine_line
 from metalora.benchmarks.matmul_rates import matmul_rates
 from metalora.config import Config, load_config, save_config, split_args
 from metalora.dropout import PROFILE_LABEL
@@ -51,6 +50,7 @@ from metalora.episodes import Encoder, Episode
 from metalora.io import atomic_write_json, atomic_write_text
 from metalora.lora import lora_params, save_adapter
 from metalora.loss import count_input_tokens
+from metalora.machine import cpu_model_name, describe_machine, machine_line
 from metalora.meta import meta_step
 from metalora.models import pick_device
 from metalora.tasks import Task

@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from metalora.benchmarks.machine import describe_machine, machine_line
 from metalora.benchmarks.meta_step import step_positions
 from metalora.config import load_config, split_args
+from metalora.machine import describe_machine, machine_line
 from metalora.meta import meta_gradients
 from metalora.models import pick_device
 from metalora.train import build_trainer

@@ -14,12 +14,12 @@ import time
 
 import torch
 
-from metalora.benchmarks.machine import describe_machine, machine_line
 from metalora.config import load_config, split_args
 from metalora.episodes import Encoder
 from metalora.evaluation import AdaptSettings, evaluate_init, rows_as_dicts, snapshot_lora
 from metalora.io import atomic_write_json
 from metalora.lora import attach_lora
+from metalora.machine import describe_machine, machine_line
 from metalora.models import load_model
 from metalora.splits import build_experiment
 
