@@ -43,6 +43,9 @@ class ModelConfig:
     # Build the architecture from the model's config with seeded random weights instead of loading
     # them: speed and memory figures on a machine that has the config and tokenizer but not the weights.
     random_init: bool = False
+    # Compute the vocabulary projection on CPU weight-first, (W @ h^T)^T: the same logits, about 2x
+    # faster for the few rows the kit projects (metalora/projection.py); false keeps nn.Linear's forward.
+    weight_first_logits: bool = True
 
 
 @dataclass

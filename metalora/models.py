@@ -29,6 +29,7 @@ from transformers import (
 from metalora.config import ModelConfig
 from metalora.errors import MetaloraError
 from metalora.io import atomic_directory
+from metalora.projection import use_weight_first_projection
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,8 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
 
     Args:
         cfg: model config (`name` is "embedded", "tiny-random", a hub id or a local directory;
-            `random_init` keeps the architecture and tokenizer but draws the weights).
+            `random_init` keeps the architecture and tokenizer but draws the weights;
+            `weight_first_logits` installs `WeightFirstProjection` as the output projection).
 
     Returns:
         (model, tokenizer). The tokenizer pads on the left (targets end every row, so the
@@ -77,6 +79,8 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
         model, tokenizer = _load_pretrained(str(embedded_model_dir(cfg)), dtype, cfg.random_init)
     else:
         model, tokenizer = _load_pretrained(cfg.name, dtype, cfg.random_init)
+    if cfg.weight_first_logits:
+        use_weight_first_projection(model)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

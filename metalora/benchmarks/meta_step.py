@@ -13,7 +13,8 @@ Variants, on the same episodes (the same seed and steps) and the same model:
 - naive: the way the method is often first written, kept here as the reference: a deep copy of
   the PEFT model per task, a fresh AdamW per task, full-vocabulary logits over every position
   (the model's own `labels` loss), then the stage-2 gradient per task; peft's own LoRA dropout
-  (torch's CPU masks, whatever `lora.cpu_dropout_masks` says for the kit);
+  (torch's CPU masks, whatever `lora.cpu_dropout_masks` says for the kit) and nn.Linear's vocabulary
+  projection (whatever `model.weight_first_logits` says);
 - fomaml: the kit's first-order meta-step over every base weight.
 Each variant runs in its own child process, so its peak memory (CUDA max allocated, or the peak
 resident set size on CPU) is its own. Useful FLOPs are counted with torch's FlopCounterMode on the
@@ -222,7 +223,9 @@ def run_variant(
     if variant == "metalora-compiled":
         cfg.train.compile_layers = True
     if variant == "naive":
-        cfg.lora.cpu_dropout_masks = "torch"  # the reference is peft as shipped, nn.Dropout included
+        # The reference is transformers and peft as shipped: nn.Dropout and nn.Linear's vocabulary projection.
+        cfg.lora.cpu_dropout_masks = "torch"
+        cfg.model.weight_first_logits = False
     torch.manual_seed(cfg.train.seed)
     trainer = build_trainer(cfg, device)
     tasks = {name: pool.task for name, pool in trainer.experiment.train.items()}
