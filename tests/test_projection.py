@@ -4,9 +4,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from metalora.config import ModelConfig
+from metalora.config import ModelConfig, load_config
+from metalora.meta import meta_gradients
 from metalora.models import load_model
 from metalora.projection import WeightFirstProjection, use_weight_first_projection
+from metalora.train import build_trainer
+
+SMOKE = ["params/base.yaml", "params/smoke.yaml"]
 
 
 class MatmulOperands(TorchDispatchMode):
@@ -70,6 +74,27 @@ def test_load_model_installs_it_and_keeps_the_model_as_it_was():
     torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits)
     # A second call finds no plain nn.Linear to replace.
     assert not use_weight_first_projection(model)
+
+
+def test_meta_gradients_and_statistics_equal_with_nn_linear(nudge_lora_b):
+    results = []
+    for weight_first in ("true", "false"):
+        trainer = build_trainer(load_config(SMOKE, [f"model.weight_first_logits={weight_first}"]))
+        assert isinstance(trainer.model.get_output_embeddings(), WeightFirstProjection) == (weight_first == "true")
+        nudge_lora_b(trainer)
+        tasks = {name: pool.task for name, pool in trainer.experiment.train.items()}
+        torch.manual_seed(0)  # the same dropout masks in both runs
+        episodes = trainer.sampler.sample(0)
+        results.append(meta_gradients(trainer.model, trainer.shared, episodes, tasks, trainer.encoder,
+                                      trainer.cfg.meta, total_tasks=len(episodes)))  # fmt: skip
+    (grads, stats), (reference_grads, reference_stats) = results
+    assert any(float(g.abs().max()) > 0 for g in reference_grads)
+    for got, want in zip(grads, reference_grads, strict=True):
+        torch.testing.assert_close(got, want)
+    for got, want in zip(stats, reference_stats, strict=True):
+        assert (got.task, got.tokens) == (want.task, want.tokens)
+        for field in ("first_inner_loss", "last_inner_loss", "query_loss"):
+            assert getattr(got, field) == pytest.approx(getattr(want, field), rel=1e-6), field
 
 
 def test_weight_first_projection_bench_prints_both_layouts(capsys):
