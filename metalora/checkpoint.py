@@ -153,3 +153,8 @@ def load_checkpoint(
     except Exception as err:  # OS, JSON, key and safetensors errors all mean the same thing here
         raise CheckpointError(f"{directory}: missing or corrupt checkpoint: {err}") from err
     return int(state["step"])
+
+
+def directory_bytes(path: Path) -> int:
+    """Total size of the files under `path` (0 when it does not exist)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0

@@ -8,17 +8,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from metalora.checkpoint import latest_checkpoint
+from metalora.checkpoint import directory_bytes, latest_checkpoint
 
 EFFICIENCY_COLUMNS = [
     "method", "run_dir", "steps", "example_gradients", "time_per_step_s", "tokens_per_s", "peak_memory_mb",
     "memory_measure", "trainable_parameters", "final_weights_bytes", "checkpoint_bytes", "device", "processes",
 ]  # fmt: skip
-
-
-def directory_bytes(path: Path) -> int:
-    """Total size of the files under `path` (0 when it does not exist)."""
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
 def read_metrics(run_dir: str | Path) -> pd.DataFrame:

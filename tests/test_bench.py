@@ -1,6 +1,8 @@
 """The meta-step benchmark: its naive reference computes the same update, and its output schema."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -33,6 +35,16 @@ def test_the_naive_reference_takes_the_same_meta_step_as_the_kit(nudge_lora_b):
         updated.append({k: v.detach().clone() for k, v in lora_params(trainer.model).items()})
     for name in updated[0]:
         torch.testing.assert_close(updated[0][name], updated[1][name], rtol=1e-4, atol=1e-6)
+
+
+def test_the_bench_child_imports_no_analysis_libraries():
+    # A child's peak resident set is the variant's memory figure: libraries the meta-step never uses
+    # (pandas and pyarrow came in through the efficiency report once, about 60 MB) would count in it.
+    probe = (
+        "import sys, metalora.benchmarks.meta_step; print(sorted({'pandas', 'pyarrow', 'seaborn'} & set(sys.modules)))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
 
 
 @pytest.mark.slow

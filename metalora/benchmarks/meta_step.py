@@ -44,9 +44,9 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from metalora.benchmarks.matmul_rates import matmul_rates
+from metalora.checkpoint import directory_bytes
 from metalora.config import Config, load_config, save_config, split_args
 from metalora.dropout import PROFILE_LABEL
-from metalora.efficiency import directory_bytes
 from metalora.episodes import Encoder, Episode
 from metalora.io import atomic_write_json, atomic_write_text
 from metalora.lora import lora_params, save_adapter
