@@ -9,6 +9,8 @@ import torch
 
 from metalora.benchmarks.meta_step import main as bench_main
 from metalora.benchmarks.meta_step import naive_meta_step
+from metalora.benchmarks.saved_activations import main as saved_activations_main
+from metalora.benchmarks.saved_activations import saved_storages
 from metalora.config import load_config
 from metalora.lora import lora_params
 from metalora.machine import cpu_model_name
@@ -66,6 +68,7 @@ def test_bench_writes_every_variant_and_the_memory_sweep(tmp_path, capsys):
         shares = row["time_breakdown"]
         assert sum(shares.values()) == pytest.approx(1.0) and shares["matrix multiply"] > 0
         assert 0 < row["memory_after_setup_mb"] <= row["peak_memory_mb"]
+        assert row["operator_calls"] > 0
     assert rows["metalora"]["model_parameter_bytes"] > rows["fomaml"]["model_parameter_bytes"]  # + the LoRA weights
     assert all(r["time_breakdown"] is None for r in record["meta_batch_sweep"])
     # The profiled step's matmuls, by what they multiply; FOMAML's step is profiled without shapes
@@ -91,6 +94,25 @@ def test_profiled_time_is_split_into_matmul_attention_random_and_other():
     assert shares == pytest.approx({"matrix multiply": 0.6, "attention": 0.1, "random numbers": 0.2, "other": 0.1})
     with pytest.raises(ValueError, match="no operator time"):
         time_breakdown([("aten::mm", 0.0)])
+
+
+def test_operator_calls_count_only_operators_not_called_by_another_operator():
+    from types import SimpleNamespace
+
+    from metalora.benchmarks.meta_step import operator_calls
+
+    def event(name, parent=None):
+        return SimpleNamespace(name=name, cpu_parent=parent)
+
+    step = event("## meta step ##")
+    linear = event("aten::linear", step)
+    backward = event("autograd::engine::evaluate_function: MmBackward0")
+    mm_node = event("MmBackward0", backward)
+    events = [step, linear, event("aten::t", linear), event("aten::mm", event("labelled", linear)),
+              event("aten::mul"), backward, mm_node, event("aten::mm", mm_node),
+              event("metalora::numpy_dropout_mask")]  # fmt: skip
+    # linear (its t and mm are inside it), mul, and the backward's mm under an autograd node.
+    assert operator_calls(events) == 3
 
 
 def test_repeats_combine_into_median_time_and_highest_memory():
@@ -158,3 +180,29 @@ def test_matmul_rates_split_base_lora_and_vocabulary_matmuls():
     assert rates["LoRA"]["time_share"] == pytest.approx(0.3)
     assert rates["LoRA"]["flops"] == pytest.approx(40 * 2 * 96 * 576 * 8)
     assert rates["vocabulary projection"]["flops_per_s"] == pytest.approx(2 * 20 * 576 * 1000 / 5e-4)
+
+
+def test_saved_storages_counts_each_kept_storage_once_and_leaves_parameters_out():
+    x = torch.randn(100, requires_grad=True)
+    weight = torch.randn(100)  # a product with x keeps weight (x's gradient needs it), not x
+
+    def forward() -> torch.Tensor:
+        return (x * weight).sum() + (x * weight).sum() + (x * weight[:50].repeat(2)).sum()
+
+    kept = saved_storages(forward, leave_out=set())
+    assert sorted(size for size, _ in kept.values()) == [400, 400]  # weight once, the repeated copy once
+    assert sum(size for size, _ in saved_storages(forward, {weight.untyped_storage().data_ptr()}).values()) == 400
+
+
+def test_saved_activations_script_reports_kit_and_reference_for_both_batches(capsys):
+    assert saved_activations_main(["params/base.yaml", "params/smoke.yaml", "--top", "2"]) == 0
+    rows = [
+        line.split("|")
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| support") or line.startswith("| query")
+    ]
+    assert len(rows) == 2
+    for row in rows:
+        kit_mb, reference_mb, ratio = float(row[3]), float(row[4]), float(row[5])
+        assert kit_mb > 0 and reference_mb > 0
+        assert ratio == pytest.approx(kit_mb / reference_mb, abs=0.02)

@@ -21,8 +21,9 @@ resident set size on CPU) is its own. Useful FLOPs are counted with torch's Flop
 kit's path (metalora, or fomaml for itself) for one step and scaled by tokens; the naive reference
 does the same useful work as metalora, plus waste. The matmul peak is measured in a child too.
 `--profile` adds one more step per compared variant under torch.profiler and reports where its time
-goes (matrix multiplies, attention, random numbers for dropout, everything else) and, except for
-fomaml (whose step is too large to profile with shapes), the rate of its matmuls by kind.
+goes (matrix multiplies, attention, random numbers for dropout, everything else), how many operator
+calls it makes (`operator_calls`) and, except for fomaml (whose step is too large to profile with
+shapes), the rate of its matmuls by kind.
 Results: a Markdown table on stdout and outputs/bench/meta_step.{json,md}.
 """
 
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -171,14 +173,40 @@ def time_breakdown(events: list[tuple[str, float]]) -> dict[str, float]:
     return {category: value / whole for category, value in totals.items()}
 
 
+def operator_calls(events: Iterable) -> int:
+    """How many aten operators the profiled code called itself, not from inside another aten operator.
+
+    The operators an operator calls are its implementation, so they are not counted. Each counted call
+    costs the framework's per-call overhead and, on a GPU, up to a few kernel launches: the figure to
+    cut when a step of small tensors is bound by calls rather than arithmetic.
+
+    Args:
+        events: profiler events with `name` and `cpu_parent` (`torch.profiler.profile().events()`).
+
+    Returns:
+        The number of top-level aten operator calls.
+    """
+    calls = 0
+    for event in events:
+        if not event.name.startswith("aten::"):
+            continue
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        calls += parent is None
+    return calls
+
+
 def _profile_step(
     one_step, step: int, device: torch.device, lora_rank: int, vocab_size: int, shapes: bool = True
-) -> tuple[dict[str, float], dict[str, dict[str, float]] | None]:
-    """Run one step under torch.profiler: its self time (device time on CUDA) by category, and its
-    matmuls' time share and FLOP rate by kind (`matmul_rates`; None when `shapes` is off)."""
+) -> tuple[dict[str, float], dict[str, dict[str, float]] | None, int]:
+    """Run one step under torch.profiler: its self time (device time on CUDA) by category, its
+    matmuls' time share and FLOP rate by kind (`matmul_rates`; None when `shapes` is off), and its
+    top-level operator calls (`operator_calls`)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, record_shapes=shapes) as prof:
         one_step(step)
+    calls = operator_calls(prof.events())
     groups = prof.key_averages(group_by_input_shape=True)
     cuda = device.type == "cuda"
     own = [e.self_device_time_total if cuda else e.self_cpu_time_total for e in groups]
@@ -186,9 +214,9 @@ def _profile_step(
     matmul_time = [e.device_time_total if cuda else e.self_cpu_time_total for e in groups]
     breakdown = time_breakdown([(e.key, t) for e, t in zip(groups, own, strict=True)])
     if not shapes:
-        return breakdown, None
+        return breakdown, None, calls
     shaped = [(e.key, e.input_shapes, e.count, t) for e, t in zip(groups, matmul_time, strict=True)]
-    return breakdown, matmul_rates(shaped, sum(own), lora_rank, vocab_size)
+    return breakdown, matmul_rates(shaped, sum(own), lora_rank, vocab_size), calls
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -267,14 +295,14 @@ def run_variant(
         else:
             save_adapter(trainer.model, Path(tmp) / "adapter")
         weights_bytes = directory_bytes(Path(tmp))
-    breakdown, rates = None, None
+    breakdown, rates, calls = None, None, None
     if profile_time:
         vocab = trainer.model.get_output_embeddings().weight.shape[0]
         # Recording shapes keeps every operator's input tensors alive until the profile ends
         # (pytorch/pytorch#133444); FOMAML's full-weight inner loop then held over 24 GiB of CPU memory
         # on the embedded model, so its step is profiled without shapes and without matmul rates.
-        breakdown, rates = _profile_step(one_step, warmup + steps + 1, device, cfg.lora.r, vocab,
-                                         shapes=variant != "fomaml")  # fmt: skip
+        breakdown, rates, calls = _profile_step(one_step, warmup + steps + 1, device, cfg.lora.r, vocab,
+                                                shapes=variant != "fomaml")  # fmt: skip
     return {
         "variant": variant, "meta_batch_size": cfg.meta.meta_batch_size, "seconds_per_step": statistics.median(seconds),
         "tokens_per_s": sum(tokens) / sum(seconds), "flops_per_token": flops_per_token, "peak_memory_mb": peak,
@@ -282,6 +310,7 @@ def run_variant(
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model_name(),
         "steps": steps, "warmup": warmup, "bf16": bf16, "memory_after_setup_mb": setup_memory,
         "model_parameter_bytes": parameter_bytes, "time_breakdown": breakdown, "matmul_rates": rates,
+        "operator_calls": calls,
     }  # fmt: skip
 
 
@@ -374,12 +403,14 @@ def markdown(rows: list[dict], peak: float) -> str:
 
 def breakdown_markdown(rows: list[dict]) -> str:
     """The profiled rows' time shares by category, and the memory held before their first step, as a table."""
-    lines = ["| variant | " + " | ".join(CATEGORIES) + " | memory after set-up (MB) | parameters (MB) |",
-             "|---|" + "---|" * (len(CATEGORIES) + 2)]  # fmt: skip
+    lines = ["| variant | " + " | ".join(CATEGORIES)
+             + " | operator calls | memory after set-up (MB) | parameters (MB) |",
+             "|---|" + "---|" * (len(CATEGORIES) + 3)]  # fmt: skip
     for r in rows:
         if r.get("time_breakdown"):
             shares = [f"{r['time_breakdown'][c]:.0%}" for c in CATEGORIES]
-            sizes = [f"{r['memory_after_setup_mb']:.0f}", f"{r['model_parameter_bytes'] / 2**20:.1f}"]
+            sizes = [f"{r.get('operator_calls') or 0:,}", f"{r['memory_after_setup_mb']:.0f}",
+                     f"{r['model_parameter_bytes'] / 2**20:.1f}"]  # fmt: skip
             lines.append(f"| {r['variant']} | " + " | ".join(shares + sizes) + " |")
     return "\n".join(lines) + "\n"
 
