@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import vmap
 
-from metalora.adapt import Params, adam_update
+from metalora.adapt import Moments, Params, inner_update
 from metalora.dropout import torch_dropout_masks
 from metalora.episodes import IGNORE_INDEX
 from metalora.loss import target_window, window_logits
@@ -129,17 +129,15 @@ def adapt_batched(
     """
     tasks = len(support)
     current = {name: value.detach().expand(tasks, *value.shape).clone() for name, value in shared.items()}
-    moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    names = list(current)
+    moments: Moments | None = None
     losses: list[list[float]] = [[] for _ in range(tasks)]
     for step in range(steps):
         step_losses, grads = batched_loss_and_grad(model, current, [s[step % len(s)] for s in support])
         for task, value in enumerate(step_losses.tolist()):
             losses[task].append(value)
-        updated = {}
-        for name, value in current.items():
-            if optimizer == "sgd":
-                updated[name] = value - lr * grads[name]
-            else:
-                updated[name], moments[name] = adam_update(value, grads[name], moments.get(name), step + 1, lr, False)
-        current = updated
+        values, moments = inner_update(
+            list(current.values()), [grads[n] for n in names], moments, step + 1, lr, optimizer, smooth=False
+        )
+        current = dict(zip(names, values, strict=True))
     return current, losses

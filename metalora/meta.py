@@ -59,16 +59,19 @@ def query_loss_and_grad(
     Each batch is differentiated and released on its own, so only one query batch's graph is alive.
     """
     total_tokens = sum(count_target_tokens(b) for b in batches)
-    grads = [torch.zeros_like(t) for t in wrt]
+    grads: list[torch.Tensor] = []
     total = torch.zeros((), device=batches[0]["input_ids"].device)  # read once, after the last batch
     for index, batch in enumerate(batches):
         share = count_target_tokens(batch) / total_tokens
         loss = batch_loss(model, adapted, batch) * share
         keep = index < len(batches) - 1  # the inner-loop graph is shared by all query batches
-        parts = torch.autograd.grad(loss, wrt, retain_graph=keep, allow_unused=True)
-        for acc, part in zip(grads, parts, strict=True):
-            if part is not None:
-                acc.add_(part, alpha=weight)
+        found = torch.autograd.grad(loss, wrt, retain_graph=keep, allow_unused=True)
+        parts = [torch.zeros_like(t) if part is None else part for t, part in zip(wrt, found, strict=True)]
+        # One multi-tensor call for all the (many, small) tensors instead of one call per tensor.
+        if grads:
+            torch._foreach_add_(grads, parts, alpha=weight)
+        else:
+            grads = torch._foreach_mul(parts, weight)
         total += loss.detach()
     return float(total), grads
 
@@ -134,8 +137,7 @@ def meta_gradients(
             else:
                 wrt = [shared[n] for n in names] if second_order else [adapted[n] for n in names]
                 q_loss, task_grads = query_loss_and_grad(model, adapted, wrt, query, 1.0 / total_tasks)
-                for acc, g in zip(grads, task_grads, strict=True):
-                    acc.add_(g)
+                torch._foreach_add_(grads, task_grads)
             support_after = None
             if cfg.measure_gap:
                 with torch.no_grad():

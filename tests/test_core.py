@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from metalora.adapt import adapt
+from metalora.adapt import adapt, inner_update
 from metalora.config import load_config
 from metalora.episodes import Encoder, EpisodeSampler
 from metalora.loss import batch_loss
@@ -80,6 +81,52 @@ def test_functional_adam_matches_torch_adam():
         optimizer.step()
     for name in reference:
         torch.testing.assert_close(adapted[name], reference[name], rtol=1e-4, atol=1e-6)
+
+
+class OperatorCalls(TorchDispatchMode):
+    """Counts the operator calls made while it is active (calls inside an operator not counted)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_inner_update_makes_as_many_operator_calls_for_thirty_tensors_as_for_three(optimizer):
+    calls = {}
+    for count in (3, 30):
+        values, first, second = ([torch.randn(4, 2) for _ in range(count)] for _ in range(3))
+        with OperatorCalls() as counter:
+            values, moments = inner_update(values, first, None, 1, 1e-3, optimizer, False)
+            inner_update(values, second, moments, 2, 1e-3, optimizer, False)
+        calls[count] = counter.calls
+    assert calls[3] == calls[30] > 0
+
+
+def test_inner_sgd_matches_torch_sgd():
+    values = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
+    grads = [torch.randn(5, 3), torch.randn(7)]
+    updated, moments = inner_update(values, grads, None, 1, 0.1, "sgd", False)
+    optimizer = torch.optim.SGD(values, lr=0.1)
+    for value, grad in zip(values, grads, strict=True):
+        value.grad = grad
+    optimizer.step()
+    assert moments is None
+    for got, want in zip(updated, values, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+
+
+def test_smooth_inner_adam_keeps_a_finite_derivative_where_a_gradient_is_zero():
+    value = torch.tensor([1.0, 2.0], requires_grad=True)
+    grad = value * torch.tensor([0.0, 1.0])  # the first element's gradient is exactly zero
+    (updated,), _ = inner_update([value], [grad], None, 1, 0.1, "adam", smooth=True)
+    (derivative,) = torch.autograd.grad(updated.sum(), value)
+    assert torch.isfinite(derivative).all()
+    assert updated[0].item() == 1.0
 
 
 def test_first_order_meta_gradient_is_the_query_gradient_at_the_adapted_weights():
