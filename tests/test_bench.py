@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from metalora.benchmarks.meta_step import main as bench_main
-from metalora.benchmarks.meta_step import naive_meta_step
+from metalora.benchmarks.meta_step import markdown, naive_meta_step
 from metalora.benchmarks.saved_activations import main as saved_activations_main
 from metalora.benchmarks.saved_activations import saved_storages
 from metalora.config import load_config
@@ -49,13 +49,27 @@ def test_the_bench_child_imports_no_analysis_libraries():
     assert loaded.strip() == "[]"
 
 
+def reject_non_json_constant(name: str) -> None:
+    raise AssertionError(f"the record holds {name}, which is not JSON")
+
+
+def test_markdown_marks_a_rate_that_was_not_counted():
+    row = {"variant": "naive", "meta_batch_size": 2, "seconds_per_step": 2.0, "tokens_per_s": 50.0,
+           "useful_flops_per_s": None, "peak_memory_mb": 100.0, "weights_bytes": 10}  # fmt: skip
+    counted = {**row, "variant": "metalora", "useful_flops_per_s": 5e9}
+    lines = markdown([row, counted], peak=1e10).splitlines()
+    assert lines[2].split(" | ")[5:7] == ["n/a", "n/a"]
+    assert lines[3].split(" | ")[5:7] == ["5.0", "50%"]
+
+
 @pytest.mark.slow
 def test_bench_writes_every_variant_and_the_memory_sweep(tmp_path, capsys):
     options = ["--steps", "1", "--warmup", "0", "--meta-batches", "1,2", "--output", str(tmp_path), "--profile",
                "--variants", "metalora,metalora-batched,metalora-packed,metalora-compiled,naive,fomaml"]  # fmt: skip
     assert bench_main([*SMOKE, *options]) == 0
-    record = json.loads((tmp_path / "meta_step.json").read_text())
+    record = json.loads((tmp_path / "meta_step.json").read_text(), parse_constant=reject_non_json_constant)
     rows = {r["variant"]: r for r in record["rows"]}
+    assert rows["naive"]["flops_per_token"] is None  # only the kit's path and FOMAML count their FLOPs
     assert set(rows) == {"metalora", "metalora-batched", "metalora-packed", "metalora-compiled", "naive", "fomaml"}
     assert record["matmul_peak_flops"] > 0
     assert record["machine"]["cpu"] == cpu_model_name() == rows["metalora"]["device"]

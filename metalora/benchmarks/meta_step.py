@@ -281,7 +281,7 @@ def run_variant(
             seconds.append(time.perf_counter() - began)
             tokens.append(step_positions(trainer.sampler.sample(step), tasks, trainer.encoder, cfg)[0])
     peak = _peak_memory_mb(device)
-    flops_per_token = float("nan")
+    flops_per_token = None  # null in the record: JSON has no NaN
     if variant in ("metalora", "fomaml"):  # the kit's own per-task path defines the useful work
         counter = FlopCounterMode(display=False)
         extra = warmup + steps
@@ -392,10 +392,11 @@ def markdown(rows: list[dict], peak: float) -> str:
             continue
         rate = r["useful_flops_per_s"]
         times = r.get("seconds_per_step_runs", [r["seconds_per_step"]])
+        rates = ["n/a", "n/a"] if rate is None else [f"{rate / 1e9:.1f}", f"{rate / peak:.0%}"]
         cells = [
             r["variant"], r["meta_batch_size"], f"{r['seconds_per_step']:.2f}",
             f"{min(times):.2f}-{max(times):.2f} ({len(times)} runs)", f"{r['tokens_per_s']:.0f}",
-            f"{rate / 1e9:.1f}", f"{rate / peak:.0%}", f"{r['peak_memory_mb']:.0f}", f"{r['weights_bytes']:,}",
+            *rates, f"{r['peak_memory_mb']:.0f}", f"{r['weights_bytes']:,}",
         ]  # fmt: skip
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + f"\n\nmatmul peak measured: {peak / 1e9:.1f} GFLOP/s\n"
@@ -473,9 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     useful = {r["meta_batch_size"]: r["flops_per_token"] for r in finished if r["variant"] == "metalora"}
     for r in finished:
         # The naive reference and the task-batched step do the kit's useful work on the same episodes
-        # (nan if the kit's per-task variant failed).
-        per_token = r["flops_per_token"] if r["variant"] == "fomaml" else useful.get(r["meta_batch_size"], float("nan"))
-        r["useful_flops_per_s"] = per_token * r["tokens_per_s"]
+        # (None, null in the record, if the kit's per-task variant failed).
+        per_token = r["flops_per_token"] if r["variant"] == "fomaml" else useful.get(r["meta_batch_size"])
+        r["useful_flops_per_s"] = None if per_token is None else per_token * r["tokens_per_s"]
     for r in rows + sweep:
         if "error" in r:
             failure = "\n".join(r["error"])
