@@ -189,6 +189,9 @@ class TrainConfig:
     # torch.compile each decoder layer for meta-training (metalora/compiled.py): fuses the elementwise work
     # around the matmuls; the first steps pay the compile. LoRA-dropout masks then come from the compiler.
     compile_layers: bool = False
+    # Keep only each decoder layer's inputs for backward and recompute the rest (metalora/checkpointing.py):
+    # less activation memory for about one more forward pass per backward pass.
+    activation_checkpointing: bool = False
 
 
 @dataclass
@@ -260,6 +263,11 @@ def _check_values(cfg: Config) -> None:
             not cfg.train.compile_layers or not (second_order or cfg.meta.task_batched),
             "false with second-order meta-learning (compiled graphs have no double backward) or "
             "meta.task_batched (untested under vmap)",
+        ),
+        (
+            "train.activation_checkpointing",
+            not cfg.train.activation_checkpointing or not (cfg.train.compile_layers or cfg.meta.task_batched),
+            "false with train.compile_layers or meta.task_batched (untested together)",
         ),
         ("data.suites", len(cfg.data.suites) > 0, "a non-empty list"),
         ("data.support_fraction", 0.0 < cfg.data.support_fraction < 1.0, "in (0, 1)"),

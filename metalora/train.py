@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from metalora.baselines import example_gradients, multitask_plan, planned_steps
 from metalora.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from metalora.checkpointing import checkpoint_decoder_layers
 from metalora.compiled import compile_decoder_layers
 from metalora.config import Config, load_config, save_config, split_args
 from metalora.episodes import Encoder, EpisodeSampler
@@ -75,6 +76,8 @@ def build_trainer(cfg: Config, device: torch.device | str = "cpu") -> Trainer:
         model = attach_lora(model, cfg.lora, seed=cfg.train.seed)
         shared = lora_params(model)
     model.train()  # LoRA dropout is part of the inner loop
+    if cfg.train.activation_checkpointing:
+        checkpoint_decoder_layers(model)
     if cfg.train.compile_layers:
         compile_decoder_layers(model)
     if cfg.meta.algorithm == "reptile":

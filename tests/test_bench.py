@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
+from metalora.benchmarks.meta_step import VARIANTS, markdown, naive_meta_step
 from metalora.benchmarks.meta_step import main as bench_main
-from metalora.benchmarks.meta_step import markdown, naive_meta_step
 from metalora.benchmarks.saved_activations import main as saved_activations_main
 from metalora.benchmarks.saved_activations import saved_storages
 from metalora.config import load_config
@@ -65,12 +65,12 @@ def test_markdown_marks_a_rate_that_was_not_counted():
 @pytest.mark.slow
 def test_bench_writes_every_variant_and_the_memory_sweep(tmp_path, capsys):
     options = ["--steps", "1", "--warmup", "0", "--meta-batches", "1,2", "--output", str(tmp_path), "--profile",
-               "--variants", "metalora,metalora-batched,metalora-packed,metalora-compiled,naive,fomaml"]  # fmt: skip
+               "--variants", ",".join(VARIANTS)]  # fmt: skip
     assert bench_main([*SMOKE, *options]) == 0
     record = json.loads((tmp_path / "meta_step.json").read_text(), parse_constant=reject_non_json_constant)
     rows = {r["variant"]: r for r in record["rows"]}
     assert rows["naive"]["flops_per_token"] is None  # only the kit's path and FOMAML count their FLOPs
-    assert set(rows) == {"metalora", "metalora-batched", "metalora-packed", "metalora-compiled", "naive", "fomaml"}
+    assert set(rows) == set(VARIANTS)
     assert record["matmul_peak_flops"] > 0
     assert record["machine"]["cpu"] == cpu_model_name() == rows["metalora"]["device"]
     for row in rows.values():

@@ -10,6 +10,8 @@ Variants, on the same episodes (the same seed and steps) and the same model:
   (`meta.pack_tokens`, 256 unless the config sets it);
 - metalora-compiled: the kit's meta-step with every decoder layer compiled (`train.compile_layers`;
   the compile happens in the warm-up steps, so give it `--warmup 2` or more);
+- metalora-checkpointed: the kit's meta-step with activation checkpointing of every decoder layer
+  (`train.activation_checkpointing`: less activation memory, one more forward pass per backward);
 - naive: the way the method is often first written, kept here as the reference: a deep copy of
   the PEFT model per task, a fresh AdamW per task, full-vocabulary logits over every position
   (the model's own `labels` loss), then the stage-2 gradient per task; peft's own LoRA dropout
@@ -60,7 +62,15 @@ from metalora.tasks import Task
 from metalora.train import build_trainer
 
 RESULT_TAG = "BENCH-RESULT "
-VARIANTS = ("metalora", "metalora-batched", "metalora-packed", "metalora-compiled", "naive", "fomaml")
+VARIANTS = (
+    "metalora",
+    "metalora-batched",
+    "metalora-packed",
+    "metalora-compiled",
+    "metalora-checkpointed",
+    "naive",
+    "fomaml",
+)
 # The packed variant's token bound when the config leaves packing off: a few short rows per batch.
 PACKED_VARIANT_TOKENS = 256
 
@@ -231,7 +241,8 @@ def run_variant(
     """Time one variant in this process (call it in a fresh child for honest peak memory).
 
     Args:
-        variant: metalora, metalora-batched, metalora-packed, metalora-compiled, naive or fomaml.
+        variant: metalora, metalora-batched, metalora-packed, metalora-compiled, metalora-checkpointed,
+            naive or fomaml.
         cfg: the run's configuration.
         steps: timed meta-steps.
         warmup: untimed meta-steps first.
@@ -250,6 +261,8 @@ def run_variant(
         cfg.meta.pack_tokens = cfg.meta.pack_tokens or PACKED_VARIANT_TOKENS
     if variant == "metalora-compiled":
         cfg.train.compile_layers = True
+    if variant == "metalora-checkpointed":
+        cfg.train.activation_checkpointing = True
     if variant == "naive":
         # The reference is transformers and peft as shipped: nn.Dropout and nn.Linear's vocabulary projection.
         cfg.lora.cpu_dropout_masks = "torch"

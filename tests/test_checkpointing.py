@@ -1,0 +1,84 @@
+"""Activation checkpointing (`train.activation_checkpointing`) against the plain model, on tiny-random."""
+
+import pytest
+import torch
+
+from metalora.checkpointing import checkpoint_decoder_layers
+from metalora.compiled import decoder_layers
+from metalora.config import ConfigError, load_config
+from metalora.loss import batch_loss
+from metalora.meta import meta_gradients
+from metalora.train import build_trainer
+
+SMOKE = ["params/base.yaml", "params/smoke.yaml"]
+
+
+def trainer_with(checkpointed: bool, *overrides: str):
+    flag = f"train.activation_checkpointing={str(checkpointed).lower()}"
+    return build_trainer(load_config(SMOKE, ["lora.dropout=0.1", flag, *overrides]))
+
+
+def support_batch(trainer):
+    episode = trainer.sampler.sample(0)[0]
+    task = trainer.experiment.train[episode.task].task
+    return trainer.encoder.collate([trainer.encoder.encode(task, e) for e in episode.support])
+
+
+def loss_and_gradients_at_moved_weights(trainer):
+    # Weights away from the module's own: a replay with the module's weights would give other gradients.
+    torch.manual_seed(0)
+    moved = {k: (v + 0.05 * torch.randn_like(v)).detach().requires_grad_(True) for k, v in trainer.shared.items()}
+    torch.manual_seed(1)  # the same LoRA-dropout masks in both runs
+    loss = batch_loss(trainer.model, moved, support_batch(trainer))
+    return loss, torch.autograd.grad(loss, list(moved.values()))
+
+
+def test_loss_and_gradients_at_swapped_in_weights_equal_the_plain_model():
+    plain_loss, plain_grads = loss_and_gradients_at_moved_weights(trainer_with(False))
+    loss, grads = loss_and_gradients_at_moved_weights(trainer_with(True))
+    assert loss.item() == plain_loss.item()
+    assert any(float(g.abs().max()) > 0 for g in plain_grads)
+    for got, want in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+
+
+def test_each_layer_runs_again_in_the_backward_pass():
+    trainer = trainer_with(True)
+    calls = []
+    for layer in decoder_layers(trainer.model):
+        # The replay stops once the last tensor the backward pass needs is recomputed (inside the MLP),
+        # so count the attention blocks, which finish before it.
+        layer.self_attn.register_forward_hook(lambda *_: calls.append(1))
+    loss, _ = loss_and_gradients_at_moved_weights(trainer)
+    layers = len(decoder_layers(trainer.model))
+    assert layers > 0 and len(calls) == 2 * layers
+
+
+@pytest.mark.parametrize("setting", ["meta.first_order=true", "meta.first_order=false", "meta.algorithm=fomaml"])
+def test_meta_gradients_equal_the_plain_model(setting, nudge_lora_b):
+    results = {}
+    for checkpointed in (False, True):
+        trainer = trainer_with(checkpointed, setting)
+        nudge_lora_b(trainer)
+        episodes = trainer.sampler.sample(0)
+        tasks = {name: pool.task for name, pool in trainer.experiment.train.items()}
+        torch.manual_seed(2)
+        results[checkpointed] = meta_gradients(trainer.model, trainer.shared, episodes, tasks, trainer.encoder,
+                                               trainer.cfg.meta, total_tasks=len(episodes))  # fmt: skip
+    (plain_grads, plain_stats), (grads, stats) = results[False], results[True]
+    assert any(float(g.abs().max()) > 0 for g in plain_grads)
+    for got, want in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    for a, b in zip(plain_stats, stats, strict=True):
+        assert (a.task, a.query_loss) == (b.task, pytest.approx(b.query_loss, rel=1e-6))
+
+
+def test_activation_checkpointing_is_refused_where_it_is_untested():
+    for overrides in (["train.compile_layers=true"], ["meta.task_batched=true"]):
+        with pytest.raises(ConfigError, match="train.activation_checkpointing"):
+            load_config(SMOKE, ["train.activation_checkpointing=true", *overrides])
+
+
+def test_a_model_without_decoder_layers_is_refused_by_name():
+    with pytest.raises(ConfigError, match="train.activation_checkpointing: Sequential has no decoder layers"):
+        checkpoint_decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
