@@ -42,6 +42,17 @@ def test_loss_and_gradients_at_swapped_in_weights_equal_the_plain_model():
         torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
 
 
+def test_transformers_own_checkpointing_replays_with_the_wrong_weights():
+    # Why the kit has its own hook: transformers' replays the layer with the module's weights at backward
+    # time, after functional_call has swapped the moved weights out again. If this starts to fail,
+    # transformers replays correctly under functional_call and the kit's hook could be reconsidered.
+    _, plain_grads = loss_and_gradients_at_moved_weights(trainer_with(False))
+    trainer = trainer_with(False)
+    trainer.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    _, grads = loss_and_gradients_at_moved_weights(trainer)
+    assert any(not torch.allclose(got, want, atol=1e-4) for got, want in zip(grads, plain_grads, strict=True))
+
+
 def test_each_layer_runs_again_in_the_backward_pass():
     trainer = trainer_with(True)
     calls = []
