@@ -23,8 +23,7 @@ import torch
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
-from metalora.compiled import decoder_layers
-from metalora.config import ConfigError
+from metalora.compiled import required_decoder_layers
 
 
 class _LayerCall(torch.nn.Module):
@@ -62,12 +61,7 @@ def checkpoint_decoder_layers(model: torch.nn.Module) -> int:
     Raises:
         ConfigError: the model has no layer built on transformers' decoder-layer base class.
     """
-    layers = decoder_layers(model)
-    if not layers:
-        raise ConfigError(
-            f"train.activation_checkpointing: {type(model).__name__} has no decoder layers to checkpoint "
-            "(none derives from transformers' GradientCheckpointingLayer)"
-        )
+    layers = required_decoder_layers(model, "train.activation_checkpointing", "checkpoint")
     for layer in layers:
         # transformers' layer base class calls this hook with the bound forward when training.
         layer.gradient_checkpointing = True

@@ -23,6 +23,29 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
 
 
+def required_decoder_layers(model: torch.nn.Module, option: str, verb: str) -> list[torch.nn.Module]:
+    """The model's decoder layers, for an option that works layer by layer.
+
+    Args:
+        model: a transformers causal LM, with or without LoRA attached.
+        option: the config key that asked for it, named in the error.
+        verb: what the option does to each layer ("compile", "checkpoint"), named in the error.
+
+    Returns:
+        The decoder layers, in order.
+
+    Raises:
+        ConfigError: the model has no layer built on transformers' decoder-layer base class.
+    """
+    layers = decoder_layers(model)
+    if not layers:
+        raise ConfigError(
+            f"{option}: {type(model).__name__} has no decoder layers to {verb} "
+            "(none derives from transformers' GradientCheckpointingLayer)"
+        )
+    return layers
+
+
 def compile_decoder_layers(model: torch.nn.Module) -> int:
     """Compile every decoder layer of `model` in place; the compile itself runs at the first forward pass.
 
@@ -35,12 +58,7 @@ def compile_decoder_layers(model: torch.nn.Module) -> int:
     Raises:
         ConfigError: the model has no layer built on transformers' decoder-layer base class.
     """
-    layers = decoder_layers(model)
-    if not layers:
-        raise ConfigError(
-            f"train.compile_layers: {type(model).__name__} has no decoder layers to compile "
-            "(none derives from transformers' GradientCheckpointingLayer)"
-        )
+    layers = required_decoder_layers(model, "train.compile_layers", "compile")
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)
