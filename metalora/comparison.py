@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from metalora.baselines import FULL_DATA_SHOTS
-from metalora.checkpoint import load_full_weights
-from metalora.config import TRAINED_METHODS, Config, save_config
+from metalora.baselines import FULL_DATA_SHOTS, multitask_plan
+from metalora.checkpoint import STEP_DIR, load_full_weights
+from metalora.config import ALL_SAMPLES, TRAINED_METHODS, Config, save_config
 from metalora.efficiency import efficiency_table
 from metalora.episodes import Encoder
 from metalora.errors import MetaloraError
@@ -28,59 +30,116 @@ from metalora.io import atomic_write_text
 from metalora.lora import attach_lora
 from metalora.models import load_model, pick_device
 from metalora.plots import efficiency_figure, few_shot_figure
-from metalora.splits import Experiment, build_experiment
-from metalora.stats import significance, summarise
+from metalora.splits import Experiment, HeldoutPools, build_experiment
+from metalora.stats import SINGLE_TRAINING_SEED, significance, summarise
 
 
 class EvaluationError(MetaloraError):
     """A compared method cannot be evaluated (missing run, leaking split, no held-out tasks)."""
 
 
-def method_run_dir(cfg: Config, method: str) -> Path:
+@dataclass
+class TrainedRun:
+    """One trained initialisation: a method's run (one training seed), possibly at an intermediate checkpoint."""
+
+    method: str
+    train_seed: int
+    run_dir: Path
+    # The adapter directory (or, for fomaml, the full-model directory) the evaluation loads.
+    weights: Path
+
+
+def training_seeds(cfg: Config) -> list[int]:
+    """The training seeds of the replicates: train.seed, train.seed + 1, ... (train.seeds of them)."""
+    return [cfg.train.seed + i for i in range(cfg.train.seeds)]
+
+
+def method_run_dir(cfg: Config, method: str, train_seed: int | None = None) -> Path:
     """The run directory a trained method is read from.
 
     `eval.runs[method]` when given; else this config's own run directory for its `meta.algorithm`;
-    else `<output_dir>/<run_name>-<method>`.
+    else `<output_dir>/<run_name>-<method>`. With several training seeds, each replicate's directory
+    is that name with `-seed<N>` appended.
     """
     if method in cfg.eval.runs:
-        return Path(cfg.eval.runs[method])
-    if method == cfg.meta.algorithm:
-        return cfg.run_dir
-    return Path(cfg.train.output_dir) / f"{cfg.train.run_name}-{method}"
+        base = Path(cfg.eval.runs[method])
+    elif method == cfg.meta.algorithm:
+        base = cfg.run_dir
+    else:
+        base = Path(cfg.train.output_dir) / f"{cfg.train.run_name}-{method}"
+    if cfg.train.seeds == 1 or train_seed is None:
+        return base
+    return base.with_name(f"{base.name}-seed{train_seed}")
 
 
-def config_for_method(cfg: Config, method: str) -> Config:
-    """This config with `meta.algorithm` set to `method` and the run directory `method_run_dir` names."""
+def _checkpoint_root(path: Path) -> Path | None:
+    """The run directory of an intermediate checkpoint `<run>/checkpoints/step_N`, else None."""
+    if STEP_DIR.match(path.name) and path.parent.name == "checkpoints":
+        return path.parent.parent
+    return None
+
+
+def _multitask_full_budget(cfg: Config) -> int:
+    """Example-gradients of multitask_full: `baseline.multitask_full_epochs` passes over all its pooled data,
+    and never less than the multi-task baseline's own budget."""
+    everything = copy.deepcopy(cfg.data)
+    everything.samples_per_task = ALL_SAMPLES
+    pooled = sum(len(p.support) + len(p.query) for p in build_experiment(everything, cfg.eval.scenario).train.values())
+    return max(multitask_plan(cfg).example_gradients, math.ceil(cfg.baseline.multitask_full_epochs * pooled))
+
+
+def config_for_method(cfg: Config, method: str, train_seed: int | None = None) -> Config:
+    """The config that trains `method` (one replicate) into the directory `method_run_dir` names.
+
+    multitask_full is the multi-task baseline with every non-test example of the training tasks
+    (`data.samples_per_task=all`).
+    """
     derived = copy.deepcopy(cfg)
-    run_dir = method_run_dir(cfg, method)
-    derived.meta.algorithm = method
+    run_dir = method_run_dir(cfg, method, train_seed)
+    derived.meta.algorithm = "multitask" if method == "multitask_full" else method
+    if method == "multitask_full":
+        derived.baseline.multitask_example_gradients = _multitask_full_budget(cfg)
+        derived.data.samples_per_task = ALL_SAMPLES
+    if train_seed is not None:
+        derived.train.seed = train_seed
+    derived.train.seeds = 1
     derived.train.output_dir = str(run_dir.parent)
     derived.train.run_name = run_dir.name
     return derived
 
 
-def ensure_trained(cfg: Config, methods: list[str], train_missing: bool) -> dict[str, Path]:
-    """Run directories of the trained methods among `methods`, training missing ones when asked.
+def ensure_trained(cfg: Config, methods: list[str], train_missing: bool) -> list[TrainedRun]:
+    """The trained runs of the trained methods among `methods` (every training seed), training missing ones
+    when asked.
 
     Each missing run trains in a child process (`python -m metalora.train`), so its logged peak
-    memory is its own and not that of whatever this process ran before.
+    memory is its own and not that of whatever this process ran before. An `eval.runs` entry may name an
+    intermediate checkpoint (`<run>/checkpoints/step_N`), which is evaluated as it is.
 
     Raises:
         EvaluationError: a run is missing (or unfinished) and `train_missing` is False, or its
             training failed.
     """
-    runs = {}
+    runs = []
     for method in (m for m in methods if m in TRAINED_METHODS):
-        run_dir = method_run_dir(cfg, method)
-        if not (run_dir / "summary.json").is_file():
-            if not train_missing:
-                raise EvaluationError(
-                    f"eval.methods has '{method}' but {run_dir} holds no finished run: train it with "
-                    f"`metalora train <params> meta.algorithm={method} train.run_name={run_dir.name}`, "
-                    f"point eval.runs.{method} at a run, or pass --train-missing"
-                )
-            _train_in_child(config_for_method(cfg, method), resume=(run_dir / "checkpoints").is_dir())
-        runs[method] = run_dir
+        for seed in training_seeds(cfg):
+            run_dir = method_run_dir(cfg, method, seed)
+            root = _checkpoint_root(run_dir)
+            if root is not None:
+                if not (run_dir / "state.json").is_file():
+                    raise EvaluationError(f"eval.runs.{method}: {run_dir} is not a complete checkpoint")
+                weights = run_dir / ("model" if method == "fomaml" else "adapter")
+                runs.append(TrainedRun(method, seed, root, weights))
+                continue
+            if not (run_dir / "summary.json").is_file():
+                if not train_missing:
+                    raise EvaluationError(
+                        f"eval.methods has '{method}' but {run_dir} holds no finished run: train it with "
+                        f"`metalora train <params> meta.algorithm={method} train.run_name={run_dir.name}`, "
+                        f"point eval.runs.{method} at a run, or pass --train-missing"
+                    )
+                _train_in_child(config_for_method(cfg, method, seed), resume=(run_dir / "checkpoints").is_dir())
+            runs.append(TrainedRun(method, seed, run_dir, run_dir / ("model" if method == "fomaml" else "adapter")))
     return runs
 
 
@@ -102,24 +161,74 @@ def _train_in_child(cfg: Config, resume: bool) -> None:
         )
 
 
+def _evaluated_pools(experiment: Experiment) -> dict[str, dict[str, HeldoutPools]]:
+    """The pools scored per setting: held-out tasks always, training tasks' test sets in the seen scenario."""
+    settings = {"heldout": experiment.heldout, "seen": experiment.seen}
+    return {setting: pools for setting, pools in settings.items() if pools}
+
+
 def check_no_leak(experiment: Experiment, method: str, run_dir: Path) -> None:
-    """Refuse a trained run that saw a held-out task or any held-out example during training.
+    """Refuse a trained run that saw a held-out task, any evaluated example, or any group of one.
+
+    Evaluated examples are the held-out tasks' adaptation pools and test sets and, in the seen scenario,
+    the training tasks' test sets; a group (an item's translations) counts as seen when any of its
+    examples was trained on.
 
     Raises:
-        EvaluationError: naming the method, the run and the overlapping tasks or examples.
+        EvaluationError: naming the method, the run and the overlapping tasks, examples or groups.
     """
     splits = json.loads((run_dir / "splits.json").read_text())
     seen_tasks = set(splits["train"]) & set(experiment.heldout)
     if seen_tasks:
         raise EvaluationError(f"{method} run {run_dir} meta-trained on held-out task(s) {sorted(seen_tasks)}")
-    seen = {i for pools in splits["train"].values() for i in pools["support"] + pools["query"]}
-    leaked = sorted(e.id for p in experiment.heldout.values() for e in p.adapt + p.test if e.id in seen)
+    trained = {i for pools in splits["train"].values() for i in pools["support"] + pools["query"]}
+    evaluated = [e for p in experiment.heldout.values() for e in p.adapt + p.test]
+    evaluated += [e for p in experiment.seen.values() for e in p.test]
+    leaked = sorted(e.id for e in evaluated if e.id in trained)
     if leaked:
-        raise EvaluationError(f"{method} run {run_dir} trained on held-out example(s) {leaked[:5]}")
+        raise EvaluationError(f"{method} run {run_dir} trained on evaluated example(s) {leaked[:5]}")
+    trained_groups = {experiment.groups[i] for i in trained if i in experiment.groups}
+    shared = sorted({e.group for e in evaluated if e.group is not None} & trained_groups)
+    if shared:
+        raise EvaluationError(
+            f"{method} run {run_dir} trained on translations of evaluated item(s): groups {shared[:5]}"
+        )
+
+
+def check_same_split(expected: Experiment, method: str, run_dir: Path) -> None:
+    """Refuse a run whose training pools differ from the ones this evaluation expects, naming both budgets.
+
+    Raises:
+        EvaluationError: another scenario, split seed, task set or sample budget than expected.
+    """
+    splits = json.loads((run_dir / "splits.json").read_text())
+
+    def describe(scenario: object, seed: object, budgets: dict) -> str:
+        values = sorted({str(b) for b in budgets.values()})
+        return f"scenario {scenario}, data.split_seed {seed}, samples per task {', '.join(values) or '?'}"
+
+    theirs = describe(splits.get("scenario", "heldout"), splits.get("split_seed", "?"),
+                      {n: p.get("budget") for n, p in splits["train"].items()})  # fmt: skip
+    ours = describe(expected.scenario, expected.split_seed, expected.budgets)
+    if set(splits["train"]) != set(expected.train):
+        raise EvaluationError(
+            f"{method} run {run_dir} trained on tasks {sorted(splits['train'])[:5]}..., "
+            f"this evaluation expects {sorted(expected.train)[:5]}... ({theirs} vs {ours})"
+        )
+    for name, pools in expected.train.items():
+        recorded = splits["train"][name]
+        if set(recorded["support"] + recorded["query"]) != {e.id for e in pools.support + pools.query}:
+            raise EvaluationError(
+                f"{method} run {run_dir} trained task '{name}' on another split or budget than this evaluation "
+                f"expects: the run has {theirs}; this evaluation has {ours}"
+            )
 
 
 def run_evaluation(cfg: Config, train_missing: bool = False) -> Path:
-    """Evaluate every method of `cfg.eval.methods` few-shot on the held-out tasks and write the tables.
+    """Evaluate every method of `cfg.eval.methods` and write the tables and figures.
+
+    The held-out tasks are scored few-shot; in the seen scenario the training tasks are scored on their
+    own test sets as well (`setting` column). Every training seed of a trained method is scored.
 
     Args:
         cfg: the config (data, LoRA, eval and baseline settings; the run directory receives eval/).
@@ -129,32 +238,62 @@ def run_evaluation(cfg: Config, train_missing: bool = False) -> Path:
         The eval directory.
 
     Raises:
-        EvaluationError: no held-out tasks, a missing run, or a run that saw held-out data.
+        EvaluationError: nothing to evaluate, a missing run, a run trained on another split or budget, a
+            run that saw evaluated data, or shot counts larger than a task's adaptation pool.
     """
-    experiment = build_experiment(cfg.data, cfg.train.seed)
-    if not experiment.heldout:
-        raise EvaluationError("no held-out tasks to evaluate on: set data.heldout_tasks (glob patterns)")
+    experiment = build_experiment(cfg.data, cfg.eval.scenario)
+    evaluated = _evaluated_pools(experiment)
+    if not evaluated:
+        raise EvaluationError("no tasks to evaluate on: set data.heldout_tasks (glob patterns) or eval.scenario=seen")
+    _check_shots(cfg, evaluated)
     runs = ensure_trained(cfg, list(cfg.eval.methods), train_missing)
-    for method, run_dir in runs.items():
-        check_no_leak(experiment, method, run_dir)
+    expected: dict[str, Experiment] = {}
+    for run in runs:
+        method_cfg = config_for_method(cfg, run.method, run.train_seed)
+        key = repr(method_cfg.data.samples_per_task)
+        if key not in expected:
+            expected[key] = build_experiment(method_cfg.data, cfg.eval.scenario)
+        check_same_split(expected[key], run.method, run.run_dir)
+        check_no_leak(experiment, run.method, run.run_dir)
     out = cfg.run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
-    rows = _evaluate_methods(cfg, experiment, runs)
+    rows = _evaluate_methods(cfg, evaluated, runs)
     results = pd.DataFrame(rows_as_dicts(rows))
-    _write_csv(results, out / "results.csv")
-    summary = summarise(results)
-    _write_csv(summary, out / "summary.csv")
-    _write_csv(significance(results, reference=cfg.eval.reference), out / "significance.csv")
-    few_shot_figure(summary, out / "few_shot.png")
+    write_statistics(results, out, cfg.eval.reference)
     if runs:
-        efficiency = efficiency_table(runs)
+        efficiency = efficiency_table([(r.method, r.train_seed, r.run_dir) for r in runs])
         _write_csv(efficiency, out / "efficiency.csv")
         efficiency_figure(efficiency, out / "efficiency.png")
     return out
 
 
-def _evaluate_methods(cfg: Config, experiment: Experiment, runs: dict[str, Path]) -> list[EvalRow]:
+def write_statistics(results: pd.DataFrame, out: Path, reference: str) -> None:
+    """Write results.csv, summary.csv, significance.csv and the few-shot figure from a result table.
+
+    Also the way to recompute the tables of an older eval directory from its results.csv.
+    """
+    _write_csv(results, out / "results.csv")
+    summary = summarise(results)
+    _write_csv(summary, out / "summary.csv")
+    _write_csv(significance(results, reference=reference), out / "significance.csv")
+    few_shot_figure(summary, out / "few_shot.png", results=results)
+
+
+def _check_shots(cfg: Config, evaluated: dict[str, dict[str, HeldoutPools]]) -> None:
+    for setting, pools in evaluated.items():
+        for name, pool in pools.items():
+            too_many = [n for n in cfg.eval.n_shots if n > len(pool.adapt)]
+            if too_many:
+                raise EvaluationError(
+                    f"eval.n_shots {too_many} exceed the {len(pool.adapt)} examples {setting} task '{name}' "
+                    "can adapt on (its adaptation pool, or in the seen scenario its sample budget)"
+                )
+
+
+def _evaluate_methods(
+    cfg: Config, evaluated: dict[str, dict[str, HeldoutPools]], runs: list[TrainedRun]
+) -> list[EvalRow]:
     device = pick_device(cfg.train.cpu)
     model, tokenizer = load_model(cfg.model)
     model.to(device)
@@ -163,19 +302,24 @@ def _evaluate_methods(cfg: Config, experiment: Experiment, runs: dict[str, Path]
     settings = AdaptSettings(cfg.eval.adapt_steps, cfg.eval.adapt_lr, cfg.meta.inner_optimizer,
                              cfg.meta.inner_batch_size)  # fmt: skip
 
-    def curve(net: torch.nn.Module, method: str, init: dict, shots: list[int], how: AdaptSettings) -> list[EvalRow]:
-        return evaluate_init(net, method, init, experiment.heldout, encoder, shots, cfg.eval.seeds, how,
-                             cfg.eval.max_test, cfg.eval.batch_size)  # fmt: skip
+    def curve(net: torch.nn.Module, method: str, init: dict, shots: list[int], how: AdaptSettings,
+              train_seed: int = SINGLE_TRAINING_SEED) -> list[EvalRow]:  # fmt: skip
+        rows = []
+        for setting, pools in evaluated.items():
+            scored = evaluate_init(net, method, init, pools, encoder, shots, cfg.eval.seeds, how,
+                                   cfg.eval.max_test, cfg.eval.batch_size)  # fmt: skip
+            rows += [replace(row, setting=setting, train_seed=train_seed) for row in scored]
+        return rows
 
     methods = list(cfg.eval.methods)
     rows: list[EvalRow] = []
-    if "fomaml" in methods:
+    for run in (r for r in runs if r.method == "fomaml"):
         full_model, _ = load_model(cfg.model)
-        load_full_weights(full_model, runs["fomaml"] / "model")
+        load_full_weights(full_model, run.weights)
         full_model.to(device)
         full_model.eval()
         init = {k: v.detach() for k, v in full_model.named_parameters()}
-        rows += curve(full_model, "fomaml", init, list(cfg.eval.n_shots), settings)
+        rows += curve(full_model, "fomaml", init, list(cfg.eval.n_shots), settings, run.train_seed)
         del full_model, init
     # The fresh init of the `lora` and `full_data` methods: the one meta-training started from.
     peft_model = attach_lora(model, cfg.lora, seed=cfg.train.seed)
@@ -190,8 +334,9 @@ def _evaluate_methods(cfg: Config, experiment: Experiment, runs: dict[str, Path]
         elif method == "full_data":
             rows += curve(peft_model, "full_data", fresh, [FULL_DATA_SHOTS], full_data)
         elif method != "fomaml":
-            init = adapter_init(peft_model, runs[method] / "adapter")
-            rows += curve(peft_model, method, init, list(cfg.eval.n_shots), settings)
+            for run in (r for r in runs if r.method == method):
+                init = adapter_init(peft_model, run.weights)
+                rows += curve(peft_model, method, init, list(cfg.eval.n_shots), settings, run.train_seed)
     return rows
 
 

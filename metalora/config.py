@@ -21,8 +21,11 @@ from metalora.io import atomic_write_text
 
 ALGORITHMS = ("metalora", "reptile", "fomaml", "multitask")
 # Initialisations few-shot evaluation can compare; the trained ones are read from run directories.
-METHODS = ("base", "lora", "multitask", "metalora", "reptile", "fomaml", "full_data")
-TRAINED_METHODS = ("multitask", "metalora", "reptile", "fomaml")
+METHODS = ("base", "lora", "multitask", "multitask_full", "metalora", "reptile", "fomaml", "full_data")
+TRAINED_METHODS = ("multitask", "multitask_full", "metalora", "reptile", "fomaml")
+SCENARIOS = ("heldout", "seen")
+# A per-task sample budget that takes every example not set aside for testing.
+ALL_SAMPLES = "all"
 INNER_OPTIMIZERS = ("sgd", "adam")
 DTYPES = ("float32", "bfloat16", "float16")
 CPU_DROPOUT_MASKS = ("numpy", "torch")
@@ -78,8 +81,16 @@ class MetaConfig:
     inner_batch_size: int = 4
     # Inner-loop optimizer: adam or sgd (functional; its state lives inside the loop).
     inner_optimizer: str = "adam"
-    # Meta-optimizer (stage 2) learning rate; for reptile the outer step size.
+    # Meta-optimizer (stage 2) learning rate of metalora and fomaml (AdamW).
     meta_lr: float = 5e-5
+    # AdamW weight decay of the meta-optimizer (metalora, fomaml) and the multi-task baseline.
+    weight_decay: float = 0.01
+    # Clip the meta-gradient to this global L2 norm before the meta-optimizer step (0 = no clipping).
+    # The norm before clipping is logged every step either way.
+    max_grad_norm: float = 0.0
+    # Reptile's outer step size: the shared weights move this fraction of the way to the mean adapted
+    # weights each meta-step (plain SGD on the displacement; Nichol et al. use values of order 0.1-1).
+    reptile_step_size: float = 0.5
     # Tasks per meta-batch.
     meta_batch_size: int = 4
     # Support examples drawn per task and episode.
@@ -115,12 +126,21 @@ class DataConfig:
     heldout_tasks: list[str] = field(default_factory=list)
     # Glob patterns removed from both lists.
     exclude_tasks: list[str] = field(default_factory=list)
-    # Cap on examples per meta-training task (support pool + query pool).
-    max_samples_per_task: int = 300
+    # Seed of the splits (which example goes to which pool), fixed across training replicates.
+    split_seed: int = 0
+    # Sample budget of each training task: the only examples any method trains on for it (support pool +
+    # query pool). An integer, "all", or a mapping from task glob to an integer or "all" (the first
+    # matching glob wins), e.g. {xcopa_it: all, "*": 100}. Examples set aside for testing never count.
+    samples_per_task: Any = 100
     # Share of a meta-training task's examples that goes to its support pool (the rest is the query pool).
     support_fraction: float = 0.5
-    # Examples of each held-out task kept as its test set (never used for adaptation).
+    # Examples of each evaluated task kept as its test set (never used for training or adaptation): the
+    # held-out tasks, and in the seen scenario the training tasks too (carved out before the budget).
     n_test: int = 100
+    # Cap on a held-out task's adaptation pool (0 = every example left after its test set). In a suite
+    # whose examples carry `group` (translations of one item), a group in an adaptation pool is kept out of
+    # every training pool, so an uncapped pool can leave the training tasks nothing.
+    max_adapt_pool: int = 0
     # Prompt template; {instruction} and {input} are filled in.
     prompt_template: str = "{instruction}\nInput: {input}\nOutput:"
     # Put the task instruction into the prompt.
@@ -133,6 +153,9 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
+    # heldout: score the held-out tasks (transfer to tasks never trained on). seen: also carve a test set
+    # out of every training task first and score the training tasks on it (the paper's main comparison).
+    scenario: str = "heldout"
     # Shot counts of the few-shot curves (0 = no adaptation).
     n_shots: list[int] = field(default_factory=lambda: [0, 5, 10, 25, 50])
     # Seeds per (task, shots) point.
@@ -145,7 +168,8 @@ class EvalConfig:
     max_test: int = 100
     # Examples per forward pass while scoring.
     batch_size: int = 16
-    # Initialisations to compare: base, lora, multitask, metalora, reptile, fomaml, full_data.
+    # Initialisations to compare: base, lora, multitask, multitask_full (multi-task LoRA on every
+    # non-test example of the training tasks), metalora, reptile, fomaml, full_data.
     methods: list[str] = field(default_factory=lambda: ["base", "lora", "multitask", "metalora"])
     # Run directory per trained method; missing ones default to <output_dir>/<run_name>-<method>
     # (and this config's own meta.algorithm to <output_dir>/<run_name>).
@@ -160,6 +184,8 @@ class BaselineConfig:
     multitask_lr: float = 1e-4
     # Example-gradients the multi-task baseline trains on; 0 matches the meta-training run of this config.
     multitask_example_gradients: int = 0
+    # Passes over its pooled data that multitask_full trains for (at least the multitask budget).
+    multitask_full_epochs: float = 1.0
     # Adaptation steps of the full-data LoRA reference on a held-out task's whole adaptation pool.
     full_data_steps: int = 100
     # Learning rate of the full-data LoRA reference.
@@ -170,8 +196,11 @@ class BaselineConfig:
 class TrainConfig:
     # Meta-steps to run.
     steps: int = 100
-    # Master seed: episodes and dropout are pure functions of (seed, step, task slot).
+    # Master seed: episodes and dropout are pure functions of (seed, step, task slot). Splits use it too.
     seed: int = 0
+    # Training replicates of every trained method compared by `metalora eval`: runs with seeds seed,
+    # seed+1, ... side by side (`<run>-seed<N>`); the statistics treat them as a second level under tasks.
+    seeds: int = 1
     # Parent directory of run directories.
     output_dir: str = "outputs"
     # Run directory name under output_dir.
@@ -271,7 +300,19 @@ def _check_values(cfg: Config) -> None:
         ),
         ("data.suites", len(cfg.data.suites) > 0, "a non-empty list"),
         ("data.support_fraction", 0.0 < cfg.data.support_fraction < 1.0, "in (0, 1)"),
-        ("data.max_samples_per_task", cfg.data.max_samples_per_task > 1, "> 1"),
+        ("data.max_adapt_pool", cfg.data.max_adapt_pool >= 0, ">= 0"),
+        ("eval.scenario", cfg.eval.scenario in SCENARIOS, f"one of {SCENARIOS}"),
+        ("meta.weight_decay", cfg.meta.weight_decay >= 0, ">= 0"),
+        ("meta.max_grad_norm", cfg.meta.max_grad_norm >= 0, ">= 0 (0 = no clipping)"),
+        ("meta.reptile_step_size", cfg.meta.reptile_step_size > 0, "positive"),
+        (
+            "meta.first_order",
+            cfg.meta.first_order or cfg.meta.algorithm == "metalora",
+            "true unless meta.algorithm is metalora: fomaml and reptile are first-order algorithms by definition, "
+            "and multitask has no inner loop",
+        ),
+        ("train.seeds", cfg.train.seeds > 0, "a positive integer"),
+        ("baseline.multitask_full_epochs", cfg.baseline.multitask_full_epochs > 0, "positive"),
         ("data.n_test", cfg.data.n_test > 0, "positive"),
         ("eval.n_shots", all(n >= 0 for n in cfg.eval.n_shots), "non-negative integers"),
         ("eval.seeds", cfg.eval.seeds > 0, "positive"),
@@ -290,9 +331,31 @@ def _check_values(cfg: Config) -> None:
     for key, ok, expected in checks:
         if not ok:
             raise ConfigError(f"bad value for '{key}': expected {expected}")
+    _check_budget(cfg.data.samples_per_task)
     for placeholder in ("{input}",):
         if placeholder not in cfg.data.prompt_template:
             raise ConfigError(f"bad value for 'data.prompt_template': it must contain {placeholder}")
+
+
+def _check_budget(budget: Any) -> None:
+    """`data.samples_per_task`: an integer > 1, "all", or a non-empty glob -> (integer > 1 or "all") mapping."""
+
+    def valid(value: Any) -> bool:
+        return value == ALL_SAMPLES or (isinstance(value, int) and not isinstance(value, bool) and value > 1)
+
+    if isinstance(budget, dict):
+        if not budget:
+            raise ConfigError("bad value for 'data.samples_per_task': an empty mapping (give at least '*')")
+        for pattern, value in budget.items():
+            if not valid(value):
+                raise ConfigError(
+                    f"bad value for 'data.samples_per_task.{pattern}': {value!r}; expected an integer > 1 or 'all'"
+                )
+    elif not valid(budget):
+        raise ConfigError(
+            f"bad value for 'data.samples_per_task': {budget!r}; expected an integer > 1, 'all', "
+            "or a mapping from task glob to either"
+        )
 
 
 def load_config(

@@ -11,8 +11,9 @@ import pandas as pd
 from metalora.checkpoint import directory_bytes, latest_checkpoint
 
 EFFICIENCY_COLUMNS = [
-    "method", "run_dir", "steps", "example_gradients", "time_per_step_s", "tokens_per_s", "peak_memory_mb",
-    "memory_measure", "trainable_parameters", "final_weights_bytes", "checkpoint_bytes", "device", "processes",
+    "method", "train_seed", "run_dir", "steps", "example_gradients", "time_per_step_s", "tokens_per_s",
+    "peak_memory_mb", "memory_measure", "trainable_parameters", "final_weights_bytes", "checkpoint_bytes", "device",
+    "processes",
 ]  # fmt: skip
 
 
@@ -24,7 +25,7 @@ def read_metrics(run_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
 
 
-def run_efficiency(method: str, run_dir: str | Path) -> dict[str, object]:
+def run_efficiency(method: str, run_dir: str | Path, train_seed: int = -1) -> dict[str, object]:
     """One run's efficiency row.
 
     Time per step and tokens/s are medians over the logged steps after the first (which pays for
@@ -48,6 +49,7 @@ def run_efficiency(method: str, run_dir: str | Path) -> dict[str, object]:
 
     return {
         "method": method,
+        "train_seed": train_seed,
         "run_dir": str(run_dir),
         "steps": summary["steps"],
         "example_gradients": summary.get("example_gradients"),
@@ -64,13 +66,6 @@ def run_efficiency(method: str, run_dir: str | Path) -> dict[str, object]:
     }
 
 
-def efficiency_table(runs: dict[str, Path]) -> pd.DataFrame:
-    """Efficiency rows of several runs.
-
-    Args:
-        runs: method name -> run directory.
-
-    Returns:
-        One row per run, columns EFFICIENCY_COLUMNS.
-    """
-    return pd.DataFrame([run_efficiency(m, d) for m, d in runs.items()], columns=EFFICIENCY_COLUMNS)
+def efficiency_table(runs: list[tuple[str, int, Path]]) -> pd.DataFrame:
+    """Efficiency rows of several runs, given as (method, training seed, run directory); columns EFFICIENCY_COLUMNS."""
+    return pd.DataFrame([run_efficiency(m, d, s) for m, s, d in runs], columns=EFFICIENCY_COLUMNS)

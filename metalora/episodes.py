@@ -73,7 +73,7 @@ class EpisodeSampler:
                 raise TaskError(
                     f"task '{name}' has {len(pool.support)} support / {len(pool.query)} query examples; "
                     f"an episode needs n_support={n_support} and n_query={n_query} "
-                    "(lower them or raise data.max_samples_per_task)"
+                    "(lower them or raise data.samples_per_task)"
                 )
         self.pools = pools
         self.names = sorted(pools)

@@ -47,6 +47,10 @@ class EvalRow:
     n_test: int
     adapt_seconds: float
     test_loss: float
+    # heldout (a task never trained on) or seen (a training task's own test set).
+    setting: str = "heldout"
+    # The training seed of the evaluated initialisation; -1 for untrained methods and single runs.
+    train_seed: int = -1
 
 
 def draw_shots(pools: HeldoutPools, n_shots: int, seed: int) -> list[Example]:

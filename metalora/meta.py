@@ -7,8 +7,9 @@ step on it:
   all base weights instead of the LoRA weights.
 - multitask: no inner loop; the gradient of the loss on the task's support and query examples
   together at the shared weights (plain multi-task training, the multi-task LoRA baseline).
-- reptile: minus the mean displacement (adapted - shared), so an SGD meta-optimizer with lr = meta_lr
-  moves the shared weights by meta_lr x mean displacement.
+- reptile: minus the mean displacement (adapted - shared), so an SGD meta-optimizer with lr =
+  reptile_step_size moves the shared weights by that fraction of the mean displacement.
+The meta-gradient's global norm is measured every step and clipped to `max_grad_norm` when that is set.
 Each task's graph is freed before the next task starts, so memory does not grow with the meta-batch.
 """
 
@@ -25,6 +26,15 @@ from metalora.config import MetaConfig
 from metalora.episodes import Encoder, Episode
 from metalora.loss import batch_loss, count_input_tokens, count_target_tokens
 from metalora.tasks import Task
+
+
+@dataclass
+class MetaStepResult:
+    """What one meta-step reported: the per-task statistics of this process and the meta-gradient's norm."""
+
+    tasks: list[TaskStats]
+    # Global L2 norm of the summed meta-gradient before clipping (None when the step was skipped).
+    grad_norm: float | None
 
 
 @dataclass
@@ -213,7 +223,7 @@ def meta_step(
     total_tasks: int,
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
     can_step: Callable[[list[TaskStats]], bool] = lambda stats: True,
-) -> list[TaskStats]:
+) -> MetaStepResult:
     """Compute the meta-gradient of a meta-batch and take one meta-optimizer step.
 
     Args:
@@ -229,13 +239,16 @@ def meta_step(
         can_step: called with the statistics before the update; False skips it (e.g. a NaN loss).
 
     Returns:
-        The per-task statistics of this process.
+        The per-task statistics of this process and the meta-gradient's norm.
     """
     grads, stats = meta_gradients(model, shared, episodes, tasks, encoder, cfg, total_tasks)
     if not can_step(stats):
-        return stats
+        return MetaStepResult(stats, None)
     for tensor, grad in zip(shared.values(), grads, strict=True):
         tensor.grad = reduce(grad)
+    # An infinite bound measures the norm without changing the gradient.
+    bound = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(list(shared.values()), bound)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return stats
+    return MetaStepResult(stats, float(norm))

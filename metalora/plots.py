@@ -20,6 +20,7 @@ METHOD_LABELS = {
     "base": "base model (no adapter)",
     "lora": "standard LoRA (fresh init)",
     "multitask": "multi-task LoRA",
+    "multitask_full": "multi-task LoRA, full data",
     "metalora": "MeTA-LoRA",
     "reptile": "Reptile LoRA",
     "fomaml": "FOMAML (full weights)",
@@ -43,19 +44,43 @@ def _save(fig: plt.Figure, path: str | Path) -> plt.Figure:
     return fig
 
 
-def few_shot_figure(summary: pd.DataFrame, path: str | Path, title: str = "Few-shot adaptation on held-out tasks"):
-    """Score vs shots per method with 95 % CI bands; the full-data reference as a dashed line.
+def few_shot_figure(
+    summary: pd.DataFrame,
+    path: str | Path,
+    title: str = "Few-shot adaptation",
+    results: pd.DataFrame | None = None,
+):
+    """Score vs shots per method with 95 % CI bands, one panel per setting (held-out tasks, seen tasks).
 
-    Args:
-        summary: summary.csv rows (method, n_shots, mean, ci_low, ci_high).
-        path: PNG to write.
-        title: the figure title.
-
-    Returns:
-        The figure.
+    The full-data reference is a dashed line. With `results`, each training seed of a method trained
+    several times is drawn as a thin line of the method's colour (its mean over tasks): the spread
+    between training runs.
     """
     sns.set_theme(style="whitegrid")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if "setting" not in summary:
+        summary = summary.assign(setting="heldout")
+    settings = sorted(summary["setting"].unique())
+    fig, axes = plt.subplots(1, len(settings), figsize=(7 * len(settings), 4.5), squeeze=False)
+    for ax, setting in zip(axes[0], settings, strict=True):
+        _few_shot_panel(ax, summary[summary["setting"] == setting], _seed_curves(results, setting))
+        ax.set_title(f"{title}: {SETTING_LABELS.get(setting, setting)}")
+    return _save(fig, path)
+
+
+SETTING_LABELS = {"heldout": "held-out tasks", "seen": "training tasks' own test sets"}
+
+
+def _seed_curves(results: pd.DataFrame | None, setting: str) -> pd.DataFrame:
+    """Mean score per method x training seed x shots, for methods with several training seeds."""
+    if results is None or "train_seed" not in results:
+        return pd.DataFrame(columns=["method", "train_seed", "n_shots", "value"])
+    rows = results[results.get("setting", "heldout") == setting]
+    means = rows.groupby(["method", "train_seed", "n_shots"], as_index=False)["value"].mean()
+    replicated = means.groupby("method")["train_seed"].transform("nunique") > 1
+    return means[replicated]
+
+
+def _few_shot_panel(ax: plt.Axes, summary: pd.DataFrame, seed_curves: pd.DataFrame) -> None:
     curves = summary[summary["n_shots"] != FULL_DATA_SHOTS]
     for method in _method_order(curves["method"]):
         rows = curves[curves["method"] == method].sort_values("n_shots")
@@ -65,15 +90,18 @@ def few_shot_figure(summary: pd.DataFrame, path: str | Path, title: str = "Few-s
         ax.errorbar(rows["n_shots"], rows["mean"], yerr=[rows["mean"] - rows["ci_low"], rows["ci_high"] - rows["mean"]],
                     marker=marker, label=label, color=color, capsize=3)  # fmt: skip
         ax.fill_between(rows["n_shots"], rows["ci_low"], rows["ci_high"], alpha=0.12, color=color)
+        for _, seed_rows in seed_curves[seed_curves["method"] == method].groupby("train_seed"):
+            seed_rows = seed_rows[seed_rows["n_shots"] != FULL_DATA_SHOTS].sort_values("n_shots")
+            ax.plot(seed_rows["n_shots"], seed_rows["value"], color=color, linewidth=0.8, alpha=0.6, linestyle=":")
     for _, row in summary[summary["n_shots"] == FULL_DATA_SHOTS].iterrows():
         color = PALETTE.get(row["method"])
         ax.axhline(row["mean"], linestyle="--", color=color, label=METHOD_LABELS.get(row["method"], row["method"]))
         ax.axhspan(row["ci_low"], row["ci_high"], alpha=0.08, color=color)
-    ax.set_xlabel("shots (examples of the held-out task used for adaptation)")
-    ax.set_ylabel("score (accuracy / exact match)\nmean and 95 % CI over tasks x seeds")
-    ax.set_title(title)
+    ax.set_xlabel("shots (examples of the task used for adaptation)")
+    ax.set_ylabel("score (accuracy / exact match)\nmean and 95 % CI over tasks (and training seeds)")
+    if not seed_curves.empty:
+        ax.plot([], [], color="grey", linewidth=0.8, linestyle=":", label="one training seed (mean over tasks)")
     ax.legend(fontsize=8, loc="best")
-    return _save(fig, path)
 
 
 def efficiency_figure(efficiency: pd.DataFrame, path: str | Path):

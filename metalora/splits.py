@@ -2,20 +2,32 @@
 
 Meta-training tasks -> support pool / query pool. Held-out tasks -> adaptation pool / test set.
 Shots for few-shot evaluation are drawn from the adaptation pool only, so no test example can leak
-into adaptation. The split is a pure function of (seed, task name) and is recorded in the run dir.
+into adaptation. In the seen scenario each training task also gives up a test set before its sample
+budget is drawn. The split is a pure function of (data.split_seed, task name, example group) and is
+recorded in the run dir.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from metalora.config import DataConfig
+from metalora.config import ALL_SAMPLES, DataConfig
 from metalora.embedded_suite import embedded_suite
 from metalora.io import atomic_write_json
-from metalora.tasks import Example, Task, TaskError, TaskSuite, load_suite_dir, merge_suites, select_tasks
+from metalora.tasks import (
+    Example,
+    Task,
+    TaskError,
+    TaskSuite,
+    load_suite_dir,
+    match_tasks,
+    merge_suites,
+    select_tasks,
+)
 
 
 @dataclass
@@ -38,10 +50,20 @@ class HeldoutPools:
 
 @dataclass
 class Experiment:
-    """The tasks of an experiment with their pools."""
+    """The tasks of an experiment with their pools.
+
+    `seen` holds, in the seen scenario, each training task's test set with its budget as the adaptation
+    pool; `budgets` the examples each training task may train on; `groups` the group of every grouped
+    example of the selected tasks (by id), for the leak checks.
+    """
 
     train: dict[str, MetaPools]
     heldout: dict[str, HeldoutPools]
+    seen: dict[str, HeldoutPools] = field(default_factory=dict)
+    scenario: str = "heldout"
+    split_seed: int = 0
+    budgets: dict[str, int | str] = field(default_factory=dict)
+    groups: dict[str, str] = field(default_factory=dict)
 
 
 def task_seed(seed: int, *parts: object) -> int:
@@ -58,10 +80,32 @@ def task_seed(seed: int, *parts: object) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 
-def _shuffled(task: Task, seed: int) -> list[Example]:
+def _ordered(task: Task, seed: int) -> list[Example]:
+    """The task's examples in split order: seeded per task, or, when they carry groups, by a key of the group.
+
+    Ordering grouped examples by their group's key puts translations of one item at the same rank in every
+    task, so test sets carved from the front of each task hold the same items in every language.
+    """
     examples = list(task.examples)
+    if any(e.group is not None for e in examples):
+        return sorted(examples, key=lambda e: task_seed(seed, "group", e.group if e.group is not None else e.id))
     random.Random(task_seed(seed, "split", task.name)).shuffle(examples)
     return examples
+
+
+def _without_groups(examples: list[Example], taken: set[str]) -> list[Example]:
+    return [e for e in examples if e.group is None or e.group not in taken]
+
+
+def _groups(examples: list[Example]) -> set[str]:
+    return {e.group for e in examples if e.group is not None}
+
+
+def _split_meta(task: Task, used: list[Example], support_fraction: float) -> MetaPools:
+    if len(used) < 2:
+        raise TaskError(f"task '{task.name}' has {len(used)} example(s); a support/query split needs at least 2")
+    n_support = min(max(1, round(len(used) * support_fraction)), len(used) - 1)
+    return MetaPools(task=task, support=used[:n_support], query=used[n_support:])
 
 
 def meta_pools(task: Task, max_samples: int, support_fraction: float, seed: int) -> MetaPools:
@@ -79,11 +123,7 @@ def meta_pools(task: Task, max_samples: int, support_fraction: float, seed: int)
     Raises:
         TaskError: the task has fewer than two examples.
     """
-    used = _shuffled(task, seed)[:max_samples]
-    if len(used) < 2:
-        raise TaskError(f"task '{task.name}' has {len(used)} example(s); a support/query split needs at least 2")
-    n_support = min(max(1, round(len(used) * support_fraction)), len(used) - 1)
-    return MetaPools(task=task, support=used[:n_support], query=used[n_support:])
+    return _split_meta(task, _ordered(task, seed)[:max_samples], support_fraction)
 
 
 def heldout_pools(task: Task, n_test: int, seed: int) -> HeldoutPools:
@@ -101,7 +141,7 @@ def heldout_pools(task: Task, n_test: int, seed: int) -> HeldoutPools:
     Raises:
         TaskError: the task has fewer than two examples.
     """
-    examples = _shuffled(task, seed)
+    examples = _ordered(task, seed)
     if len(examples) < 2:
         raise TaskError(f"held-out task '{task.name}' has {len(examples)} example(s); it needs at least 2")
     n = min(n_test, len(examples) // 2)
@@ -114,26 +154,86 @@ def load_suites(cfg: DataConfig) -> TaskSuite:
     return merge_suites(loaded)
 
 
-def build_experiment(cfg: DataConfig, seed: int) -> Experiment:
-    """Load the suites, select tasks and split them.
-
-    Args:
-        cfg: data config (suites, task patterns, caps).
-        seed: the experiment seed.
-
-    Returns:
-        The experiment's pools.
+def resolve_budgets(names: list[str], budget: int | str | dict) -> dict[str, int | str]:
+    """Each training task's sample budget from `data.samples_per_task` (the first matching glob wins).
 
     Raises:
-        TaskError: invalid suites, patterns that match nothing, or no meta-training task.
+        TaskError: a glob that matches no training task, or a task no glob matches.
+    """
+    if not isinstance(budget, dict):
+        return {name: budget for name in names}
+    for pattern in budget:
+        match_tasks(names, [pattern], f"data.samples_per_task.{pattern}")
+    resolved = {}
+    for name in names:
+        matching = [value for pattern, value in budget.items() if fnmatch.fnmatchcase(name, pattern)]
+        if not matching:
+            raise TaskError(
+                f"data.samples_per_task: no glob matches training task '{name}' (add a default such as '*': 100)"
+            )
+        resolved[name] = matching[0]
+    return resolved
+
+
+def build_experiment(cfg: DataConfig, scenario: str = "heldout") -> Experiment:
+    """Load the suites, select tasks and split them, keeping every example group on one side.
+
+    The order of the carving is what keeps it leak-free: test sets first (held-out tasks, and training
+    tasks in the seen scenario), then held-out adaptation pools, then each training task's budget from
+    what is left. Any group that lands in a test set or an adaptation pool is removed from every later
+    pool of every task, so no item is trained on in one language and tested on in another.
+
+    Raises:
+        TaskError: invalid suites, patterns that match nothing, no training task, a budget larger than
+            what a task has left, or a seen task too small for its test set.
     """
     suite = load_suites(cfg)
     train, heldout = select_tasks(suite, cfg.train_tasks, cfg.heldout_tasks, cfg.exclude_tasks)
     if not train:
         raise TaskError("no meta-training tasks selected (check data.train_tasks and data.exclude_tasks)")
+    seed = cfg.split_seed
+    ordered = {name: _ordered(suite.tasks[name], seed) for name in train + heldout}
+    tests: dict[str, list[Example]] = {}
+    for name in heldout:
+        if len(ordered[name]) < 2:
+            raise TaskError(f"held-out task '{name}' has {len(ordered[name])} example(s); it needs at least 2")
+        tests[name] = ordered[name][: min(cfg.n_test, len(ordered[name]) // 2)]
+    if scenario == "seen":
+        for name in train:
+            if len(ordered[name]) < cfg.n_test + 2:
+                raise TaskError(
+                    f"seen task '{name}' has {len(ordered[name])} examples: a test set of data.n_test={cfg.n_test} "
+                    "must leave at least 2 for training (lower data.n_test or exclude the task)"
+                )
+            tests[name] = ordered[name][: cfg.n_test]
+    taken = set().union(*(_groups(t) for t in tests.values()))
+    rest = {name: _without_groups(ordered[name][len(tests.get(name, [])) :], taken) for name in ordered}
+    adapt = {name: rest[name][: cfg.max_adapt_pool or None] for name in heldout}
+    taken |= set().union(*(_groups(a) for a in adapt.values()))
+    budgets = resolve_budgets(train, cfg.samples_per_task)
+    pools = {}
+    for name in train:
+        available = _without_groups(rest[name], taken)
+        wanted = budgets[name]
+        if wanted != ALL_SAMPLES and wanted > len(available):
+            raise TaskError(
+                f"task '{name}': data.samples_per_task gives it {wanted} examples, but it has {len(available)} "
+                f"left for training (of {len(ordered[name])}; test sets and adaptation pools hold the rest)"
+            )
+        pools[name] = _split_meta(suite.tasks[name], available if wanted == ALL_SAMPLES else available[:wanted],
+                                  cfg.support_fraction)  # fmt: skip
     return Experiment(
-        train={n: meta_pools(suite.tasks[n], cfg.max_samples_per_task, cfg.support_fraction, seed) for n in train},
-        heldout={n: heldout_pools(suite.tasks[n], cfg.n_test, seed) for n in heldout},
+        train=pools,
+        heldout={n: HeldoutPools(suite.tasks[n], adapt=adapt[n], test=tests[n]) for n in heldout},
+        seen={
+            n: HeldoutPools(suite.tasks[n], adapt=p.support + p.query, test=tests[n])
+            for n, p in pools.items()
+            if scenario == "seen"
+        },  # fmt: skip
+        scenario=scenario,
+        split_seed=seed,
+        budgets=budgets,
+        groups={e.id: e.group for name in ordered for e in ordered[name] if e.group is not None},
     )
 
 
@@ -144,13 +244,20 @@ def save_splits(experiment: Experiment, run_dir: str | Path) -> Path:
         The path written.
     """
     record = {
+        "scenario": experiment.scenario,
+        "split_seed": experiment.split_seed,
         "train": {
-            n: {"support": [e.id for e in p.support], "query": [e.id for e in p.query]}
+            n: {
+                "budget": experiment.budgets.get(n),
+                "support": [e.id for e in p.support],
+                "query": [e.id for e in p.query],
+            }
             for n, p in experiment.train.items()
-        },
+        },  # fmt: skip
         "heldout": {
             n: {"adapt": [e.id for e in p.adapt], "test": [e.id for e in p.test]} for n, p in experiment.heldout.items()
         },
+        "seen": {n: {"test": [e.id for e in p.test]} for n, p in experiment.seen.items()},
     }
     path = Path(run_dir) / "splits.json"
     atomic_write_json(path, record)

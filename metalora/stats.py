@@ -1,59 +1,104 @@
-"""Summary statistics and significance tests over few-shot results (scipy does the statistics).
+"""Summary statistics and significance tests over few-shot results, with the task as the unit of inference.
 
-Paired comparisons pair two methods on the same (task, n_shots, seed) point: the same shots, the same
-test set, so the difference isolates the initialisation.
+Rows of a result table are repeated measures: several evaluation seeds (different shots, same test
+set) and several training seeds (independently trained initialisations) per task. Treating them as
+independent would shrink every interval, so each (task, training seed) cell is first averaged over its
+evaluation seeds, and the cells form a tasks x training-seeds grid with crossed random effects: a task
+is easy or hard for every run, a training run is lucky or unlucky on every task. The variance of the
+grid's mean is estimated from the two-way ANOVA mean squares,
+
+    Var(mean) = s_task^2 / T + s_seed^2 / S + s_resid^2 / (T S) = (MS_task + MS_seed - MS_resid) / (T S),
+
+with Satterthwaite's degrees of freedom, so an interval widens when training seeds disagree and reduces
+to the Student-t interval over task means when there is one training seed. Paired comparisons take the
+same route on per-cell differences (method minus reference); their p-values are Holm-adjusted across
+the shot counts of a comparison, and a Wilcoxon signed-rank test over the task means is reported as a
+distribution-free check.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
 CONFIDENCE = 0.95
-BOOTSTRAP_RESAMPLES = 2000
+POWER = 0.80
+# Training seeds of a method trained once, and of the untrained methods (base, lora, full_data).
+SINGLE_TRAINING_SEED = -1
+SUMMARY_COLUMNS = ["setting", "method", "n_shots", "mean", "ci_low", "ci_high", "n_tasks", "n_train_seeds", "n_rows"]
 SIGNIFICANCE_COLUMNS = [
-    "method", "reference", "n_shots", "n_pairs", "mean_diff", "ci_low", "ci_high", "p_wilcoxon", "p_holm",
+    "setting", "method", "reference", "n_shots", "n_tasks", "n_train_seeds", "mean_diff", "ci_low", "ci_high",
+    "effect_size_dz", "p_value", "p_holm", "p_wilcoxon_tasks", "detectable_diff_80",
 ]  # fmt: skip
 
 
+@dataclass
+class GridEstimate:
+    """Mean of a tasks x training-seeds grid with its standard error and degrees of freedom."""
+
+    mean: float
+    standard_error: float
+    dof: float
+    n_tasks: int
+    n_train_seeds: int
+
+    def interval(self, confidence: float = CONFIDENCE) -> tuple[float, float]:
+        """The Student-t interval; both ends equal the mean when the spread is zero or unknown."""
+        if not np.isfinite(self.dof) or self.standard_error == 0.0:
+            return self.mean, self.mean
+        half = stats.t.ppf(0.5 + confidence / 2, self.dof) * self.standard_error
+        return self.mean - half, self.mean + half
+
+    def p_value(self) -> float:
+        """Two-sided t-test of a zero mean (1.0 without spread and a zero mean; 0.0 without spread otherwise)."""
+        if not np.isfinite(self.dof) or self.standard_error == 0.0:
+            return 1.0 if self.mean == 0.0 else 0.0
+        return float(2 * stats.t.sf(abs(self.mean) / self.standard_error, self.dof))
+
+    def detectable_difference(self, alpha: float = 1 - CONFIDENCE, power: float = POWER) -> float:
+        """The smallest true mean this design finds with probability `power` in a two-sided test at `alpha`.
+
+        The usual normal-shift approximation of the t-test's power, (t_{1-alpha/2} + t_{power}) x SE, with the
+        standard error this grid showed; nan without spread.
+        """
+        if not np.isfinite(self.dof) or self.standard_error == 0.0:
+            return float("nan")
+        return float((stats.t.ppf(1 - alpha / 2, self.dof) + stats.t.ppf(power, self.dof)) * self.standard_error)
+
+
+def grid_estimate(grid: np.ndarray) -> GridEstimate:
+    """Mean and standard error of a complete tasks x training-seeds grid of cell means (crossed effects)."""
+    grid = np.asarray(grid, dtype=float)
+    n_tasks, n_seeds = grid.shape
+    mean = float(grid.mean())
+    if n_tasks < 2:
+        return GridEstimate(mean, 0.0, float("nan"), n_tasks, n_seeds)
+    task_means = grid.mean(axis=1)
+    if n_seeds == 1:
+        variance = float(task_means.var(ddof=1)) / n_tasks
+        return GridEstimate(mean, variance**0.5, float(n_tasks - 1), n_tasks, n_seeds)
+    seed_means = grid.mean(axis=0)
+    ms_task = n_seeds * float(task_means.var(ddof=1))
+    ms_seed = n_tasks * float(seed_means.var(ddof=1))
+    residual = grid - task_means[:, None] - seed_means[None, :] + mean
+    df_task, df_seed, df_resid = n_tasks - 1, n_seeds - 1, (n_tasks - 1) * (n_seeds - 1)
+    ms_resid = float((residual**2).sum()) / df_resid
+    # The unbiased combination can fall below what the tasks alone show when the residual is large; the
+    # tasks-only variance is then the floor, so a noisy grid never looks more precise than its task means.
+    combined = ms_task + ms_seed - ms_resid
+    if combined <= ms_task:
+        return GridEstimate(mean, (ms_task / (n_tasks * n_seeds)) ** 0.5, float(df_task), n_tasks, n_seeds)
+    dof = combined**2 / (ms_task**2 / df_task + ms_seed**2 / df_seed + ms_resid**2 / df_resid)
+    return GridEstimate(mean, (combined / (n_tasks * n_seeds)) ** 0.5, float(dof), n_tasks, n_seeds)
+
+
 def mean_ci(values: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float, float]:
-    """Mean and Student-t confidence interval of `values`.
-
-    Args:
-        values: observations.
-        confidence: interval coverage.
-
-    Returns:
-        (mean, low, high); low = high = mean for fewer than two observations or zero spread.
-    """
-    values = np.asarray(values, dtype=float)
-    mean = float(values.mean())
-    if len(values) < 2 or float(values.std()) == 0.0:
-        return mean, mean, mean
-    low, high = stats.t.interval(confidence, len(values) - 1, loc=mean, scale=stats.sem(values))
-    return mean, float(low), float(high)
-
-
-def paired_bootstrap_ci(differences: np.ndarray, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean of paired differences.
-
-    Args:
-        differences: per-point differences (method minus reference).
-        seed: resampling seed.
-
-    Returns:
-        (low, high); both equal the mean when there is no spread.
-    """
-    differences = np.asarray(differences, dtype=float)
-    if len(differences) < 2 or float(differences.std()) == 0.0:
-        mean = float(differences.mean())
-        return mean, mean
-    result = stats.bootstrap(
-        (differences,), np.mean, n_resamples=BOOTSTRAP_RESAMPLES, confidence_level=CONFIDENCE,
-        method="percentile", rng=np.random.default_rng(seed),
-    )  # fmt: skip
-    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+    """Mean and Student-t interval of independent `values`; low = high = mean without spread."""
+    estimate = grid_estimate(np.asarray(values, dtype=float)[:, None])
+    return (estimate.mean, *estimate.interval(confidence))
 
 
 def wilcoxon_p(differences: np.ndarray) -> float:
@@ -76,51 +121,133 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted.tolist()
 
 
+def _with_defaults(results: pd.DataFrame) -> pd.DataFrame:
+    """Results with the columns older tables lack: one setting, one training seed."""
+    results = results.copy()
+    if "setting" not in results:
+        results["setting"] = "heldout"
+    if "train_seed" not in results:
+        results["train_seed"] = SINGLE_TRAINING_SEED
+    return results
+
+
+def cell_means(rows: pd.DataFrame) -> pd.DataFrame:
+    """One method's rows averaged over evaluation seeds: a tasks x training-seeds grid (NaN where missing)."""
+    return rows.groupby(["task", "train_seed"])["value"].mean().unstack("train_seed")
+
+
+def _complete(grid: pd.DataFrame) -> pd.DataFrame:
+    """Drop tasks missing a training seed, so the grid is complete (a task counts only with all its runs)."""
+    return grid.dropna(axis=0, how="any")
+
+
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean and 95 % CI per method x n_shots over tasks x seeds.
+    """Mean and 95 % CI per setting x method x n_shots, over tasks and training seeds (see the module doc).
 
-    Args:
-        results: long-form rows with method, n_shots, value.
-
-    Returns:
-        Columns method, n_shots, mean, ci_low, ci_high, n.
+    `n_tasks` is the number of independent units behind the interval; `n_rows` counts every scored point.
     """
+    results = _with_defaults(results)
     rows = []
-    for (method, shots), group in results.groupby(["method", "n_shots"], sort=True):
-        mean, low, high = mean_ci(group["value"].to_numpy())
-        rows.append({"method": method, "n_shots": shots, "mean": mean, "ci_low": low, "ci_high": high,
-                     "n": len(group)})  # fmt: skip
-    return pd.DataFrame(rows)
+    for (setting, method, shots), group in results.groupby(["setting", "method", "n_shots"], sort=True):
+        grid = _complete(cell_means(group))
+        estimate = grid_estimate(grid.to_numpy())
+        low, high = estimate.interval()
+        rows.append({"setting": setting, "method": method, "n_shots": shots, "mean": estimate.mean,
+                     "ci_low": low, "ci_high": high, "n_tasks": estimate.n_tasks,
+                     "n_train_seeds": estimate.n_train_seeds, "n_rows": len(group)})  # fmt: skip
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def paired_grid(method_rows: pd.DataFrame, reference_rows: pd.DataFrame) -> pd.DataFrame:
+    """Per-cell differences (method minus reference) on the tasks both have.
+
+    A side with a single training seed (an untrained method, or a method trained once) is compared with
+    every training seed of the other; two trained sides are paired by training seed.
+    """
+    method_grid, reference_grid = cell_means(method_rows), cell_means(reference_rows)
+    tasks = method_grid.index.intersection(reference_grid.index)
+    method_grid, reference_grid = method_grid.loc[tasks], reference_grid.loc[tasks]
+    if method_grid.shape[1] == 1 and reference_grid.shape[1] > 1:
+        return _complete(reference_grid.rsub(method_grid.iloc[:, 0], axis=0))
+    if reference_grid.shape[1] == 1:
+        return _complete(method_grid.sub(reference_grid.iloc[:, 0], axis=0))
+    seeds = method_grid.columns.intersection(reference_grid.columns)
+    return _complete(method_grid[seeds] - reference_grid[seeds])
 
 
 def significance(results: pd.DataFrame, reference: str = "metalora") -> pd.DataFrame:
-    """Each method against `reference` at each n_shots, paired on (task, seed).
+    """Each method against `reference` at each setting and n_shots, tasks as the unit of inference.
 
-    Args:
-        results: long-form rows with method, task, n_shots, seed, value.
-        reference: the method every other is compared with.
-
-    Returns:
-        Columns method, reference, n_shots, n_pairs, mean_diff (method - reference), ci_low, ci_high,
-        p_wilcoxon, p_holm (Holm-adjusted across the shot counts of that method). No rows when the
-        reference is absent or is the only method.
+    Columns: mean_diff (method - reference) with its 95 % CI over tasks and training seeds; effect_size_dz
+    (mean task-level difference / its standard deviation over tasks); p_value (t-test of the grid's mean)
+    and p_holm (Holm-adjusted across the shot counts of that method and setting); p_wilcoxon_tasks (signed-rank
+    test over task means); detectable_diff_80 (the smallest difference this design detects with 80 % power).
+    No rows when the reference is absent or is the only method.
     """
-    if reference not in set(results["method"]):
-        return pd.DataFrame(columns=SIGNIFICANCE_COLUMNS)
-    keys = ["task", "n_shots", "seed"]
-    ref = results[results["method"] == reference].set_index(keys)["value"]
+    results = _with_defaults(results)
     rows = []
-    for method in sorted(set(results["method"]) - {reference}):
-        other = results[results["method"] == method].set_index(keys)["value"]
-        paired = pd.concat([other.rename("method"), ref.rename("reference")], axis=1, join="inner").dropna()
-        method_rows = []
-        for shots, group in paired.groupby(level="n_shots"):
-            diff = (group["method"] - group["reference"]).to_numpy()
-            low, high = paired_bootstrap_ci(diff)
-            method_rows.append({"method": method, "reference": reference, "n_shots": shots, "n_pairs": len(diff),
-                                "mean_diff": float(diff.mean()), "ci_low": low, "ci_high": high,
-                                "p_wilcoxon": wilcoxon_p(diff)})  # fmt: skip
-        for row, adjusted in zip(method_rows, holm([r["p_wilcoxon"] for r in method_rows]), strict=True):
-            row["p_holm"] = adjusted
-        rows.extend(method_rows)
+    for setting, in_setting in results.groupby("setting", sort=True):
+        methods = set(in_setting["method"])
+        if reference not in methods:
+            continue
+        reference_rows = in_setting[in_setting["method"] == reference]
+        for method in sorted(methods - {reference}):
+            method_rows = []
+            for shots, group in in_setting[in_setting["method"] == method].groupby("n_shots"):
+                grid = paired_grid(group, reference_rows[reference_rows["n_shots"] == shots])
+                if grid.empty:
+                    continue
+                method_rows.append(_comparison_row(setting, method, reference, shots, grid.to_numpy()))
+            for row, adjusted in zip(method_rows, holm([r["p_value"] for r in method_rows]), strict=True):
+                row["p_holm"] = adjusted
+            rows.extend(method_rows)
     return pd.DataFrame(rows, columns=SIGNIFICANCE_COLUMNS)
+
+
+def _comparison_row(setting: str, method: str, reference: str, shots: int, grid: np.ndarray) -> dict:
+    estimate = grid_estimate(grid)
+    low, high = estimate.interval()
+    task_diffs = grid.mean(axis=1)
+    spread = float(task_diffs.std(ddof=1)) if len(task_diffs) > 1 else 0.0
+    return {
+        "setting": setting, "method": method, "reference": reference, "n_shots": shots,
+        "n_tasks": estimate.n_tasks, "n_train_seeds": estimate.n_train_seeds, "mean_diff": estimate.mean,
+        "ci_low": low, "ci_high": high,
+        "effect_size_dz": estimate.mean / spread if spread > 0 else float("nan"),
+        "p_value": estimate.p_value(), "p_wilcoxon_tasks": wilcoxon_p(task_diffs),
+        "detectable_diff_80": estimate.detectable_difference(),
+    }  # fmt: skip
+
+
+def min_wilcoxon_p(n_tasks: int) -> float:
+    """The smallest two-sided p an exact signed-rank test over `n_tasks` can give (every sign alike)."""
+    return min(1.0, 2.0 / 2**n_tasks)
+
+
+def describe_comparison(row: pd.Series, labels: dict[str, str] | None = None) -> str:
+    """One plain sentence on a significance row: who is ahead, by how much, how sure, over how many tasks,
+    and what the design could have detected."""
+    labels = labels or {}
+    method, reference = labels.get(row["method"], row["method"]), labels.get(row["reference"], row["reference"])
+    shots = "the whole pool" if row["n_shots"] < 0 else f"{row['n_shots']} shots"
+    units = f"{row['n_tasks']} tasks" + (
+        f" x {row['n_train_seeds']} training seeds" if row["n_train_seeds"] > 1 else ""
+    )
+    diff = row["mean_diff"]
+    if diff > 0:
+        lead = f"{method} is ahead of {reference} by {diff:.3f}"
+    elif diff < 0:
+        lead = f"{reference} is ahead of {method} by {-diff:.3f}"
+    else:
+        lead = f"{method} and {reference} score the same"
+    verdict = "a clear difference" if row["p_holm"] < 1 - CONFIDENCE else "not a significant difference"
+    detectable = row["detectable_diff_80"]
+    power = (
+        f"; this design detects a difference of {detectable:.3f} or more with 80 % power"
+        if np.isfinite(detectable)
+        else ""
+    )
+    return (
+        f"At {shots} ({row['setting']} tasks), {lead} (95 % CI {row['ci_low']:+.3f} to {row['ci_high']:+.3f}, "
+        f"Holm p = {row['p_holm']:.3g}, over {units}): {verdict}{power}."
+    )

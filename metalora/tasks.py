@@ -1,7 +1,9 @@
 """Tasks and task suites in the canonical on-disk format, validated with file/line/field errors.
 
 A suite directory holds `tasks.json` ({"tasks": {name: {"instruction", "metric", "options"?...}}})
-and one `<name>.jsonl` per task ({"input", "target", ...} per line).
+and one `<name>.jsonl` per task ({"input", "target", "group"?, ...} per line). `group` marks examples that
+are the same item in different tasks (translations in a multilingual suite); every split keeps a group
+on one side.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ class TaskError(MetaloraError):
 
 @dataclass(frozen=True)
 class Example:
-    """One example; `id` is unique within its suite (`<task>:<line>`)."""
+    """One example; `id` is unique within its suite (`<task>:<line>`); `group` is shared by its translations."""
 
     id: str
     input: str
     target: str
+    group: str | None = None
 
 
 @dataclass
@@ -90,11 +93,14 @@ def _read_examples(path: Path, task: str, options: list[str] | None) -> list[Exa
             for key in ("input", "target"):
                 if not isinstance(row.get(key), str):
                     raise TaskError(f"{path}: line {line_no}: field '{key}' is missing or not a string")
+            group = row.get("group")
+            if group is not None and not isinstance(group, str):
+                raise TaskError(f"{path}: line {line_no}: field 'group' must be a string, got {type(group).__name__}")
             if options is not None and row["target"] not in options:
                 raise TaskError(
                     f"{path}: line {line_no}: field 'target' {row['target']!r} is not one of the task's options"
                 )
-            examples.append(Example(id=f"{task}:{line_no}", input=row["input"], target=row["target"]))
+            examples.append(Example(id=f"{task}:{line_no}", input=row["input"], target=row["target"], group=group))
     if not examples:
         raise TaskError(f"{path}: task '{task}' has no examples")
     return examples
@@ -147,10 +153,17 @@ def write_suite_dir(tasks: list[Task], directory: str | Path) -> Path:
         if task.family:
             meta["family"] = task.family
         manifest[task.name] = meta
-        lines = (json.dumps({"input": e.input, "target": e.target}, ensure_ascii=False) for e in task.examples)
+        lines = (json.dumps(_example_record(e), ensure_ascii=False) for e in task.examples)
         atomic_write_text(directory / f"{task.name}.jsonl", "\n".join(lines) + "\n")
     atomic_write_json(directory / "tasks.json", {"tasks": manifest})
     return directory
+
+
+def _example_record(example: Example) -> dict[str, str]:
+    record = {"input": example.input, "target": example.target}
+    if example.group is not None:
+        record["group"] = example.group
+    return record
 
 
 def merge_suites(suites: list[tuple[str, TaskSuite]]) -> TaskSuite:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from metalora.baselines import example_gradients, multitask_plan, planned_steps
@@ -64,7 +65,7 @@ def build_trainer(cfg: Config, device: torch.device | str = "cpu") -> Trainer:
     Returns:
         The trainer's parts.
     """
-    experiment = build_experiment(cfg.data, cfg.train.seed)
+    experiment = build_experiment(cfg.data, cfg.eval.scenario)
     model, tokenizer = load_model(cfg.model)
     model.to(device)
     if not cfg.meta.first_order and cfg.meta.algorithm == "metalora":
@@ -81,11 +82,11 @@ def build_trainer(cfg: Config, device: torch.device | str = "cpu") -> Trainer:
     if cfg.train.compile_layers:
         compile_decoder_layers(model)
     if cfg.meta.algorithm == "reptile":
-        optimizer: torch.optim.Optimizer = torch.optim.SGD(shared.values(), lr=cfg.meta.meta_lr)
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(shared.values(), lr=cfg.meta.reptile_step_size)
     elif cfg.meta.algorithm == "multitask":
-        optimizer = torch.optim.AdamW(shared.values(), lr=cfg.baseline.multitask_lr)
+        optimizer = torch.optim.AdamW(shared.values(), lr=cfg.baseline.multitask_lr, weight_decay=cfg.meta.weight_decay)
     else:
-        optimizer = torch.optim.AdamW(shared.values(), lr=cfg.meta.meta_lr)
+        optimizer = torch.optim.AdamW(shared.values(), lr=cfg.meta.meta_lr, weight_decay=cfg.meta.weight_decay)
     encoder = Encoder(
         tokenizer,
         cfg.data.prompt_template,
@@ -101,15 +102,28 @@ def build_trainer(cfg: Config, device: torch.device | str = "cpu") -> Trainer:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak CUDA memory allocated on `device`, or this process's peak resident set size on CPU."""
+    """Peak CUDA memory allocated on `device`, or this process's own peak resident set size on CPU.
+
+    On Linux the peak is read from /proc (VmHWM), which belongs to this process's address space and starts
+    afresh at exec; `ru_maxrss` would carry a parent's peak over into a child it started.
+    """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, the fallback elsewhere
 
 
-def step_metrics(step: int, stats: list[TaskStats], seconds: float, device: torch.device) -> dict[str, float]:
+def step_metrics(
+    step: int, stats: list[TaskStats], seconds: float, device: torch.device, grad_norm: float | None = None
+) -> dict[str, float]:
     """Flatten one meta-step's task statistics into the logged metrics."""
     metrics: dict[str, float] = {"step": step}
+    if grad_norm is not None:
+        metrics["stage2/grad_norm"] = grad_norm
     for s in stats:
         if s.first_inner_loss is not None:
             metrics[f"stage1/{s.task}/loss_first"] = s.first_inner_loss
@@ -122,6 +136,26 @@ def step_metrics(step: int, stats: list[TaskStats], seconds: float, device: torc
     metrics["system/tokens_per_s"] = sum(s.tokens for s in stats) / seconds
     metrics["system/peak_memory_mb"] = peak_memory_mb(device)
     return metrics
+
+
+def base_parameter_count(trainer: Trainer) -> int:
+    """Parameters of the frozen base model alone (the LoRA weights are not part of it; FOMAML has none)."""
+    total = count_parameters(trainer.model)["total"]
+    if trainer.cfg.meta.algorithm == "fomaml":
+        return total
+    return total - sum(t.numel() for t in trainer.shared.values())
+
+
+def tracker_config(cfg: Config) -> dict[str, object]:
+    """The resolved config as flat `group.key` hyperparameters; lists and mappings become strings, since
+    trackers such as TensorBoard accept only scalars."""
+    flat = OmegaConf.to_container(OmegaConf.structured(cfg))
+    hparams: dict[str, object] = {}
+    for group, values in flat.items():
+        for key, value in values.items():
+            scalar = isinstance(value, bool | int | float | str)
+            hparams[f"{group}.{key}"] = value if scalar else json.dumps(value)
+    return hparams
 
 
 def _losses_finite(stats: TaskStats) -> bool:
@@ -190,7 +224,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
         save_splits(trainer.experiment, run_dir)
         _truncate_metrics(metrics_path, start)
     if log_with:
-        accelerator.init_trackers(cfg.train.run_name)
+        accelerator.init_trackers(cfg.train.run_name, config=tracker_config(cfg))
 
     tasks = {name: pool.task for name, pool in trainer.experiment.train.items()}
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -210,10 +244,11 @@ def train(cfg: Config, resume: bool = False) -> Path:
         began = time.perf_counter()
         episodes = trainer.sampler.sample(step, rank, world)
         with accelerator.autocast():
-            stats = meta_step(
+            result = meta_step(
                 trainer.model, trainer.shared, episodes, tasks, trainer.encoder, cfg.meta, trainer.optimizer,
                 total_tasks=cfg.meta.meta_batch_size, reduce=reduce, can_step=all_finite,
             )  # fmt: skip
+        stats = result.tasks
         all_stats = gather_object(stats) if world > 1 else stats
         if not all(_losses_finite(s) for s in all_stats):
             if accelerator.is_main_process:
@@ -223,7 +258,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
                 f"non-finite loss at step {step} (tasks {bad}); the state after {step} steps is saved in "
                 f"{run_dir}/checkpoints/step_{step}. Lower meta.inner_lr or meta.meta_lr."
             )
-        metrics = step_metrics(step, all_stats, time.perf_counter() - began, accelerator.device)
+        metrics = step_metrics(step, all_stats, time.perf_counter() - began, accelerator.device, result.grad_norm)
         if accelerator.is_main_process:
             with metrics_path.open("a") as handle:
                 handle.write(json.dumps(metrics) + "\n")
@@ -247,7 +282,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
                 "processes": world,
                 "device": str(accelerator.device),
                 "trainable_parameters": sum(t.numel() for t in trainer.shared.values()),
-                "base_parameters": count_parameters(trainer.model)["total"],
+                "base_parameters": base_parameter_count(trainer),
                 "final_weights": str(exported.relative_to(run_dir)),
                 "final_weights_bytes": sum(f.stat().st_size for f in exported.rglob("*") if f.is_file()),
                 **({"budget": multitask_plan(cfg).budget} if cfg.meta.algorithm == "multitask" else {}),

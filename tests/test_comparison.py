@@ -14,6 +14,7 @@ from metalora.evaluation import draw_shots
 from metalora.loss import batch_loss
 from metalora.meta import meta_gradients
 from metalora.splits import build_experiment
+from metalora.stats import SUMMARY_COLUMNS
 from metalora.train import build_trainer
 
 SMOKE = ["params/base.yaml", "params/smoke.yaml"]
@@ -64,7 +65,7 @@ def test_multitask_gradient_is_the_pooled_loss_gradient_at_the_shared_weights():
 
 
 def test_full_data_shots_are_the_whole_adaptation_pool_and_never_the_test_set(tmp_path):
-    experiment = build_experiment(smoke_config(tmp_path).data, seed=0)
+    experiment = build_experiment(smoke_config(tmp_path).data)
     pools = experiment.heldout["add_9"]
     shots = draw_shots(pools, FULL_DATA_SHOTS, seed=1)
     assert sorted(e.id for e in shots) == sorted(e.id for e in pools.adapt)
@@ -79,7 +80,7 @@ def test_a_missing_run_is_a_clear_error(tmp_path):
 
 def test_a_run_that_trained_on_a_heldout_task_is_refused(tmp_path):
     cfg = smoke_config(tmp_path)
-    experiment = build_experiment(cfg.data, seed=0)
+    experiment = build_experiment(cfg.data)
     run_dir = tmp_path / "leaky"
     run_dir.mkdir()
     splits = {"train": {"caesar_7": {"support": ["x"], "query": ["y"]}}, "heldout": {}}
@@ -89,7 +90,7 @@ def test_a_run_that_trained_on_a_heldout_task_is_refused(tmp_path):
     test_id = experiment.heldout["add_9"].test[0].id
     splits = {"train": {"add_2": {"support": [test_id], "query": []}}, "heldout": {}}
     (run_dir / "splits.json").write_text(json.dumps(splits))
-    with pytest.raises(EvaluationError, match="held-out example"):
+    with pytest.raises(EvaluationError, match="evaluated example"):
         check_no_leak(experiment, "metalora", run_dir)
 
 
@@ -101,7 +102,8 @@ def test_eval_trains_missing_runs_and_writes_every_table(tmp_path):
 
     results = pd.read_csv(out / "results.csv")
     assert list(results.columns) == ["method", "task", "n_shots", "seed", "metric", "value", "n_test",
-                                     "adapt_seconds", "test_loss"]  # fmt: skip
+                                     "adapt_seconds", "test_loss", "setting", "train_seed"]  # fmt: skip
+    assert set(results["setting"]) == {"heldout"}
     assert set(results["task"]) == {"add_9", "caesar_7"}
     assert set(results[results["method"] == "base"]["n_shots"]) == {0}
     assert set(results[results["method"] == "full_data"]["n_shots"]) == {FULL_DATA_SHOTS}
@@ -113,12 +115,12 @@ def test_eval_trains_missing_runs_and_writes_every_table(tmp_path):
     assert (zero["metalora"] != zero["lora"]).any()
 
     summary = pd.read_csv(out / "summary.csv")
-    assert list(summary.columns) == ["method", "n_shots", "mean", "ci_low", "ci_high", "n"]
+    assert list(summary.columns) == SUMMARY_COLUMNS and set(summary["n_tasks"]) == {2}
     assert (summary["ci_low"] <= summary["mean"]).all() and (summary["mean"] <= summary["ci_high"]).all()
     significance = pd.read_csv(out / "significance.csv")
     assert set(significance["reference"]) == {"metalora"}
     assert set(significance["method"]) == {"base", "lora", "multitask"}
-    assert {"mean_diff", "ci_low", "ci_high", "p_wilcoxon", "p_holm"} <= set(significance.columns)
+    assert {"mean_diff", "ci_low", "ci_high", "p_value", "p_holm", "n_tasks"} <= set(significance.columns)
 
     efficiency = pd.read_csv(out / "efficiency.csv")
     assert list(efficiency.columns) == EFFICIENCY_COLUMNS

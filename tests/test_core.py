@@ -197,8 +197,8 @@ def test_fomaml_changes_the_base_weights():
     assert len(changed) > len(before) // 2
 
 
-def test_reptile_moves_shared_weights_by_meta_lr_times_mean_displacement():
-    trainer = trainer_for("meta.algorithm=reptile", "meta.meta_lr=0.5")
+def test_reptile_moves_shared_weights_by_its_step_size_times_mean_displacement():
+    trainer = trainer_for("meta.algorithm=reptile", "meta.reptile_step_size=0.5")
     nudge_lora_b(trainer)
     before = snapshot(trainer.shared)
     episodes = trainer.sampler.sample(0)
@@ -212,6 +212,36 @@ def test_reptile_moves_shared_weights_by_meta_lr_times_mean_displacement():
     run_steps(trainer, 1)
     for k, v in trainer.shared.items():
         torch.testing.assert_close(v.detach(), before[k] + 0.5 * displacement[k], rtol=1e-5, atol=1e-7)
+
+
+def test_a_default_reptile_step_moves_the_shared_lora_about_as_far_as_a_metalora_step():
+    moved = {}
+    for algorithm in ("metalora", "reptile"):
+        trainer = trainer_for(f"meta.algorithm={algorithm}")
+        nudge_lora_b(trainer)
+        before = snapshot(trainer.shared)
+        run_steps(trainer, 1)
+        moved[algorithm] = torch.sqrt(sum(((v.detach() - before[k]) ** 2).sum() for k, v in trainer.shared.items()))
+    # With the outer step on meta.meta_lr (1e-3 here) Reptile moved about 1000x less than MeTA-LoRA.
+    assert 0.1 < float(moved["reptile"] / moved["metalora"]) < 10
+
+
+def test_meta_gradient_is_clipped_and_its_norm_reported():
+    # Reptile's SGD outer step moves the weights by step size x gradient, so the clipped norm shows directly.
+    moved, norms = {}, {}
+    for bound in (0.0, 1e-4):
+        trainer = trainer_for("meta.algorithm=reptile", f"meta.max_grad_norm={bound}")
+        nudge_lora_b(trainer)
+        before = snapshot(trainer.shared)
+        cfg = trainer.cfg.meta
+        result = meta_step(trainer.model, trainer.shared, trainer.sampler.sample(0), tasks_of(trainer),
+                           trainer.encoder, cfg, trainer.optimizer, cfg.meta_batch_size)  # fmt: skip
+        norms[bound] = result.grad_norm
+        moved[bound] = float(torch.sqrt(sum(((v.detach() - before[k]) ** 2).sum() for k, v in trainer.shared.items())))
+    assert norms[0.0] == pytest.approx(norms[1e-4], rel=1e-5) and norms[0.0] > 1e-3
+    step = trainer.cfg.meta.reptile_step_size
+    assert moved[0.0] == pytest.approx(step * norms[0.0], rel=1e-3)
+    assert moved[1e-4] == pytest.approx(step * 1e-4, rel=1e-3)
 
 
 def test_target_only_loss_equals_the_full_logits_loss_and_ignores_padding():

@@ -3,7 +3,16 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from metalora.stats import holm, mean_ci, paired_bootstrap_ci, significance, summarise, wilcoxon_p
+from metalora.stats import (
+    describe_comparison,
+    grid_estimate,
+    holm,
+    mean_ci,
+    min_wilcoxon_p,
+    significance,
+    summarise,
+    wilcoxon_p,
+)
 
 
 def test_mean_ci_matches_the_t_interval():
@@ -24,35 +33,105 @@ def test_wilcoxon_matches_scipy_and_handles_all_zero():
     diff = np.array([0.1, 0.3, -0.05, 0.2, 0.4, 0.15, 0.25])
     assert wilcoxon_p(diff) == pytest.approx(sps.wilcoxon(diff).pvalue)
     assert wilcoxon_p(np.zeros(5)) == 1.0
+    assert min_wilcoxon_p(7) == pytest.approx(2 / 128)
 
 
-def test_paired_bootstrap_ci_brackets_the_mean_and_is_seeded():
-    diff = np.random.default_rng(0).normal(0.3, 0.1, size=40)
-    low, high = paired_bootstrap_ci(diff)
-    assert low < diff.mean() < high and high - low < 0.2
-    assert paired_bootstrap_ci(diff) == (low, high)
+def test_grid_estimate_matches_the_crossed_variance_formula():
+    rng = np.random.default_rng(3)
+    grid = rng.normal(size=(6, 3)) + rng.normal(size=(1, 3)) * 2  # a strong training-seed effect
+    estimate = grid_estimate(grid)
+    t, s = grid.shape
+    task_means, seed_means = grid.mean(1), grid.mean(0)
+    ms_task, ms_seed = s * task_means.var(ddof=1), t * seed_means.var(ddof=1)
+    resid = grid - task_means[:, None] - seed_means[None, :] + grid.mean()
+    ms_resid = (resid**2).sum() / ((t - 1) * (s - 1))
+    assert estimate.standard_error == pytest.approx(np.sqrt((ms_task + ms_seed - ms_resid) / (t * s)))
+    assert estimate.n_tasks == 6 and estimate.n_train_seeds == 3
+    # With one training seed it is the t-test over task means.
+    single = grid_estimate(grid[:, :1])
+    assert single.p_value() == pytest.approx(sps.ttest_1samp(grid[:, 0], 0).pvalue)
 
 
-def _results():
+def _table(task_effects, seed_effects=(0.0,), eval_seeds=4, diff=0.0, noise=0.05, rng=None, trained_reference=True):
+    """metalora and lora on each task; lora is untrained (one seed), metalora trained per seed."""
+    rng = rng or np.random.default_rng(0)
     rows = []
-    for task in ("a", "b", "c"):
-        for seed in range(4):
-            for shots in (0, 5):
-                base = 0.1 * seed + (0.2 if task == "b" else 0.0)
-                rows.append({"method": "metalora", "task": task, "n_shots": shots, "seed": seed, "value": base + 0.3})
-                rows.append({"method": "lora", "task": task, "n_shots": shots, "seed": seed, "value": base})
+    for task, effect in enumerate(task_effects):
+        for eval_seed in range(eval_seeds):
+            shared = rng.normal(0, noise)  # the same shots for both methods
+            rows.append({"method": "lora", "task": f"t{task}", "n_shots": 5, "seed": eval_seed, "train_seed": -1,
+                         "value": 0.4 + effect + shared})  # fmt: skip
+            for train_seed, seed_effect in enumerate(seed_effects):
+                value = 0.4 + effect + diff + seed_effect + shared + rng.normal(0, noise)
+                rows.append({"method": "metalora", "task": f"t{task}", "n_shots": 5, "seed": eval_seed,
+                             "train_seed": train_seed if trained_reference else -1, "value": value})  # fmt: skip
     return pd.DataFrame(rows)
 
 
+def test_evaluation_seeds_within_a_task_do_not_count_as_tasks():
+    rng = np.random.default_rng(1)
+    effects = rng.normal(0, 0.1, size=5)
+    few = summarise(_table(effects, eval_seeds=2, rng=np.random.default_rng(2)))
+    many = summarise(_table(effects, eval_seeds=40, rng=np.random.default_rng(2)))
+    width = {name: (t["ci_high"] - t["ci_low"]).to_numpy() for name, t in (("few", few), ("many", many))}
+    # Twenty times the evaluation seeds: the interval over five tasks barely changes (a row-level CI would
+    # shrink by sqrt(20) ~ 4.5x).
+    assert (width["many"] > 0.6 * width["few"]).all()
+    assert set(many["n_tasks"]) == {5} and set(many["n_rows"]) == {200}
+
+
+def test_a_difference_present_in_every_task_is_found():
+    rng = np.random.default_rng(4)
+    table = _table(rng.normal(0, 0.1, size=10), diff=0.1, rng=rng)
+    row = significance(table, reference="lora").iloc[0]
+    assert row["method"] == "metalora" and row["mean_diff"] == pytest.approx(0.1, abs=0.03)
+    assert row["p_holm"] < 0.01 and row["ci_low"] > 0 and row["effect_size_dz"] > 1
+    sentence = describe_comparison(row)
+    assert sentence.startswith("At 5 shots (heldout tasks), metalora is ahead of lora by 0.1")
+    assert "a clear difference" in sentence and "over 10 tasks" in sentence
+
+
+def test_false_positive_rate_near_nominal_when_there_is_no_difference():
+    rng = np.random.default_rng(5)
+    rejections = 0
+    trials = 300
+    for _ in range(trials):
+        table = _table(rng.normal(0, 0.1, size=8), eval_seeds=2, noise=0.1, rng=rng)
+        rejections += significance(table, reference="lora").iloc[0]["p_value"] < 0.05
+    assert 0.02 <= rejections / trials <= 0.09
+
+
+def test_disagreeing_training_seeds_widen_the_interval():
+    effects = np.random.default_rng(6).normal(0, 0.1, size=8)
+    agree = significance(_table(effects, seed_effects=(0.1, 0.1, 0.1), rng=np.random.default_rng(7)), "lora")
+    disagree = significance(_table(effects, seed_effects=(-0.1, 0.1, 0.3), rng=np.random.default_rng(7)), "lora")
+    assert agree.iloc[0]["mean_diff"] == pytest.approx(disagree.iloc[0]["mean_diff"], abs=1e-9)
+    width_agree = agree.iloc[0]["ci_high"] - agree.iloc[0]["ci_low"]
+    width_disagree = disagree.iloc[0]["ci_high"] - disagree.iloc[0]["ci_low"]
+    assert width_disagree > 3 * width_agree
+    assert agree.iloc[0]["p_value"] < 0.001 < disagree.iloc[0]["p_value"]
+    assert disagree.iloc[0]["n_train_seeds"] == 3
+
+
+def test_two_trained_methods_pair_by_training_seed_and_settings_stay_apart():
+    table = _table(np.linspace(-0.1, 0.1, 6), seed_effects=(0.0, 0.2), diff=0.05)
+    other = table[table["method"] == "metalora"].assign(method="multitask", value=lambda f: f["value"] - 0.05)
+    table = pd.concat([table, other, table.assign(setting="seen")]).fillna({"setting": "heldout"})
+    sig = significance(table, reference="metalora")
+    multitask = sig[(sig["method"] == "multitask") & (sig["setting"] == "heldout")].iloc[0]
+    assert multitask["mean_diff"] == pytest.approx(-0.05) and multitask["n_train_seeds"] == 2
+    assert set(sig["setting"]) == {"heldout", "seen"}
+    assert len(sig[sig["setting"] == "seen"]) == 1  # only lora is in the seen copy besides the reference
+
+
 def test_summary_and_significance_tables():
-    results = _results()
+    results = _table(np.linspace(0, 0.2, 3), diff=0.3, noise=0.0)
     summary = summarise(results)
-    assert list(summary.columns) == ["method", "n_shots", "mean", "ci_low", "ci_high", "n"]
-    assert set(summary["n"]) == {12}
-    sig = significance(results)
-    assert list(sig["n_shots"]) == [0, 5] and set(sig["method"]) == {"lora"}
-    assert sig["mean_diff"].tolist() == pytest.approx([-0.3, -0.3])
-    assert (sig["p_holm"] >= sig["p_wilcoxon"]).all()
+    assert list(summary.columns[:3]) == ["setting", "method", "n_shots"]
+    assert set(summary["n_tasks"]) == {3}
+    sig = significance(results, reference="metalora")
+    assert set(sig["method"]) == {"lora"}
+    assert sig["mean_diff"].tolist() == pytest.approx([-0.3])
     assert significance(results[results["method"] == "lora"]).empty
     alone = significance(results[results["method"] == "metalora"])
     assert alone.empty and list(alone.columns) == list(sig.columns)

@@ -139,7 +139,7 @@ def test_the_real_suite_loads_and_splits(shared_tasks):
     suite = load_suite_dir(shared_tasks)
     assert len(suite.tasks) == 49
     assert suite.tasks["sst2_sentiment"].options and suite.tasks["sst2_sentiment"].metric == "accuracy"
-    experiment = build_experiment(cfg.data, seed=0)
+    experiment = build_experiment(cfg.data)
     assert "lama_p17_country" in experiment.heldout and "lama_p17_country" not in experiment.train
     assert len(experiment.train) == sum(n.startswith("lama_") for n in suite.tasks) - 1
     for pools in experiment.heldout.values():

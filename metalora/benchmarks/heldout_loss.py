@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = train(cfg, resume=latest_checkpoint(cfg.run_dir) is not None)
     train_seconds = time.perf_counter() - began
 
-    experiment = build_experiment(cfg.data, cfg.train.seed)
+    experiment = build_experiment(cfg.data, cfg.eval.scenario)
     model, tokenizer = load_model(cfg.model)
     model = attach_lora(model, cfg.lora, seed=cfg.train.seed)  # the init meta-training started from
     model.eval()

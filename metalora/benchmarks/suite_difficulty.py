@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(files, defaults + overrides)
     torch.manual_seed(cfg.train.seed)
     began = time.perf_counter()
-    experiment = build_experiment(cfg.data, cfg.train.seed)
+    experiment = build_experiment(cfg.data, cfg.eval.scenario)
     model, tokenizer = load_model(cfg.model)
     model = attach_lora(model, cfg.lora)
     encoder = Encoder(tokenizer, cfg.data.prompt_template, cfg.data.use_instruction,
