@@ -37,6 +37,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         },
         "machine": describe_machine(),
         "model": cfg.model.name,
+        "scenario": cfg.eval.scenario,
+        "samples_per_task": cfg.data.samples_per_task,
+        "training_seeds": cfg.train.seeds,
     }
     model, _ = load_model(cfg.model)
     info["base_parameters"] = count_parameters(model)["total"]

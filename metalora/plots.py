@@ -5,16 +5,14 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import matplotlib
+# No backend is chosen here: matplotlib falls back to Agg where there is no display, and Jupyter keeps
+# its inline backend, so the user's own plots and the returned figures render there.
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
 
-matplotlib.use("Agg")  # files first; Jupyter still displays the returned figures
-
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-
-from metalora.baselines import FULL_DATA_SHOTS  # noqa: E402
-from metalora.io import atomic_write_bytes  # noqa: E402
+from metalora.baselines import FULL_DATA_SHOTS
+from metalora.io import atomic_write_bytes
 
 METHOD_LABELS = {
     "base": "base model (no adapter)",
@@ -40,6 +38,7 @@ def _save(fig: plt.Figure, path: str | Path) -> plt.Figure:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     atomic_write_bytes(path, buffer.getvalue())
+    # Closed so that Jupyter does not show it a second time at the end of the cell; display(fig) still works.
     plt.close(fig)
     return fig
 

@@ -14,7 +14,8 @@ import pandas as pd
 from metalora.efficiency import read_metrics
 from metalora.errors import MetaloraError
 from metalora.io import atomic_write_text
-from metalora.plots import training_curves
+from metalora.plots import METHOD_LABELS, training_curves
+from metalora.stats import describe_comparison
 
 
 class ReportError(MetaloraError):
@@ -32,9 +33,25 @@ def _figure(md_dir: Path, path: Path, caption: str) -> str:
     return f"![{caption}]({path.relative_to(md_dir).as_posix()})\n" if path.is_file() else ""
 
 
+def comparison_sentences(eval_dir: str | Path) -> list[str]:
+    """One plain sentence per row of an eval directory's significance.csv (empty when there is none)."""
+    path = Path(eval_dir) / "significance.csv"
+    if not path.is_file():
+        return []
+    return [describe_comparison(row, METHOD_LABELS) for _, row in pd.read_csv(path).iterrows()]
+
+
 def run_report(run_dir: Path) -> str:
-    """Markdown for a run directory (config.yaml, metrics.jsonl, eval/)."""
+    """Markdown for a run directory (config.yaml, metrics.jsonl, eval/): the comparisons in plain sentences
+    first, then the figures, then the tables."""
     parts = [f"# Run report: `{run_dir.name}`\n"]
+    sentences = comparison_sentences(run_dir / "eval")
+    if sentences:
+        parts.append("## What the comparison shows\n\n" + "\n".join(f"- {s}" for s in sentences) + "\n")
+    for name, caption in (("few_shot.png", "scores by method and shots"), ("efficiency.png", "efficiency")):
+        figure = _figure(run_dir, run_dir / "eval" / name, caption)
+        if figure:
+            parts.append(f"## Figure: {caption}\n\n{figure}")
     summary_json = run_dir / "summary.json"
     if summary_json.is_file():
         parts.append(f"## Training summary\n\n```json\n{summary_json.read_text().strip()}\n```\n")
@@ -44,17 +61,15 @@ def run_report(run_dir: Path) -> str:
         parts.append("## Training curves\n\n" + _figure(run_dir, run_dir / "training.png", "training curves"))
     eval_dir = run_dir / "eval"
     sections = [
-        ("Few-shot results (mean and 95 % CI over tasks x seeds; n_shots -1 = whole adaptation pool)", "summary.csv"),
-        ("Significance against the reference (paired on task and seed)", "significance.csv"),
+        ("Scores (mean and 95 % CI over tasks and training seeds; n_shots -1 = whole adaptation pool)",
+         "summary.csv"),
+        ("Paired differences against the reference (tasks are the unit; Holm-adjusted across shot counts)",
+         "significance.csv"),
         ("Efficiency (measured during training)", "efficiency.csv"),
-    ]
+    ]  # fmt: skip
     for title, name in sections:
         if (eval_dir / name).is_file():
             parts.append(f"## {title}\n\n" + _table(eval_dir / name))
-    for name, caption in (("few_shot.png", "few-shot curves"), ("efficiency.png", "efficiency")):
-        figure = _figure(run_dir, eval_dir / name, caption)
-        if figure:
-            parts.append(f"## Figure: {caption}\n\n{figure}")
     config = run_dir / "config.yaml"
     if config.is_file():
         parts.append(f"## Config\n\n```yaml\n{config.read_text().strip()}\n```\n")

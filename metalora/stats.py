@@ -224,30 +224,32 @@ def min_wilcoxon_p(n_tasks: int) -> float:
     return min(1.0, 2.0 / 2**n_tasks)
 
 
+SETTING_PHRASES = {"heldout": "on held-out tasks", "seen": "on the training tasks' own test sets"}
+
+
 def describe_comparison(row: pd.Series, labels: dict[str, str] | None = None) -> str:
-    """One plain sentence on a significance row: who is ahead, by how much, how sure, over how many tasks,
-    and what the design could have detected."""
+    """One plain sentence on a significance row: who is ahead, by how much (with the CI of that lead), how
+    sure, over how many tasks, and what the design could have detected."""
     labels = labels or {}
     method, reference = labels.get(row["method"], row["method"]), labels.get(row["reference"], row["reference"])
     shots = "the whole pool" if row["n_shots"] < 0 else f"{row['n_shots']} shots"
+    where = SETTING_PHRASES.get(row["setting"], f"on {row['setting']} tasks")
     units = f"{row['n_tasks']} tasks" + (
         f" x {row['n_train_seeds']} training seeds" if row["n_train_seeds"] > 1 else ""
     )
-    diff = row["mean_diff"]
-    if diff > 0:
-        lead = f"{method} is ahead of {reference} by {diff:.3f}"
-    elif diff < 0:
-        lead = f"{reference} is ahead of {method} by {-diff:.3f}"
+    diff, low, high = row["mean_diff"], row["ci_low"], row["ci_high"]
+    if diff >= 0:
+        lead = f"{method} is ahead of {reference} by {diff:.3f}" if diff > 0 else f"{method} ties with {reference}"
     else:
-        lead = f"{method} and {reference} score the same"
+        lead, low, high = f"{reference} is ahead of {method} by {-diff:.3f}", -high, -low
     verdict = "a clear difference" if row["p_holm"] < 1 - CONFIDENCE else "not a significant difference"
     detectable = row["detectable_diff_80"]
     power = (
-        f"; this design detects a difference of {detectable:.3f} or more with 80 % power"
+        f" This design detects differences of {detectable:.3f} or more with 80 % power."
         if np.isfinite(detectable)
         else ""
     )
     return (
-        f"At {shots} ({row['setting']} tasks), {lead} (95 % CI {row['ci_low']:+.3f} to {row['ci_high']:+.3f}, "
-        f"Holm p = {row['p_holm']:.3g}, over {units}): {verdict}{power}."
+        f"At {shots} {where}, {lead} (95 % CI {low:.3f} to {high:.3f}; Holm p = {row['p_holm']:.2g}; "
+        f"{units}): {verdict}.{power}"
     )

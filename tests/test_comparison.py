@@ -131,3 +131,60 @@ def test_eval_trains_missing_runs_and_writes_every_table(tmp_path):
         assert (out / figure).stat().st_size > 10_000
     summary_json = json.loads((tmp_path / "smoke-multitask" / "summary.json").read_text())
     assert summary_json["algorithm"] == "multitask" and "matching a metalora run" in summary_json["budget"]
+
+
+@pytest.mark.slow
+def test_seen_scenario_with_training_replicates_and_the_full_data_baseline(tmp_path):
+    cfg = smoke_config(tmp_path, "eval.scenario=seen", "train.seeds=2", "data.samples_per_task=12",
+                       "eval.methods=[base,lora,multitask_full,metalora]", "baseline.multitask_full_epochs=0.05",
+                       "eval.n_shots=[0,4]", "data.heldout_tasks=[add_9]",
+                       "data.train_tasks=[add_2,linear_3,caesar_3]")  # fmt: skip
+    out = run_evaluation(cfg, train_missing=True)
+    results = pd.read_csv(out / "results.csv")
+    assert set(results["setting"]) == {"seen", "heldout"}
+    assert set(results[results["setting"] == "seen"]["task"]) == {"add_2", "linear_3", "caesar_3"}
+    assert set(results[results["method"] == "metalora"]["train_seed"]) == {0, 1}
+    assert set(results[results["method"] == "lora"]["train_seed"]) == {-1}
+    for seed in (0, 1):
+        assert method_run_dir(cfg, "metalora", seed) == tmp_path / f"smoke-seed{seed}"
+        full = tmp_path / f"smoke-multitask_full-seed{seed}"
+        splits = json.loads((full / "splits.json").read_text())
+        assert splits["scenario"] == "seen" and {p["budget"] for p in splits["train"].values()} == {"all"}
+        assert load_config([full / "config.yaml"]).train.seed == seed
+    summary = pd.read_csv(out / "summary.csv")
+    trained = summary[(summary["method"] == "metalora") & (summary["setting"] == "seen")]
+    assert set(trained["n_train_seeds"]) == {2} and set(trained["n_tasks"]) == {3}
+    significance = pd.read_csv(out / "significance.csv")
+    assert set(significance["setting"]) == {"seen", "heldout"}
+    assert "multitask_full" in set(significance["method"])
+    assert set(pd.read_csv(out / "efficiency.csv")["train_seed"]) == {0, 1}
+
+
+@pytest.mark.slow
+def test_eval_refuses_another_budget_and_accepts_an_intermediate_checkpoint(tmp_path):
+    trained = smoke_config(tmp_path, "eval.scenario=seen", "data.samples_per_task=12")
+    from metalora.train import train
+
+    run_dir = train(trained)
+    other = smoke_config(tmp_path, "eval.scenario=seen", "data.samples_per_task=10", "eval.methods=[metalora]")
+    with pytest.raises(EvaluationError, match=r"samples per task 12.*samples per task 10"):
+        run_evaluation(other)
+    heldout = smoke_config(tmp_path, "data.samples_per_task=12", "eval.methods=[metalora]")
+    with pytest.raises(EvaluationError, match=r"scenario seen.*scenario heldout"):
+        run_evaluation(heldout)
+    step = run_dir / "checkpoints" / "step_2"
+    midway = smoke_config(tmp_path, "eval.scenario=seen", "data.samples_per_task=12", "eval.methods=[metalora]",
+                          f"eval.runs.metalora={step}", "train.run_name=midway")  # fmt: skip
+    out = run_evaluation(midway)
+    results = pd.read_csv(out / "results.csv")
+    final = run_evaluation(smoke_config(tmp_path, "eval.scenario=seen", "data.samples_per_task=12",
+                                        "eval.methods=[metalora]", "train.run_name=smoke"))  # fmt: skip
+    zero = results[results["n_shots"] == 0]["test_loss"].to_numpy()
+    assert not (zero == pd.read_csv(final / "results.csv").query("n_shots == 0")["test_loss"].to_numpy()).all()
+
+
+def test_shot_counts_beyond_a_pool_are_refused_before_any_training(tmp_path):
+    cfg = smoke_config(tmp_path, "eval.scenario=seen", "data.samples_per_task=6", "eval.n_shots=[0,8]")
+    with pytest.raises(EvaluationError, match=r"eval.n_shots \[8\] exceed the 6 examples seen task"):
+        run_evaluation(cfg, train_missing=True)
+    assert not list(tmp_path.iterdir())

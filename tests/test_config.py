@@ -93,6 +93,30 @@ def test_resolved_config_round_trips_through_the_run_dir(tmp_path):
     assert isinstance(again, Config)
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "params").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted([*(ROOT / "params").glob("*.yaml"), *(ROOT / "params" / "paper").glob("*.yaml")]),
+    ids=lambda p: p.relative_to(ROOT / "params").as_posix(),
+)
 def test_shipped_parameter_files_load(path):
-    load_config([ROOT / "params" / "base.yaml", path])
+    cfg = load_config([ROOT / "params" / "base.yaml", path])
+    if path.parent.name == "paper":  # the GPU settings of the paper: a hub model, both scenarios
+        assert cfg.model.name != "embedded" and cfg.train.seeds >= 3 and cfg.model.dtype == "bfloat16"
+
+
+def test_scenario_budget_and_algorithm_settings_are_checked():
+    cfg = load_config(overrides=['data.samples_per_task={"xcopa_it": all, "*": 100}', "eval.scenario=seen"])
+    assert cfg.data.samples_per_task == {"xcopa_it": "all", "*": 100} and cfg.eval.scenario == "seen"
+    assert load_config(overrides=["data.samples_per_task=all"]).data.samples_per_task == "all"
+    bad = [
+        ("data.samples_per_task=1", r"'data.samples_per_task': 1; expected an integer > 1"),
+        ("data.samples_per_task={a: lots}", r"'data.samples_per_task.a': 'lots'"),
+        ("eval.scenario=unseen", r"eval.scenario"),
+        ("meta.max_grad_norm=-1", r"meta.max_grad_norm"),
+        ("train.seeds=0", r"train.seeds"),
+    ]
+    for override, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            load_config(overrides=[override])
+    for algorithm in ("fomaml", "reptile"):
+        with pytest.raises(ConfigError, match=r"meta.first_order.*fomaml and reptile are first-order"):
+            load_config(overrides=[f"meta.algorithm={algorithm}", "meta.first_order=false"])

@@ -47,5 +47,6 @@ def test_metalora_info_reports_the_machine_and_the_parameter_counts(capsys):
     assert main(["info", "params/base.yaml", "params/smoke.yaml"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["machine"]["cpu"] == cpu_model_name()
+    assert info["scenario"] == "heldout" and info["samples_per_task"] == 40 and info["training_seeds"] == 1
     assert info["machine"]["torch_threads"] == torch.get_num_threads()
     assert 0 < info["lora_parameters"] < info["base_parameters"]

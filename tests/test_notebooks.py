@@ -8,9 +8,9 @@ import pandas as pd
 import papermill
 import pytest
 
+from metalora.comparison import write_statistics
 from metalora.config import load_config, to_yaml
 from metalora.report import ReportError, write_report
-from metalora.stats import significance, summarise
 from metalora.sweep import load_sweep, run_sweep, sweep_points
 
 SMOKE_FILES = ["params/base.yaml", "params/smoke.yaml"]
@@ -45,14 +45,25 @@ def test_notebooks_have_one_parameters_cell_and_no_outputs(name):
 
 @pytest.mark.slow
 def test_quickstart_writes_results_figures_and_report(tmp_path):
-    execute("00_quickstart", tmp_path, **smoke_parameters(tmp_path))
+    notebook = execute("00_quickstart", tmp_path, **smoke_parameters(tmp_path))
     run = tmp_path / "smoke"
     summary = pd.read_csv(run / "eval" / "summary.csv")
     assert set(summary["method"]) == {"base", "lora", "multitask", "metalora"}
     for path in ("eval/few_shot.png", "eval/efficiency.png", "training.png", "report.md", "report.html"):
         assert (run / path).is_file(), path
     report = (run / "report.md").read_text()
-    assert "## Few-shot results" in report and "![few-shot curves](eval/few_shot.png)" in report
+    figure = "![scores by method and shots](eval/few_shot.png)"
+    assert report.index("## What the comparison shows") < report.index(figure)
+    assert report.index("## Figure") < report.index("## Scores")
+    # Figures render in the notebook: the files shown and the figure the library returns, as PNG outputs.
+    sources = ["".join(c["source"]) for c in notebook["cells"]]
+    cells = zip(notebook["cells"], sources, strict=True)
+    figure_cells = [c for c, text in cells if "display(" in text and ".png" in text]
+    assert figure_cells and all(any("image/png" in o.get("data", {}) for o in c["outputs"]) for c in figure_cells)
+    curves = next(c for c in notebook["cells"] if "training_curves(" in "".join(c["source"]))
+    assert any("image/png" in o.get("data", {}) for o in curves["outputs"]), "the returned figure did not render"
+    printed = "".join("".join(o.get("text", "")) for c in notebook["cells"] for o in c.get("outputs", []))
+    assert "At 2 shots on held-out tasks" in printed
 
 
 @pytest.mark.slow
@@ -67,6 +78,12 @@ def test_meta_train_notebook_trains_in_process_and_shows_the_launch_command(tmp_
 def test_few_shot_and_compare_notebooks(tmp_path):
     execute("02_few_shot_eval", tmp_path, **smoke_parameters(tmp_path, "eval.methods=[lora,metalora]"))
     assert set(pd.read_csv(tmp_path / "smoke" / "eval" / "results.csv")["method"]) == {"lora", "metalora"}
+    # The seen scenario is a parameters-cell change, not another notebook.
+    seen = smoke_parameters(tmp_path, "eval.methods=[lora,multitask_full,metalora]", "train.run_name=seen",
+                            "data.samples_per_task=12", "baseline.multitask_full_epochs=0.05")  # fmt: skip
+    execute("02_few_shot_eval", tmp_path, **seen, eval={"scenario": "seen"})
+    results = pd.read_csv(tmp_path / "seen" / "eval" / "results.csv")
+    assert set(results["setting"]) == {"seen", "heldout"} and "multitask_full" in set(results["method"])
     execute("03_compare_methods", tmp_path, **smoke_parameters(tmp_path, "train.run_name=all"))
     efficiency = pd.read_csv(tmp_path / "all" / "eval" / "efficiency.csv")
     assert set(efficiency["method"]) == {"multitask", "metalora", "reptile", "fomaml"}
@@ -96,7 +113,7 @@ def test_sweep_files_are_checked_point_by_point(tmp_path):
     path.write_text(json.dumps({"notebook": "n.ipynb", "config_files": SMOKE_FILES}))
     with pytest.raises(Exception, match="grid.*cases"):
         load_sweep(path)
-    for name in ("rank", "inner_steps", "samples_per_task", "order_and_algorithm"):
+    for name in ("rank", "inner_steps", "samples_per_task", "order_and_algorithm", "seen_budget"):
         assert sweep_points(load_sweep(f"params/ablations/{name}.yaml"))
 
 
@@ -126,14 +143,27 @@ def test_report_from_a_fixture_run_directory(tmp_path):
     (run / "metrics.jsonl").write_text("".join(
         json.dumps({"step": s, "stage2/meta_loss": 3.0 - s, "adaptation_gap": 0.1 * s}) + "\n" for s in range(3)
     ))  # fmt: skip
-    rows = [{"method": m, "task": t, "n_shots": 5, "seed": s, "value": v + 0.1 * s}
-            for m, v in (("metalora", 0.6), ("lora", 0.4)) for t in ("a", "b") for s in range(3)]  # fmt: skip
-    results = pd.DataFrame(rows)
-    summarise(results).to_csv(run / "eval" / "summary.csv", index=False)
-    significance(results).to_csv(run / "eval" / "significance.csv", index=False)
+    # lora trails metalora by 0.2 on four tasks, by 0.1 on a fifth; multitask leads it by 0.05 +- 0.1 (no clear sign)
+    rows = [{"method": m, "task": t, "n_shots": 5, "seed": s, "value": v + 0.1 * s + (0.1 * (m == "lora") * (t == "e"))
+             + (0.1 * (-1) ** i * (m == "multitask"))}
+            for m, v in (("metalora", 0.6), ("lora", 0.4), ("multitask", 0.65))
+            for i, t in enumerate("abcde") for s in range(3)]  # fmt: skip
+    write_statistics(pd.DataFrame(rows), run / "eval", reference="metalora")
     report = write_report(run, html=True).read_text()
     assert re.search(r"\| metalora +\|", report) and re.search(r"\| lora +\|", report)
-    assert "## Significance" in report and "![training curves](training.png)" in report
+    assert "## Paired differences" in report and "![training curves](training.png)" in report
+    # The report opens with one sentence per comparison, and each says what the table says.
+    opening = report.split("## What the comparison shows\n\n")[1].split("\n\n")[0].splitlines()
+    table = pd.read_csv(run / "eval" / "significance.csv").set_index("method")
+    assert len(opening) == 2 and report.index("What the comparison shows") < report.index("## Figure")
+    lora_line = next(line for line in opening if "standard LoRA" in line)
+    lead = -table.loc["lora", "mean_diff"]
+    assert lora_line.startswith(f"- At 5 shots on held-out tasks, MeTA-LoRA is ahead of standard LoRA (fresh init) "
+                                f"by {lead:.3f} (95 % CI {-table.loc['lora', 'ci_high']:.3f} to")  # fmt: skip
+    assert "; 5 tasks): a clear difference." in lora_line
+    multitask_line = next(line for line in opening if "multi-task" in line)
+    assert "multi-task LoRA is ahead of MeTA-LoRA" in multitask_line
+    assert "not a significant difference" in multitask_line and "80 % power" in multitask_line
     assert "<table>" in (run / "report.html").read_text()
     with pytest.raises(ReportError, match="neither a run directory"):
         write_report(tmp_path)

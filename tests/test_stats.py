@@ -87,8 +87,8 @@ def test_a_difference_present_in_every_task_is_found():
     assert row["method"] == "metalora" and row["mean_diff"] == pytest.approx(0.1, abs=0.03)
     assert row["p_holm"] < 0.01 and row["ci_low"] > 0 and row["effect_size_dz"] > 1
     sentence = describe_comparison(row)
-    assert sentence.startswith("At 5 shots (heldout tasks), metalora is ahead of lora by 0.1")
-    assert "a clear difference" in sentence and "over 10 tasks" in sentence
+    assert sentence.startswith("At 5 shots on held-out tasks, metalora is ahead of lora by 0.1")
+    assert "a clear difference" in sentence and "; 10 tasks)" in sentence
 
 
 def test_false_positive_rate_near_nominal_when_there_is_no_difference():

@@ -40,6 +40,7 @@ def test_a_valid_suite_loads(tmp_path):
         ({"t": {"options": ["yes", "no"]}}, {"t": '{"input": "a", "target": "maybe"}\n'}, r"line 1: .*not one of"),
         ({"t": {"metric": "bleu"}}, {"t": GOOD}, r"tasks\.json: task 't': field 'metric'"),
         ({"t": {"options": "yes"}}, {"t": GOOD}, r"task 't': field 'options'"),
+        ({"t": {}}, {"t": '{"input": "a", "target": "b", "group": 7}\n'}, r"t\.jsonl: line 1: field 'group' must be"),
     ],
 )
 def test_validation_errors_name_file_line_and_field(tmp_path, manifest, files, message):
@@ -144,3 +145,109 @@ def test_the_real_suite_loads_and_splits(shared_tasks):
     assert len(experiment.train) == sum(n.startswith("lama_") for n in suite.tasks) - 1
     for pools in experiment.heldout.values():
         assert not {e.id for e in pools.test} & {e.id for e in pools.adapt}
+
+
+def _grouped_suite(tmp_path: Path, n_items: int = 40, languages: tuple[str, ...] = ("en", "it", "sw")) -> Path:
+    """Every language holds a translation of the same items, each example marked with its item's group."""
+    manifest = {f"lang_{code}": {"instruction": "Pick.", "options": ["1", "2"]} for code in languages}
+    files = {
+        f"lang_{code}": "".join(
+            json.dumps({"input": f"{code} item {i}", "target": str(1 + i % 2), "group": f"item:{i}"}) + "\n"
+            for i in range(n_items)
+        )
+        for code in languages
+    }
+    return make_suite(tmp_path / "grouped", manifest, files)
+
+
+def _sides(experiment) -> dict[str, set[str]]:
+    """The groups on each side of an experiment: training pools, adaptation pools, test sets."""
+    groups = experiment.groups
+    sides = {"train": set(), "adapt": set(), "test": set()}
+    for pools in experiment.train.values():
+        sides["train"] |= {groups[e.id] for e in pools.support + pools.query}
+    for pools in experiment.heldout.values():
+        sides["adapt"] |= {groups[e.id] for e in pools.adapt}
+        sides["test"] |= {groups[e.id] for e in pools.test}
+    for pools in experiment.seen.values():
+        sides["test"] |= {groups[e.id] for e in pools.test}
+    return sides
+
+
+def _assert_no_group_straddles(experiment) -> None:
+    sides = _sides(experiment)
+    assert not sides["train"] & sides["adapt"] and not sides["train"] & sides["test"]
+    assert not sides["adapt"] & sides["test"]
+
+
+def test_groups_stay_on_one_side_across_tasks(tmp_path):
+    suite = _grouped_suite(tmp_path)
+    assert load_suite_dir(suite).tasks["lang_it"].examples[3].group == "item:3"
+    for scenario in ("heldout", "seen"):
+        cfg = load_config(overrides=[f"data.suites=[{suite}]", "data.heldout_tasks=[lang_sw]", "data.n_test=8",
+                                     "data.max_adapt_pool=10", "data.samples_per_task=12",
+                                     f"eval.scenario={scenario}"])  # fmt: skip
+        experiment = build_experiment(cfg.data, cfg.eval.scenario)
+        _assert_no_group_straddles(experiment)
+        # Translations of one item sit at the same rank, so the test sets hold the same items in every language.
+        tests = [{experiment.groups[e.id] for e in p.test} for p in [*experiment.heldout.values(),
+                                                                      *experiment.seen.values()]]  # fmt: skip
+        assert all(t == tests[0] for t in tests) and len(tests[0]) == 8
+    assert sorted(experiment.seen) == ["lang_en", "lang_it"]
+    assert {n: len(p.support) + len(p.query) for n, p in experiment.train.items()} == {"lang_en": 12, "lang_it": 12}
+
+
+def test_ungrouped_splits_are_what_they_were(tmp_path):
+    suite = make_suite(tmp_path, {"a": {}, "b": {}}, {n: "".join(
+        json.dumps({"input": f"{n}{i}", "target": "x"}) + "\n" for i in range(30)) for n in "ab"})  # fmt: skip
+    cfg = load_config(overrides=[f"data.suites=[{suite}]", "data.heldout_tasks=[b]", "data.n_test=5",
+                                 "data.samples_per_task=20"])  # fmt: skip
+    experiment = build_experiment(cfg.data)
+    task_a, task_b = (load_suite_dir(suite).tasks[n] for n in "ab")
+    old_a, old_b = meta_pools(task_a, 20, 0.5, seed=0), heldout_pools(task_b, 5, seed=0)
+    assert [e.id for e in experiment.train["a"].support] == [e.id for e in old_a.support]
+    assert [e.id for e in experiment.heldout["b"].test] == [e.id for e in old_b.test]
+
+
+def test_the_seen_scenario_carves_the_test_set_before_the_budget(tmp_path):
+    suite = _grouped_suite(tmp_path, languages=("en", "it"))
+    overrides = [f"data.suites=[{suite}]", "data.n_test=10", "eval.scenario=seen"]
+    budgets = '{"lang_en": all, "*": 6}'
+    experiment = build_experiment(load_config(overrides=[*overrides, f"data.samples_per_task={budgets}"]).data, "seen")
+    assert {n: len(p.support) + len(p.query) for n, p in experiment.train.items()} == {"lang_en": 30, "lang_it": 6}
+    assert experiment.budgets == {"lang_en": "all", "lang_it": 6}
+    for name, pools in experiment.seen.items():
+        assert len(pools.test) == 10
+        trained = {e.id for e in experiment.train[name].support + experiment.train[name].query}
+        assert not trained & {e.id for e in pools.test} and {e.id for e in pools.adapt} == trained
+    _assert_no_group_straddles(experiment)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.samples_per_task=50"], r"task 'lang_\w+': data.samples_per_task gives it 50 examples, but it has 30"),
+        (['data.samples_per_task={"nope_*": 5, "*": 5}'], r"data.samples_per_task.nope_\*: 'nope_\*' matches no task"),
+        (['data.samples_per_task={"lang_en": 5}'], r"no glob matches training task 'lang_it'"),
+        (["data.n_test=39"], r"seen task 'lang_\w+' has 40 examples: a test set of data.n_test=39"),
+    ],
+)
+def test_bad_budgets_name_the_task_or_key(tmp_path, overrides, message):
+    suite = _grouped_suite(tmp_path, languages=("en", "it"))
+    cfg = load_config(overrides=[f"data.suites=[{suite}]", "data.n_test=10", "eval.scenario=seen", *overrides])
+    with pytest.raises(TaskError, match=message):
+        build_experiment(cfg.data, cfg.eval.scenario)
+
+
+@pytest.mark.slow
+def test_no_xcopa_group_straddles_sides(tmp_path):
+    xcopa = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "xcopa"
+    if not (xcopa / "tasks.json").is_file():
+        pytest.skip(f"the XCOPA suite is not at {xcopa}")
+    cfg = load_config(["params/base.yaml", "params/xcopa_cpu.yaml"])
+    experiment = build_experiment(cfg.data, cfg.eval.scenario)
+    assert experiment.seen and experiment.heldout
+    _assert_no_group_straddles(experiment)
+    # Every language is a translation of the same items: a test item of one language is a test item of all.
+    assert len({frozenset(experiment.groups[e.id] for e in p.test)
+                for p in [*experiment.seen.values(), *experiment.heldout.values()]}) == 1  # fmt: skip

@@ -48,6 +48,42 @@ def test_run_directory_holds_config_metrics_checkpoints_and_adapter(tmp_path):
         assert not set(pools["support"]) & set(pools["query"])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_weights_bytes"] > 0 and summary["trainable_parameters"] > 0
+    assert all(m["stage2/grad_norm"] > 0 for m in lines)
+    # The base count is the frozen model alone: adding the LoRA weights gives the peft model's total.
+    from metalora.models import count_parameters, load_model
+
+    base, _ = load_model(load_config(SMOKE).model)
+    assert summary["base_parameters"] == count_parameters(base)["total"]
+
+
+def test_a_child_reports_its_own_peak_memory_not_its_parents():
+    ballast = bytearray(600 * 2**20)  # the parent's peak, which ru_maxrss would hand down to the child
+    ballast[:: 4096] = b"x" * len(ballast[:: 4096])
+    code = "import torch; from metalora.train import peak_memory_mb; print(peak_memory_mb(torch.device('cpu')))"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(child.stdout) < 500 < len(ballast) / 2**20
+
+
+def test_trackers_record_the_resolved_config_under_the_run_name(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    run_dir = run(tmp_path, "tracked", "train.log_with=[tensorboard]")
+    hparams = {}
+    for directory in {f.parent for f in (run_dir / "tracked").rglob("events.out.tfevents.*")}:
+        accumulator = EventAccumulator(str(directory))
+        accumulator.Reload()
+        try:
+            content = accumulator.PluginTagToContent("hparams")
+        except KeyError:  # the scalars file holds no hparams
+            continue
+        if "_hparams_/session_start_info" in content:
+            data = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+            hparams = {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind"))
+                       for k, v in data.session_start_info.hparams.items()}  # fmt: skip
+    assert hparams["lora.r"] == 4 and hparams["train.run_name"] == "tracked"
+    assert json.loads(hparams["lora.target_modules"]) == ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def test_same_seed_gives_the_same_adapter_and_another_seed_does_not(tmp_path):
