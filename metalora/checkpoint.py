@@ -2,8 +2,10 @@
 
 `checkpoints/step_<n>/` holds the shared weights (a peft adapter directory for metalora/reptile; the
 full model as safetensors for fomaml), the meta-optimizer state as safetensors plus its JSON
-hyper-parameters, and `state.json` (step, seed, algorithm). The RNG state is not stored: episodes and
-dropout are pure functions of (seed, step, slot), so the step is all a resumed run needs.
+hyper-parameters, `state.json` (step, seed, algorithm) and `checksums.json` (SHA-256 of every file,
+verified on load: a flipped byte inside tensor data loads without complaint otherwise). The RNG state
+is not stored: episodes and dropout are pure functions of (seed, step, slot), so the step is all a
+resumed run needs.
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from metalora.errors import MetaloraError
-from metalora.io import atomic_directory, atomic_write_json
+from metalora.io import (
+    ChecksumError,
+    atomic_directory,
+    atomic_write_json,
+    verify_checksums,
+    write_checksums,
+)
 from metalora.lora import load_adapter_into, save_adapter
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -84,6 +92,7 @@ def save_checkpoint(
             save_adapter(model, tmp / "adapter")
         _optimizer_to_files(optimizer, tmp)
         atomic_write_json(tmp / STATE, {"step": step, "seed": seed, "algorithm": algorithm})
+        write_checksums(tmp)
     return target
 
 
@@ -136,6 +145,10 @@ def load_checkpoint(
         CheckpointError: a file is missing or corrupt, or the checkpoint belongs to another setup.
     """
     directory = Path(directory)
+    try:
+        verify_checksums(directory)
+    except ChecksumError as err:
+        raise CheckpointError(f"corrupt checkpoint: {err}") from err
     try:
         state = json.loads((directory / STATE).read_text())
         if state["algorithm"] != algorithm or state["seed"] != seed:

@@ -61,10 +61,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run an ablation sweep point by point with papermill, then aggregate."""
+    import pandas as pd
+
     from metalora.sweep import run_sweep
 
     root = run_sweep(args.sweep, kernel=args.kernel)
     print(f"sweep written to {root}")
+    points = pd.read_csv(root / "points.csv")
+    failed = points[points["status"] != "ok"]
+    if not failed.empty:
+        print(f"metalora: error: {len(failed)} of {len(points)} sweep points failed: {', '.join(failed['point'])} "
+              f"(their errors are in {root}/points.csv)", file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 
@@ -146,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except MetaloraError as err:
         print(f"metalora: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk, a read-only or not-a-directory output path
+        print(f"metalora: error: {err.strerror or err}: {err.filename or ''}", file=sys.stderr)
         return 2
 
 

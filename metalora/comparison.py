@@ -21,12 +21,12 @@ import torch
 
 from metalora.baselines import FULL_DATA_SHOTS, multitask_plan
 from metalora.checkpoint import STEP_DIR, load_full_weights
-from metalora.config import ALL_SAMPLES, TRAINED_METHODS, Config, save_config
+from metalora.config import ALL_SAMPLES, TRAINED_METHODS, Config, load_config, save_config
 from metalora.efficiency import efficiency_table
 from metalora.episodes import Encoder
 from metalora.errors import MetaloraError
 from metalora.evaluation import AdaptSettings, EvalRow, adapter_init, evaluate_init, rows_as_dicts, snapshot_lora
-from metalora.io import atomic_write_text
+from metalora.io import atomic_directory, atomic_write_text
 from metalora.lora import attach_lora
 from metalora.models import load_model, pick_device
 from metalora.plots import efficiency_figure, few_shot_figure
@@ -195,6 +195,36 @@ def check_no_leak(experiment: Experiment, method: str, run_dir: Path) -> None:
         )
 
 
+# What an adapter or a full model only fits when it matches: these settings of a trained run must equal the
+# evaluation's own (an adapter trained at alpha 64 applied at alpha 8 is a different model).
+MATCHING_SETTINGS = ("model.name", "lora.r", "lora.alpha", "lora.target_modules")
+
+
+def check_run_settings(cfg: Config, run: TrainedRun) -> None:
+    """Refuse a trained run whose weights are missing or whose model or LoRA settings differ from `cfg`'s.
+
+    Raises:
+        EvaluationError: naming the setting and both values, or the missing weight file.
+    """
+    weight_file = run.weights / ("model.safetensors" if run.method == "fomaml" else "adapter_model.safetensors")
+    if not weight_file.is_file():
+        raise EvaluationError(f"{run.method} run {run.run_dir}: its {'model' if run.method == 'fomaml' else 'adapter'} "
+                              f"weights are missing ({weight_file})")  # fmt: skip
+    saved = run.run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    theirs = load_config([saved])
+    keys = [k for k in MATCHING_SETTINGS if run.method != "fomaml" or k.startswith("model.")]
+    for key in keys:
+        group, name = key.split(".")
+        ours, recorded = getattr(getattr(cfg, group), name), getattr(getattr(theirs, group), name)
+        if ours != recorded:
+            raise EvaluationError(
+                f"{run.method} run {run.run_dir} does not fit this evaluation: {key}: the run has {recorded}, "
+                f"this evaluation {ours}"
+            )
+
+
 def check_same_split(expected: Experiment, method: str, run_dir: Path) -> None:
     """Refuse a run whose training pools differ from the ones this evaluation expects, naming both budgets.
 
@@ -249,22 +279,24 @@ def run_evaluation(cfg: Config, train_missing: bool = False) -> Path:
     runs = ensure_trained(cfg, list(cfg.eval.methods), train_missing)
     expected: dict[str, Experiment] = {}
     for run in runs:
+        check_run_settings(cfg, run)
         method_cfg = config_for_method(cfg, run.method, run.train_seed)
         key = repr(method_cfg.data.samples_per_task)
         if key not in expected:
             expected[key] = build_experiment(method_cfg.data, cfg.eval.scenario)
         check_same_split(expected[key], run.method, run.run_dir)
         check_no_leak(experiment, run.method, run.run_dir)
+    results = pd.DataFrame(rows_as_dicts(_evaluate_methods(cfg, evaluated, runs)))
     out = cfg.run_dir / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
-    rows = _evaluate_methods(cfg, evaluated, runs)
-    results = pd.DataFrame(rows_as_dicts(rows))
-    write_statistics(results, out, cfg.eval.reference)
-    if runs:
-        efficiency = efficiency_table([(r.method, r.train_seed, r.run_dir) for r in runs])
-        _write_csv(efficiency, out / "efficiency.csv")
-        efficiency_figure(efficiency, out / "efficiency.png")
+    # Written whole or not at all: a failed evaluation leaves the previous eval/ as it was, and a new one
+    # replaces it entirely, so no file of an older evaluation survives beside newer results.
+    with atomic_directory(out) as tmp:
+        save_config(cfg, tmp)
+        write_statistics(results, tmp, cfg.eval.reference)
+        if runs:
+            efficiency = efficiency_table([(r.method, r.train_seed, r.run_dir) for r in runs])
+            _write_csv(efficiency, tmp / "efficiency.csv")
+            efficiency_figure(efficiency, tmp / "efficiency.png")
     return out
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -29,6 +31,8 @@ ALL_SAMPLES = "all"
 INNER_OPTIMIZERS = ("sgd", "adam")
 DTYPES = ("float32", "bfloat16", "float16")
 CPU_DROPOUT_MASKS = ("numpy", "torch")
+# accelerate's tracker names.
+TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "trackio", "all")
 
 
 class ConfigError(MetaloraError, ValueError):
@@ -326,7 +330,16 @@ def _check_values(cfg: Config) -> None:
         ("baseline.full_data_lr", cfg.baseline.full_data_lr > 0, "positive"),
         ("train.steps", cfg.train.steps >= 0, ">= 0"),
         ("train.checkpoint_every", cfg.train.checkpoint_every >= 0, ">= 0"),
-        ("train.run_name", bool(cfg.train.run_name) and "/" not in cfg.train.run_name, "a plain name"),
+        (
+            "train.run_name",
+            cfg.train.run_name not in ("", ".", "..") and not set(cfg.train.run_name) & {"/", "\\"},
+            "a plain directory name (not '.', '..' or a path)",
+        ),
+        (
+            "train.log_with",
+            set(cfg.train.log_with) <= set(TRACKERS),
+            f"trackers from {TRACKERS}, got {sorted(set(cfg.train.log_with) - set(TRACKERS))}",
+        ),
     ]
     for key, ok, expected in checks:
         if not ok:
@@ -335,6 +348,16 @@ def _check_values(cfg: Config) -> None:
     for placeholder in ("{input}",):
         if placeholder not in cfg.data.prompt_template:
             raise ConfigError(f"bad value for 'data.prompt_template': it must contain {placeholder}")
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(cfg.data.prompt_template) if name is not None}
+    except ValueError as err:
+        raise ConfigError(f"bad value for 'data.prompt_template': {err}") from err
+    unknown = sorted(fields - {"instruction", "input"})
+    if unknown:
+        raise ConfigError(
+            f"bad value for 'data.prompt_template': unknown placeholder(s) {', '.join('{' + u + '}' for u in unknown)}"
+            " (it may use {instruction} and {input})"
+        )
 
 
 def _check_budget(budget: Any) -> None:
@@ -396,8 +419,9 @@ def load_config(
             raise ConfigError(f"override '{item}': expected key=value (e.g. meta.inner_steps=5)")
         try:
             layer = OmegaConf.from_dotlist([item])
-        except OmegaConfBaseException as err:
-            raise ConfigError(f"override '{item}': {err}") from err
+        except (OmegaConfBaseException, yaml.YAMLError) as err:  # a value such as `[4` fails in the YAML parser
+            reason = " ".join(str(err).split())
+            raise ConfigError(f"override '{item}': cannot parse the value: {reason}") from err
         merged = _merge(merged, layer, f"override '{item}'")
     cfg: Config = OmegaConf.to_object(merged)
     _check_values(cfg)

@@ -6,6 +6,7 @@ test set), adapt with the same `adapt` function as meta-training, then score the
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -49,8 +50,11 @@ class EvalRow:
     test_loss: float
     # heldout (a task never trained on) or seen (a training task's own test set).
     setting: str = "heldout"
-    # The training seed of the evaluated initialisation; -1 for untrained methods and single runs.
+    # The training seed of the evaluated initialisation; -1 for untrained methods.
     train_seed: int = -1
+    # False when adaptation gave non-finite weights (e.g. a learning rate far too high): value and test_loss
+    # are then NaN and the statistics leave the row out, counting it.
+    finite: bool = True
 
 
 def draw_shots(pools: HeldoutPools, n_shots: int, seed: int) -> list[Example]:
@@ -134,6 +138,11 @@ def evaluate_init(
         began = time.perf_counter()
         params = adapt_on_shots(model, init, encoder, pools, shots, settings, seed)
         seconds = time.perf_counter() - began
+        if not all(bool(torch.isfinite(v).all()) for v in params.values()):
+            metric = pools.task.metric if pools.task.options else "exact_match"
+            rows.append(EvalRow(method, task_name, shots_count, seed, metric, math.nan, len(test), seconds, math.nan,
+                                finite=False))  # fmt: skip
+            continue
         metric, value = score_task(model, params, encoder, pools.task, test, batch_size)
         loss = test_loss(model, params, encoder, pools.task, test, batch_size)
         rows.append(EvalRow(method, task_name, shots_count, seed, metric, value, len(test), seconds, loss))

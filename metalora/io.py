@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,6 +23,12 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same directory, then rename.
 
@@ -33,6 +40,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        # mkstemp creates 0600; a file written in place would get 0666 less the umask, so give it that.
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -61,6 +70,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp.", dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would hide the directory from collaborators
     try:
         yield tmp
     except BaseException:
@@ -72,3 +82,39 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+CHECKSUMS = "checksums.json"
+
+
+class ChecksumError(ValueError):
+    """A file no longer has the content its directory's checksum record says it was written with."""
+
+
+def write_checksums(directory: str | Path) -> None:
+    """Record the SHA-256 of every file under `directory` (relative paths) in its checksums.json."""
+    directory = Path(directory)
+    sums = {
+        f.relative_to(directory).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(directory.rglob("*"))
+        if f.is_file() and f.name != CHECKSUMS
+    }
+    atomic_write_json(directory / CHECKSUMS, sums)
+
+
+def verify_checksums(directory: str | Path) -> None:
+    """Check every file listed in `directory`'s checksums.json (a directory without one passes).
+
+    Raises:
+        ChecksumError: a listed file is missing or its content changed, naming the file.
+    """
+    directory = Path(directory)
+    record = directory / CHECKSUMS
+    if not record.is_file():
+        return
+    for name, expected in json.loads(record.read_text()).items():
+        path = directory / name
+        if not path.is_file():
+            raise ChecksumError(f"{path}: missing (listed in {record})")
+        if hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+            raise ChecksumError(f"{path}: content does not match its checksum in {record} (the file was changed)")

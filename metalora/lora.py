@@ -15,10 +15,10 @@ from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
-from metalora.config import LoraConfig
+from metalora.config import ConfigError, LoraConfig
 from metalora.dropout import use_numpy_dropout
 from metalora.errors import MetaloraError
-from metalora.io import atomic_directory
+from metalora.io import atomic_directory, verify_checksums, write_checksums
 
 LORA_MARKER = "lora_"
 
@@ -40,6 +40,12 @@ def attach_lora(model: PreTrainedModel, cfg: LoraConfig, seed: int | None = None
     Returns:
         The peft model. Its LoRA B matrices start at zero, so its outputs equal the base model's.
     """
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    unknown = [t for t in cfg.target_modules if t not in linear]
+    if unknown:
+        raise ConfigError(
+            f"bad value for 'lora.target_modules': {unknown} name no linear layer of this model (it has {linear})"
+        )
     peft_config = PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -85,6 +91,7 @@ def save_adapter(model: PeftModel, directory: str | Path, params: dict[str, torc
     with atomic_directory(directory) as tmp:
         model.peft_config["default"].save_pretrained(str(tmp))
         save_file(state, str(tmp / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+        write_checksums(tmp)  # an extra file peft ignores; load_adapter_into verifies it
     return Path(directory)
 
 
@@ -103,8 +110,9 @@ def load_adapter_into(model: PeftModel, directory: str | Path) -> None:
         needed = f"{CONFIG_NAME} and {SAFETENSORS_WEIGHTS_NAME}"
         raise AdapterError(f"{directory}: not an adapter directory (needs {needed})")
     try:
+        verify_checksums(directory)
         state = load_file(str(path))
-    except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
+    except Exception as err:  # checksum and safetensors errors for changed, truncated or corrupt files
         raise AdapterError(f"{path}: cannot read adapter weights: {err}") from err
     result = set_peft_model_state_dict(model, state)
     missing = [k for k in result.missing_keys if LORA_MARKER in k]

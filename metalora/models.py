@@ -90,6 +90,8 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
 def _load_pretrained(
     name: str, dtype: torch.dtype, random_init: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if Path(name).is_dir() and not (Path(name) / "config.json").is_file():
+        raise ModelLoadError(f"model.name: directory '{name}' holds no model (no config.json)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         if random_init:

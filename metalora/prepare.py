@@ -32,11 +32,14 @@ class PrepareError(MetaloraError):
 class Row:
     """One converted example before grouping into tasks."""
 
+    # The task the example joins (not to be confused with `item`).
     group: str
     input: str
     target: str
     instruction: str = ""
     options: list[str] | None = None
+    # The example's group in the suite format: the same item in other tasks (e.g. its translations).
+    item: str | None = None
 
 
 def last_boxed(text: str) -> str | None:
@@ -104,7 +107,8 @@ def _natural_instructions(row: dict, _: argparse.Namespace) -> Row | None:
 def _generic(row: dict, args: argparse.Namespace) -> Row | None:
     group = slug(row[args.group_by]) if args.group_by else slug(args.name or args.dataset)
     options = [str(o) for o in row[args.options_field]] if args.options_field else None
-    return Row(group, str(row[args.input_field]), str(row[args.target_field]), args.instruction, options)
+    item = f"{args.item_field}:{row[args.item_field]}" if args.item_field else None
+    return Row(group, str(row[args.input_field]), str(row[args.target_field]), args.instruction, options, item)
 
 
 SOURCES: dict[str, tuple[Callable[[dict, argparse.Namespace], Row | None], tuple[str, ...]]] = {
@@ -124,7 +128,8 @@ def convert_rows(kind: str, rows: Iterable[dict], args: argparse.Namespace) -> l
     """
     convert, needed = SOURCES[kind]
     if kind == "generic":
-        needed = tuple(f for f in (args.input_field, args.target_field, args.group_by, args.options_field) if f)
+        fields = (args.input_field, args.target_field, args.group_by, args.options_field, args.item_field)
+        needed = tuple(f for f in fields if f)
     converted = []
     for number, row in enumerate(tqdm(rows, desc=f"converting {kind}", unit="row")):
         missing = [f for f in needed if f not in row]
@@ -147,7 +152,7 @@ def build_tasks(rows: list[Row], max_samples: int, min_samples: int, seed: int) 
             continue
         random.Random(task_seed(seed, "prepare", name)).shuffle(members)
         members = members[:max_samples]
-        examples = [Example(f"{name}:{i + 1}", m.input, m.target) for i, m in enumerate(members)]
+        examples = [Example(f"{name}:{i + 1}", m.input, m.target, m.item) for i, m in enumerate(members)]
         # Options that differ per question (ScienceQA) cannot be a task-level label set; keep them in
         # the input text and score by exact match instead.
         uniform = members[0].options is not None and all(m.options == members[0].options for m in members)
@@ -173,6 +178,11 @@ def prepare(args: argparse.Namespace) -> Path:
 
     if args.kind == "generic" and not (args.input_field and args.target_field):
         raise PrepareError("generic source needs --input-field and --target-field")
+    if (Path(args.out) / "tasks.json").exists():
+        raise PrepareError(
+            f"--out {args.out} already holds a task suite (tasks.json): writing there would replace its manifest "
+            "and orphan its tasks; choose another directory, or merge suites by listing both in data.suites"
+        )
     data_files = args.data_files or None
     try:
         dataset = datasets.load_dataset(args.dataset, args.config, split=args.split, data_files=data_files)
@@ -201,4 +211,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group-by", default=None, help="generic: one task per value of this column")
     parser.add_argument("--options-field", default=None, help="generic: a column with the label set")
     parser.add_argument("--instruction", default="", help="generic: the task instruction")
+    parser.add_argument(
+        "--item-field", default=None,
+        help="generic: a column naming the item an example is a version of (e.g. a translation's source id); "
+        "written as the example's group, which every split keeps on one side across tasks",
+    )  # fmt: skip
     parser.add_argument("--name", default=None, help="generic: task name when not grouping")

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from metalora.config import ALL_SAMPLES, DataConfig
@@ -28,6 +29,8 @@ from metalora.tasks import (
     merge_suites,
     select_tasks,
 )
+
+LOGGER = logging.getLogger("metalora")
 
 
 @dataclass
@@ -60,6 +63,8 @@ class Experiment:
     train: dict[str, MetaPools]
     heldout: dict[str, HeldoutPools]
     seen: dict[str, HeldoutPools] = field(default_factory=dict)
+    # Examples dropped per task because an earlier line of the task held the same input and target.
+    duplicates_dropped: dict[str, int] = field(default_factory=dict)
     scenario: str = "heldout"
     split_seed: int = 0
     budgets: dict[str, int | str] = field(default_factory=dict)
@@ -91,6 +96,19 @@ def _ordered(task: Task, seed: int) -> list[Example]:
         return sorted(examples, key=lambda e: task_seed(seed, "group", e.group if e.group is not None else e.id))
     random.Random(task_seed(seed, "split", task.name)).shuffle(examples)
     return examples
+
+
+def _unique(task: Task) -> Task:
+    """The task with repeated (input, target) pairs dropped, keeping each first line: two copies of one example
+    could otherwise land in the adaptation pool and in the test set."""
+    seen: set[tuple[str, str]] = set()
+    kept = []
+    for example in task.examples:
+        key = (example.input, example.target)
+        if key not in seen:
+            seen.add(key)
+            kept.append(example)
+    return task if len(kept) == len(task.examples) else replace(task, examples=kept)
 
 
 def _without_groups(examples: list[Example], taken: set[str]) -> list[Example]:
@@ -192,7 +210,13 @@ def build_experiment(cfg: DataConfig, scenario: str = "heldout") -> Experiment:
     if not train:
         raise TaskError("no meta-training tasks selected (check data.train_tasks and data.exclude_tasks)")
     seed = cfg.split_seed
-    ordered = {name: _ordered(suite.tasks[name], seed) for name in train + heldout}
+    unique = {name: _unique(suite.tasks[name]) for name in train + heldout}
+    dropped = {n: len(suite.tasks[n].examples) - len(t.examples) for n, t in unique.items()}
+    dropped = {n: count for n, count in dropped.items() if count}
+    for name, count in dropped.items():
+        LOGGER.warning("task '%s': dropped %d duplicate example(s) (an earlier line has the same input and target)",
+                       name, count)  # fmt: skip
+    ordered = {name: _ordered(unique[name], seed) for name in train + heldout}
     tests: dict[str, list[Example]] = {}
     for name in heldout:
         if len(ordered[name]) < 2:
@@ -220,16 +244,17 @@ def build_experiment(cfg: DataConfig, scenario: str = "heldout") -> Experiment:
                 f"task '{name}': data.samples_per_task gives it {wanted} examples, but it has {len(available)} "
                 f"left for training (of {len(ordered[name])}; test sets and adaptation pools hold the rest)"
             )
-        pools[name] = _split_meta(suite.tasks[name], available if wanted == ALL_SAMPLES else available[:wanted],
+        pools[name] = _split_meta(unique[name], available if wanted == ALL_SAMPLES else available[:wanted],
                                   cfg.support_fraction)  # fmt: skip
     return Experiment(
         train=pools,
-        heldout={n: HeldoutPools(suite.tasks[n], adapt=adapt[n], test=tests[n]) for n in heldout},
+        heldout={n: HeldoutPools(unique[n], adapt=adapt[n], test=tests[n]) for n in heldout},
         seen={
-            n: HeldoutPools(suite.tasks[n], adapt=p.support + p.query, test=tests[n])
+            n: HeldoutPools(unique[n], adapt=p.support + p.query, test=tests[n])
             for n, p in pools.items()
             if scenario == "seen"
         },  # fmt: skip
+        duplicates_dropped=dropped,
         scenario=scenario,
         split_seed=seed,
         budgets=budgets,

@@ -28,7 +28,9 @@ CONFIDENCE = 0.95
 POWER = 0.80
 # Training seeds of a method trained once, and of the untrained methods (base, lora, full_data).
 SINGLE_TRAINING_SEED = -1
-SUMMARY_COLUMNS = ["setting", "method", "n_shots", "mean", "ci_low", "ci_high", "n_tasks", "n_train_seeds", "n_rows"]
+SUMMARY_COLUMNS = [
+    "setting", "method", "n_shots", "mean", "ci_low", "ci_high", "n_tasks", "n_train_seeds", "n_rows", "n_nonfinite",
+]  # fmt: skip
 SIGNIFICANCE_COLUMNS = [
     "setting", "method", "reference", "n_shots", "n_tasks", "n_train_seeds", "mean_diff", "ci_low", "ci_high",
     "effect_size_dz", "p_value", "p_holm", "p_wilcoxon_tasks", "detectable_diff_80",
@@ -122,12 +124,14 @@ def holm(p_values: list[float]) -> list[float]:
 
 
 def _with_defaults(results: pd.DataFrame) -> pd.DataFrame:
-    """Results with the columns older tables lack: one setting, one training seed."""
+    """Results with the columns older tables lack: one setting, one training seed, every row finite."""
     results = results.copy()
     if "setting" not in results:
         results["setting"] = "heldout"
     if "train_seed" not in results:
         results["train_seed"] = SINGLE_TRAINING_SEED
+    if "finite" not in results:
+        results["finite"] = np.isfinite(results["value"].astype(float))
     return results
 
 
@@ -144,17 +148,26 @@ def _complete(grid: pd.DataFrame) -> pd.DataFrame:
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
     """Mean and 95 % CI per setting x method x n_shots, over tasks and training seeds (see the module doc).
 
-    `n_tasks` is the number of independent units behind the interval; `n_rows` counts every scored point.
+    `n_tasks` is the number of independent units behind the interval; `n_rows` counts every scored point and
+    `n_nonfinite` those left out because adaptation diverged (non-finite weights).
     """
     results = _with_defaults(results)
     rows = []
     for (setting, method, shots), group in results.groupby(["setting", "method", "n_shots"], sort=True):
-        grid = _complete(cell_means(group))
+        finite = group[group["finite"].astype(bool)]
+        nonfinite = len(group) - len(finite)
+        if finite.empty:
+            rows.append({"setting": setting, "method": method, "n_shots": shots, "mean": np.nan, "ci_low": np.nan,
+                         "ci_high": np.nan, "n_tasks": 0, "n_train_seeds": 0, "n_rows": len(group),
+                         "n_nonfinite": nonfinite})  # fmt: skip
+            continue
+        grid = _complete(cell_means(finite))
         estimate = grid_estimate(grid.to_numpy())
         low, high = estimate.interval()
         rows.append({"setting": setting, "method": method, "n_shots": shots, "mean": estimate.mean,
                      "ci_low": low, "ci_high": high, "n_tasks": estimate.n_tasks,
-                     "n_train_seeds": estimate.n_train_seeds, "n_rows": len(group)})  # fmt: skip
+                     "n_train_seeds": estimate.n_train_seeds, "n_rows": len(group),
+                     "n_nonfinite": nonfinite})  # fmt: skip
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
@@ -182,9 +195,10 @@ def significance(results: pd.DataFrame, reference: str = "metalora") -> pd.DataF
     (mean task-level difference / its standard deviation over tasks); p_value (t-test of the grid's mean)
     and p_holm (Holm-adjusted across the shot counts of that method and setting); p_wilcoxon_tasks (signed-rank
     test over task means); detectable_diff_80 (the smallest difference this design detects with 80 % power).
-    No rows when the reference is absent or is the only method.
+    No rows when the reference is absent or is the only method. Rows with non-finite scores are left out.
     """
     results = _with_defaults(results)
+    results = results[results["finite"].astype(bool)]
     rows = []
     for setting, in_setting in results.groupby("setting", sort=True):
         methods = set(in_setting["method"])

@@ -5,7 +5,9 @@ either a `grid` (every combination of the listed values) or named `cases` (sets 
 together, e.g. the reptile switch), or both (their product). Each point runs the notebook into
 `outputs/sweeps/<name>/<point>/` with `train.output_dir` and `train.run_name` pointing there, so
 its run directory, eval/ tables and executed notebook sit together. Finished points are skipped on
-a re-run; a failing point is recorded with its error in point.json and the sweep goes on. At the end
+a re-run unless their resolved config changed (an edited sweep file: the old directory is set aside and the
+point runs again); a failing point is recorded with its error in point.json and the sweep goes on, and
+`metalora sweep` exits non-zero at the end. At the end
 the points' results are aggregated into results.csv, summary.csv, points.csv and figures.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +24,9 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
-from metalora.config import ConfigError, load_config
+from metalora.config import ConfigError, load_config, to_yaml
 from metalora.io import atomic_write_json, atomic_write_text
-from metalora.plots import sweep_figure, sweep_heatmap
+from metalora.plots import SETTING_LABELS, sweep_figure, sweep_heatmap
 from metalora.stats import summarise
 
 POINT_FILE = "point.json"
@@ -127,12 +130,29 @@ def point_parameters(spec: SweepSpec, point: SweepPoint) -> dict[str, Any]:
     return {"config_files": list(spec.config_files), "overrides": overrides}
 
 
-def is_finished(point_dir: Path) -> bool:
-    """A point is finished when its record says ok and its few-shot summary exists."""
+def point_config(spec: SweepSpec, point: SweepPoint) -> str:
+    """The point's resolved config as YAML: what decides whether a finished point still answers the sweep."""
+    parameters = point_parameters(spec, point)
+    return to_yaml(load_config(parameters["config_files"], parameters["overrides"]))
+
+
+def is_finished(point_dir: Path, config: str | None = None) -> bool:
+    """A point is finished when its record says ok, its few-shot summary exists and, when `config` is given,
+    it ran with that resolved config."""
     record = point_dir / POINT_FILE
     if not record.is_file() or not (point_dir / "eval" / "summary.csv").is_file():
         return False
-    return json.loads(record.read_text()).get("status") == "ok"
+    saved = json.loads(record.read_text())
+    return saved.get("status") == "ok" and (config is None or saved.get("config") == config)
+
+
+def _set_aside(point_dir: Path) -> Path:
+    """Move a point directory that ran with another config out of the way (kept, not deleted)."""
+    stale = point_dir.with_name(f".{point_dir.name}.replaced")
+    if stale.exists():
+        shutil.rmtree(stale)
+    point_dir.rename(stale)
+    return stale
 
 
 def run_point(spec: SweepSpec, point: SweepPoint, kernel: str | None = None) -> dict[str, Any]:
@@ -145,7 +165,7 @@ def run_point(spec: SweepSpec, point: SweepPoint, kernel: str | None = None) -> 
 
     point_dir = sweep_dir(spec) / point.name
     point_dir.mkdir(parents=True, exist_ok=True)
-    record: dict[str, Any] = {"name": point.name, "values": point.values}
+    record: dict[str, Any] = {"name": point.name, "values": point.values, "config": point_config(spec, point)}
     try:
         papermill.execute_notebook(
             spec.notebook, str(point_dir / "notebook.ipynb"), parameters=point_parameters(spec, point),
@@ -179,8 +199,12 @@ def run_sweep(path: str | Path, kernel: str | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(root / "sweep.yaml", Path(path).read_text())
     for point in tqdm(sweep_points(spec), desc=f"sweep {spec.name}"):
-        if is_finished(root / point.name):
+        config = point_config(spec, point)
+        if is_finished(root / point.name, config):
             continue
+        if (root / point.name).exists():
+            stale = _set_aside(root / point.name)
+            tqdm.write(f"point {point.name}: its directory ran another config; kept as {stale.name}, running again")
         record = run_point(spec, point, kernel)
         if record["status"] != "ok":
             tqdm.write(f"point {point.name} failed: {record['error'].splitlines()[0]}")
@@ -233,8 +257,11 @@ def aggregate_sweep(root: str | Path) -> pd.DataFrame:
     )  # fmt: skip
     summary = summary[keys + [c for c in summary.columns if c not in keys]]
     atomic_write_text(root / "summary.csv", summary.to_csv(index=False))
+    # One setting per figure: the training tasks' own test sets when the sweep scored them, else held-out tasks.
+    setting = "seen" if "seen" in set(summary["setting"]) else "heldout"
+    shown, title = summary[summary["setting"] == setting], f"Sweep {spec.name} ({SETTING_LABELS[setting]})"
     if len(keys) == 1:
-        sweep_figure(summary, keys[0], root / "sweep.png", title=f"Sweep {spec.name}")
+        sweep_figure(shown, keys[0], root / "sweep.png", title=title)
     elif len(keys) == 2:
-        sweep_heatmap(summary, keys[0], keys[1], root / "sweep_heatmap.png", title=f"Sweep {spec.name}")
+        sweep_heatmap(shown, keys[0], keys[1], root / "sweep_heatmap.png", title=title)
     return summary

@@ -64,6 +64,8 @@ def _read_manifest(path: Path) -> dict[str, dict]:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("tasks"), dict):
         raise TaskError(f"{path}: expected an object with a 'tasks' mapping")
     for name, meta in manifest["tasks"].items():
+        if not name or name.startswith(".") or set(name) & {"/", "\\", "\0"}:
+            raise TaskError(f"{path}: task '{name}': a task name must be a plain file name (no path, no leading dot)")
         if not isinstance(meta, dict):
             raise TaskError(f"{path}: task '{name}': expected an object")
         if not isinstance(meta.get("instruction", ""), str):
@@ -73,6 +75,11 @@ def _read_manifest(path: Path) -> dict[str, dict]:
         options = meta.get("options")
         if options is not None and (not isinstance(options, list) or not all(isinstance(o, str) for o in options)):
             raise TaskError(f"{path}: task '{name}': field 'options' must be a list of strings")
+        if meta.get("metric") == "accuracy" and not options:
+            raise TaskError(
+                f"{path}: task '{name}': metric 'accuracy' needs 'options' (the label set it ranks); "
+                "without them use 'exact_match'"
+            )
     return manifest["tasks"]
 
 
@@ -80,8 +87,12 @@ def _read_examples(path: Path, task: str, options: list[str] | None) -> list[Exa
     if not path.is_file():
         raise TaskError(f"{path}: example file of task '{task}' not found")
     examples = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise TaskError(f"{path}: line {line_no}: not UTF-8 ({err.reason} at byte {err.start})") from err
             if not line.strip():
                 continue
             try:

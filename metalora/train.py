@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import resource
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,11 +33,14 @@ from metalora.compiled import compile_decoder_layers
 from metalora.config import Config, load_config, save_config, split_args
 from metalora.episodes import Encoder, EpisodeSampler
 from metalora.errors import MetaloraError
-from metalora.io import atomic_write_json
+from metalora.io import atomic_write_json, atomic_write_text
 from metalora.lora import attach_lora, lora_params, save_adapter
 from metalora.meta import TaskStats, meta_step
 from metalora.models import count_parameters, load_model
+from metalora.rundir import locked, record_resume, refuse_used, resume_changes
 from metalora.splits import Experiment, build_experiment, save_splits
+
+LOGGER = logging.getLogger("metalora")
 
 
 class TrainingDivergedError(MetaloraError):
@@ -82,11 +87,9 @@ def build_trainer(cfg: Config, device: torch.device | str = "cpu") -> Trainer:
     if cfg.train.compile_layers:
         compile_decoder_layers(model)
     if cfg.meta.algorithm == "reptile":
-        optimizer: torch.optim.Optimizer = torch.optim.SGD(shared.values(), lr=cfg.meta.reptile_step_size)
-    elif cfg.meta.algorithm == "multitask":
-        optimizer = torch.optim.AdamW(shared.values(), lr=cfg.baseline.multitask_lr, weight_decay=cfg.meta.weight_decay)
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(shared.values(), **optimizer_settings(cfg))
     else:
-        optimizer = torch.optim.AdamW(shared.values(), lr=cfg.meta.meta_lr, weight_decay=cfg.meta.weight_decay)
+        optimizer = torch.optim.AdamW(shared.values(), **optimizer_settings(cfg))
     encoder = Encoder(
         tokenizer,
         cfg.data.prompt_template,
@@ -163,11 +166,49 @@ def _losses_finite(stats: TaskStats) -> bool:
 
 
 def _truncate_metrics(path: Path, start: int) -> None:
-    """Drop lines logged after the checkpoint a run resumes from (they will be logged again)."""
+    """Drop lines logged after the checkpoint a run resumes from (they will be logged again), and a line torn
+    by a crash mid-write."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < start]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            if json.loads(line)["step"] < start:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            LOGGER.warning("%s: skipped an unreadable line (torn by an interrupted write): %.60s", path, line)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def optimizer_settings(cfg: Config) -> dict[str, float]:
+    """The meta-optimizer's hyperparameters for `cfg` (what a resumed run applies over the restored ones)."""
+    if cfg.meta.algorithm == "reptile":
+        return {"lr": cfg.meta.reptile_step_size}
+    lr = cfg.baseline.multitask_lr if cfg.meta.algorithm == "multitask" else cfg.meta.meta_lr
+    return {"lr": lr, "weight_decay": cfg.meta.weight_decay}
+
+
+def apply_optimizer_settings(trainer: Trainer) -> None:
+    """Set the configured learning rate and weight decay on every parameter group (a checkpoint restores the
+    values it was saved with)."""
+    for group in trainer.optimizer.param_groups:
+        group.update(optimizer_settings(trainer.cfg))
+
+
+def warn_long_targets(trainer: Trainer) -> None:
+    """Log, per task, how many targets `data.max_target_tokens` cuts (exact match cannot reach them)."""
+    limit = trainer.cfg.data.max_target_tokens
+    for name, pools in trainer.experiment.train.items():
+        lengths = [len(trainer.encoder.tokenizer(" " + e.target, add_special_tokens=False)["input_ids"])
+                   for e in pools.support + pools.query]  # fmt: skip
+        cut = [n for n in lengths if n > limit]
+        if cut:
+            LOGGER.warning(
+                "task '%s': %d of %d targets are longer than data.max_target_tokens=%d (longest %d tokens) and are "
+                "cut; raise it, or expect exact match to miss them", name, len(cut), len(lengths), limit, max(cut),
+            )  # fmt: skip
 
 
 def _export_final(trainer: Trainer, run_dir: Path) -> Path:
@@ -203,23 +244,34 @@ def train(cfg: Config, resume: bool = False) -> Path:
         log_with=log_with,
         project_dir=str(run_dir),
     )
+    with ExitStack() as stack:
+        if accelerator.is_main_process:
+            stack.enter_context(locked(run_dir))
+        return _train_locked(cfg, resume, accelerator, log_with)
+
+
+def _train_locked(cfg: Config, resume: bool, accelerator: Accelerator, log_with: list[str] | None) -> Path:
+    run_dir = cfg.run_dir
     set_seed(cfg.train.seed)
     checkpoint = latest_checkpoint(run_dir)
     if resume and checkpoint is None:
         raise CheckpointError(f"{run_dir}: resume asked for, but there is no checkpoint under checkpoints/")
-    if not resume and checkpoint is not None:
-        raise CheckpointError(
-            f"{run_dir} already holds checkpoints: resume with --resume (train.resume=true) "
-            "or choose another train.run_name"
-        )
+    if not resume:
+        refuse_used(run_dir)
+    changed = resume_changes(run_dir, cfg) if resume else {}
     # The first process converts the embedded model and builds the data; the others then read the cache.
     with accelerator.main_process_first():
         trainer = build_trainer(cfg, accelerator.device)
     start = 0
     if checkpoint is not None:
         start = load_checkpoint(checkpoint, trainer.model, trainer.optimizer, cfg.meta.algorithm, cfg.train.seed)
+        apply_optimizer_settings(trainer)
     metrics_path = run_dir / "metrics.jsonl"
     if accelerator.is_main_process:
+        if changed:
+            record_resume(run_dir, start, changed)
+            accelerator.print(f"resuming at step {start} with changed settings: {changed}")
+        warn_long_targets(trainer)
         save_config(cfg, run_dir)
         save_splits(trainer.experiment, run_dir)
         _truncate_metrics(metrics_path, start)
@@ -310,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = train(load_config(files, overrides), resume=args.resume)
     except MetaloraError as err:
         print(f"metalora train: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk, a read-only or not-a-directory output path
+        print(f"metalora train: error: {err.strerror or err}: {err.filename or ''}", file=sys.stderr)
         return 2
     print(f"run directory: {run_dir}")
     return 0

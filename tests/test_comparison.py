@@ -102,7 +102,7 @@ def test_eval_trains_missing_runs_and_writes_every_table(tmp_path):
 
     results = pd.read_csv(out / "results.csv")
     assert list(results.columns) == ["method", "task", "n_shots", "seed", "metric", "value", "n_test",
-                                     "adapt_seconds", "test_loss", "setting", "train_seed"]  # fmt: skip
+                                     "adapt_seconds", "test_loss", "setting", "train_seed", "finite"]  # fmt: skip
     assert set(results["setting"]) == {"heldout"}
     assert set(results["task"]) == {"add_9", "caesar_7"}
     assert set(results[results["method"] == "base"]["n_shots"]) == {0}

@@ -127,7 +127,7 @@ def test_sweep_skips_finished_points_records_failures_and_aggregates(tmp_path):
     results = pd.read_csv(root / "results.csv")
     assert set(results["point"]) == {"meta.n_support=4"} and set(results["method"]) == {"metalora"}
     summary = pd.read_csv(root / "summary.csv")
-    assert list(summary.columns[:2]) == ["meta.n_support", "method"] and (root / "sweep.png").is_file()
+    assert list(summary.columns[:3]) == ["meta.n_support", "setting", "method"] and (root / "sweep.png").is_file()
     finished = root / "meta.n_support=4" / "notebook.ipynb"
     stamp = finished.stat().st_mtime_ns
     run_sweep(write_sweep(tmp_path))

@@ -75,6 +75,14 @@ def test_generic_with_grouping_and_options(tmp_path):
     assert task.options == ["neg", "pos"] and task.metric == "accuracy" and len(task.examples) == 4
 
 
+def test_generic_items_become_groups_that_survive_the_round_trip(tmp_path):
+    rows = [{"text": f"{lang} {i}", "label": "x", "idx": i, "lang": lang} for lang in ("de", "fr") for i in range(3)]
+    suite = run(tmp_path, "generic", rows, "--input-field", "text", "--target-field", "label",
+                "--group-by", "lang", "--item-field", "idx")  # fmt: skip
+    for lang in ("de", "fr"):
+        assert {e.input: e.group for e in suite.tasks[lang].examples} == {f"{lang} {i}": f"idx:{i}" for i in range(3)}
+
+
 def test_a_missing_field_is_named(tmp_path, capsys):
     data = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q"}])
     code = main(["prepare-data", "gsm8k", "--dataset", "json", "--data-files", str(data), "--out", str(tmp_path / "o")])

@@ -1,0 +1,291 @@
+"""Fault injection on tiny-random: what a careless user does to a run directory, and what the kit must do about it.
+
+Each test is one fault: the kit refuses it with a one-line error that names the file or key, or it detects and
+reports it; it never gives a silently wrong result or loses data.
+"""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from metalora.checkpoint import CheckpointError
+from metalora.cli import main as cli_main
+from metalora.comparison import EvaluationError, run_evaluation
+from metalora.config import ConfigError, load_config
+from metalora.splits import build_experiment
+from metalora.sweep import run_sweep
+from metalora.tasks import TaskError, load_suite_dir
+from metalora.train import main as train_main
+from metalora.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = [ROOT / "params" / "base.yaml", ROOT / "params" / "smoke.yaml"]
+FAST = [
+    "data.heldout_tasks=[add_9,caesar_7]", "eval.n_shots=[0,2]", "eval.seeds=1", "eval.max_test=4",
+    "eval.adapt_steps=2", "data.n_test=4", "eval.methods=[base,metalora]",
+]  # fmt: skip
+
+
+def config(tmp_path: Path, name: str = "run", *overrides: str):
+    return load_config(SMOKE, [f"train.output_dir={tmp_path}", f"train.run_name={name}", *FAST, *overrides])
+
+
+# -- resume ------------------------------------------------------------------------------------------------------
+
+
+def test_resume_refuses_a_changed_experiment_with_a_readable_diff(tmp_path):
+    train(config(tmp_path, "r", "train.steps=2"))
+    with pytest.raises(CheckpointError, match=r"data.heldout_tasks: \['add_9', 'caesar_7'\] -> \['add_9'\]"):
+        train(config(tmp_path, "r", "train.steps=3", "data.heldout_tasks=[add_9]"), resume=True)
+    with pytest.raises(CheckpointError, match=r"lora.alpha: 8 -> 16"):
+        train(config(tmp_path, "r", "train.steps=3", "lora.alpha=16"), resume=True)
+
+
+def test_resume_applies_a_changed_optimizer_setting_and_records_it(tmp_path):
+    run_dir = train(config(tmp_path, "r", "train.steps=2"))
+    train(config(tmp_path, "r", "train.steps=3", "meta.meta_lr=0.5"), resume=True)
+    record = [json.loads(line) for line in (run_dir / "resumes.jsonl").read_text().splitlines()]
+    assert record[-1]["step"] == 2 and record[-1]["changed"]["meta.meta_lr"] == [0.001, 0.5]
+    groups = json.loads((run_dir / "checkpoints" / "step_3" / "optimizer.json").read_text())["param_groups"]
+    assert {g["lr"] for g in groups} == {0.5}
+
+
+def test_a_torn_last_metrics_line_is_skipped_on_resume(tmp_path):
+    run_dir = train(config(tmp_path, "r", "train.steps=2"))
+    with (run_dir / "metrics.jsonl").open("a") as handle:
+        handle.write('{"step": 2, "stage2/meta_lo')
+    train(config(tmp_path, "r", "train.steps=3"), resume=True)
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2]
+
+
+# -- one writer per run directory ------------------------------------------------------------------------------------
+
+
+def test_a_fresh_run_into_a_used_directory_is_refused(tmp_path):
+    run_dir = tmp_path / "used"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 0}\n')
+    with pytest.raises(CheckpointError, match=r"used already holds metrics.jsonl"):
+        train(config(tmp_path, "used"))
+
+
+def test_a_second_writer_is_locked_out(tmp_path):
+    run_dir = tmp_path / "locked"
+    run_dir.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)", str(run_dir / ".lock")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(CheckpointError, match=r"another process is writing into .*locked"):
+            train(config(tmp_path, "locked"))
+    finally:
+        holder.kill()
+    assert not (run_dir / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "a\\b"])
+def test_run_names_that_leave_the_output_directory_are_refused(name):
+    with pytest.raises(ConfigError, match="train.run_name"):
+        load_config(overrides=[f"train.run_name={name}"])
+
+
+# -- evaluation -----------------------------------------------------------------------------------------------------
+
+
+def test_eval_refuses_a_run_trained_with_other_lora_settings(tmp_path):
+    train(config(tmp_path, "run", "lora.alpha=64"))
+    with pytest.raises(EvaluationError, match=r"lora.alpha: the run has 64, this evaluation 8"):
+        run_evaluation(config(tmp_path, "run"))
+    with pytest.raises(EvaluationError, match=r"lora.r: the run has 4, this evaluation 8"):
+        run_evaluation(config(tmp_path, "run", "lora.alpha=64", "lora.r=8"))
+
+
+def test_eval_directory_is_written_whole_or_not_at_all(tmp_path):
+    cfg = config(tmp_path, "run", "eval.methods=[base,lora,metalora]")
+    out = run_evaluation(cfg, train_missing=True)
+    (out / "efficiency.csv").write_text("stale")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # A failing evaluation (its adapter is gone) must leave the previous eval directory as it was.
+    (cfg.run_dir / "adapter" / "adapter_model.safetensors").unlink()
+    with pytest.raises(EvaluationError, match="adapter"):
+        run_evaluation(config(tmp_path, "run", "eval.methods=[base,metalora]"))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # A second successful evaluation replaces the directory as a unit: nothing stale survives.
+    run_evaluation(config(tmp_path, "run", "eval.methods=[base,lora]"))
+    assert not (out / "efficiency.csv").exists()
+
+
+def test_non_finite_adaptation_is_flagged_and_left_out_of_the_summary(tmp_path):
+    cfg = config(tmp_path, "run", "eval.methods=[lora]", "eval.adapt_lr=1e30", "meta.inner_optimizer=sgd")
+    out = run_evaluation(cfg)
+    results = pd.read_csv(out / "results.csv")
+    adapted = results[results["n_shots"] == 2]
+    assert (~adapted["finite"]).all() and adapted["value"].isna().all()
+    summary = pd.read_csv(out / "summary.csv").set_index("n_shots")
+    assert summary.loc[2, "n_nonfinite"] == len(adapted) and pd.isna(summary.loc[2, "mean"])
+    assert summary.loc[0, "n_nonfinite"] == 0
+
+
+def test_identical_examples_never_sit_in_two_pools(tmp_path):
+    suite = tmp_path / "dups"
+    suite.mkdir()
+    (suite / "tasks.json").write_text(json.dumps({"tasks": {"a": {}, "b": {}}}))
+    for name in "ab":
+        lines = [json.dumps({"input": f"{name}{i % 10}", "target": "x"}) for i in range(40)]  # each line 4 times
+        (suite / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = load_config(overrides=[f"data.suites=[{suite}]", "data.heldout_tasks=[b]", "data.n_test=4",
+                                 "data.samples_per_task=6"])  # fmt: skip
+    experiment = build_experiment(cfg.data)
+    pools = experiment.heldout["b"]
+    assert not {e.input for e in pools.test} & {e.input for e in pools.adapt}
+    assert len(pools.test) + len(pools.adapt) == 10 and experiment.duplicates_dropped == {"a": 30, "b": 30}
+
+
+# -- checkpoints ----------------------------------------------------------------------------------------------------
+
+
+def test_a_flipped_byte_in_a_checkpoint_is_detected(tmp_path):
+    run_dir = train(config(tmp_path, "r", "train.steps=2"))
+    weights = run_dir / "checkpoints" / "step_2" / "adapter" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF  # inside the tensor data: safetensors would load it without complaint
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"adapter_model.safetensors.*checksum"):
+        train(config(tmp_path, "r", "train.steps=3"), resume=True)
+
+
+# -- sweeps ---------------------------------------------------------------------------------------------------------
+
+
+def _sweep(tmp_path: Path, values: list[int]) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text(json.dumps({
+        "notebook": "notebooks/02_few_shot_eval.ipynb", "config_files": [str(p) for p in SMOKE],
+        "overrides": [*FAST, "eval.methods=[metalora]"], "grid": {"meta.n_support": values},
+        "output_dir": str(tmp_path / "sweeps"),
+    }))  # fmt: skip
+    return path
+
+
+@pytest.mark.slow
+def test_an_edited_sweep_reruns_points_whose_config_changed_and_failures_exit_non_zero(tmp_path):
+    path = _sweep(tmp_path, [4])
+    root = run_sweep(path)
+    first = json.loads((root / "meta.n_support=4" / "point.json").read_text())
+    spec = json.loads(path.read_text())
+    spec["overrides"].append("lora.r=2")  # same point name, another experiment
+    path.write_text(json.dumps(spec))
+    run_sweep(path)
+    again = json.loads((root / "meta.n_support=4" / "point.json").read_text())
+    assert again["config"] != first["config"] and "r: 2" in again["config"]
+    assert cli_main(["sweep", str(_sweep(tmp_path, [4, 500]))]) == 1
+
+
+# -- task data and suites -------------------------------------------------------------------------------------------
+
+
+def _suite(tmp_path: Path, manifest: dict, files: dict[str, bytes]) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "tasks.json").write_text(json.dumps({"tasks": manifest}))
+    for name, data in files.items():
+        (tmp_path / f"{name}.jsonl").write_bytes(data)
+    return tmp_path
+
+
+def test_task_names_that_leave_the_suite_are_refused(tmp_path):
+    with pytest.raises(TaskError, match=r"task '../escape': a task name must be a plain file name"):
+        load_suite_dir(_suite(tmp_path / "s", {"../escape": {}}, {}))
+
+
+def test_a_non_utf8_task_file_names_file_and_line(tmp_path):
+    lines = b'{"input": "a", "target": "b"}\n{"input": "\xff", "target": "b"}\n'
+    suite = _suite(tmp_path / "s", {"t": {}}, {"t": lines})
+    with pytest.raises(TaskError, match=r"t\.jsonl: line 2: not UTF-8"):
+        load_suite_dir(suite)
+
+
+def test_accuracy_without_options_is_refused(tmp_path):
+    suite = _suite(tmp_path / "s", {"t": {"metric": "accuracy"}}, {"t": b'{"input": "a", "target": "b"}\n'})
+    with pytest.raises(TaskError, match=r"task 't': metric 'accuracy' needs 'options'"):
+        load_suite_dir(suite)
+
+
+def test_prepare_data_refuses_to_overwrite_a_suite(tmp_path, capsys):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"q": f"{i}", "a": "x"}) + "\n" for i in range(4)))
+    out = _suite(tmp_path / "suite", {"old": {}}, {"old": b'{"input": "a", "target": "b"}\n'})
+    args = ["prepare-data", "generic", "--dataset", "json", "--data-files", str(data), "--out", str(out),
+            "--input-field", "q", "--target-field", "a", "--min-samples", "2"]  # fmt: skip
+    assert cli_main(args) == 2
+    assert "already holds a task suite" in capsys.readouterr().err
+    assert set(json.loads((out / "tasks.json").read_text())["tasks"]) == {"old"}
+
+
+def test_long_targets_are_reported(tmp_path, caplog):
+    suite = _suite(tmp_path / "s", {"t": {}, "u": {}}, {
+        "t": "".join(json.dumps({"input": f"{i}", "target": "word " * 60}) + "\n" for i in range(20)).encode(),
+        "u": "".join(json.dumps({"input": f"{i}", "target": "x"}) + "\n" for i in range(20)).encode(),
+    })  # fmt: skip
+    cfg = load_config(SMOKE, [f"train.output_dir={tmp_path}", f"data.suites=[{suite}]", "data.train_tasks=[t,u]",
+                              "data.samples_per_task=10", "train.steps=1", "meta.n_support=2",
+                              "meta.n_query=2"])  # fmt: skip
+    with caplog.at_level("WARNING", logger="metalora"):
+        train(cfg)
+    assert any("task 't'" in r.message and "data.max_target_tokens=32" in r.message for r in caplog.records)
+    assert not any("task 'u'" in r.message for r in caplog.records)
+
+
+# -- one-line errors ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("lora.r=[4", r"override 'lora.r=\[4'"),
+        ("train.log_with=[tensorbored]", r"train.log_with.*tensorbored"),
+        ("data.prompt_template={instruction} {question} {input}", r"data.prompt_template.*\{question\}"),
+        ("lora.target_modules=[q_proj,qkv]", r"lora.target_modules.*'qkv'"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(tmp_path, capsys, override, message):
+    code = train_main([*map(str, SMOKE), f"train.output_dir={tmp_path}", override])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert __import__("re").search(message, err), err
+
+
+def test_a_model_directory_without_a_model_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "empty_model").mkdir()
+    code = train_main([*map(str, SMOKE), f"train.output_dir={tmp_path}", f"model.name={tmp_path / 'empty_model'}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "empty_model" in err and "Traceback" not in err
+
+
+def test_unwritable_outputs_are_one_line_errors(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert train_main([*map(str, SMOKE), f"train.output_dir={blocker}"]) == 2
+    err = capsys.readouterr().err
+    assert "file" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_outputs_keep_the_users_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        run_dir = train(config(tmp_path, "shared", "train.steps=1"))
+    finally:
+        os.umask(old)
+    for path in (run_dir / "config.yaml", run_dir / "summary.json", run_dir / "checkpoints" / "step_1"):
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o044 == 0o044, f"{path} is {oct(mode)}: unreadable to collaborators"
