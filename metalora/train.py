@@ -27,7 +27,13 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from metalora.baselines import example_gradients, multitask_plan, planned_steps
-from metalora.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from metalora.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from metalora.checkpointing import checkpoint_decoder_layers
 from metalora.compiled import compile_decoder_layers
 from metalora.config import Config, load_config, save_config, split_args
@@ -319,11 +325,13 @@ def _train_locked(cfg: Config, resume: bool, accelerator: Accelerator, log_with:
         done = step + 1
         if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and accelerator.is_main_process:
             save_checkpoint(run_dir, done, trainer.model, trainer.optimizer, cfg.meta.algorithm, cfg.train.seed)
+            prune_checkpoints(run_dir, cfg.train.keep_checkpoints)
             last_saved = done
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if last_saved != total_steps:
             save_checkpoint(run_dir, total_steps, trainer.model, trainer.optimizer, cfg.meta.algorithm, cfg.train.seed)
+            prune_checkpoints(run_dir, cfg.train.keep_checkpoints)
         exported = _export_final(trainer, run_dir)
         atomic_write_json(
             run_dir / "summary.json",

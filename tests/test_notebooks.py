@@ -118,8 +118,9 @@ def test_sweep_files_are_checked_point_by_point(tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_skips_finished_points_records_failures_and_aggregates(tmp_path):
+def test_sweep_skips_finished_points_records_failures_and_aggregates(tmp_path, capsys):
     root = run_sweep(write_sweep(tmp_path))
+    assert "run directory:" in capsys.readouterr().out, "the points' output did not stream"
     points = pd.read_csv(root / "points.csv").set_index("point")
     assert points.loc["meta.n_support=4", "status"] == "ok"
     assert points.loc["meta.n_support=500", "status"] == "failed"

@@ -125,6 +125,13 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
     assert "meta_batch_size=999 is larger than" in capsys.readouterr().err
 
 
+def test_only_the_newest_checkpoints_are_kept_when_asked(tmp_path):
+    run_dir = run(tmp_path, "k", "train.steps=5", "train.checkpoint_every=1", "train.keep_checkpoints=2")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_4", "step_5"]
+    every = run(tmp_path, "all", "train.steps=3", "train.checkpoint_every=1")
+    assert len(list((every / "checkpoints").iterdir())) == 3
+
+
 def test_fomaml_checkpoint_is_the_full_model_in_safetensors(tmp_path):
     run_dir = run(tmp_path, "f", "meta.algorithm=fomaml", "train.steps=1")
     assert (run_dir / "model" / "model.safetensors").is_file()
