@@ -274,7 +274,12 @@ def _check_values(cfg: Config) -> None:
         ("meta.algorithm", cfg.meta.algorithm in ALGORITHMS, f"one of {ALGORITHMS}"),
         ("meta.inner_optimizer", cfg.meta.inner_optimizer in INNER_OPTIMIZERS, f"one of {INNER_OPTIMIZERS}"),
         ("model.dtype", cfg.model.dtype in DTYPES, f"one of {DTYPES}"),
-        ("train.mixed_precision", cfg.train.mixed_precision in ("", "no", "bf16", "fp16"), "empty, no, bf16 or fp16"),
+        (
+            "train.mixed_precision",
+            cfg.train.mixed_precision in ("", "no", "bf16"),
+            "empty, no or bf16 (fp16 needs a gradient scaler, which the functional inner loop does not use: "
+            "its small LoRA gradients would underflow)",
+        ),
         ("lora.r", cfg.lora.r > 0, "a positive integer"),
         ("lora.alpha", cfg.lora.alpha > 0, "a positive integer"),
         ("lora.dropout", 0.0 <= cfg.lora.dropout < 1.0, "in [0, 1)"),

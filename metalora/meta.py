@@ -235,7 +235,8 @@ def meta_step(
         cfg: algorithm and inner-loop settings.
         optimizer: the meta-optimizer over `shared`'s tensors.
         total_tasks: tasks in the whole meta-batch (all processes).
-        reduce: sums a tensor over processes (identity for one process).
+        reduce: sums a tensor over processes (identity for one process); called once per step, on all the
+            meta-gradients flattened into one vector.
         can_step: called with the statistics before the update; False skips it (e.g. a NaN loss).
 
     Returns:
@@ -244,8 +245,10 @@ def meta_step(
     grads, stats = meta_gradients(model, shared, episodes, tasks, encoder, cfg, total_tasks)
     if not can_step(stats):
         return MetaStepResult(stats, None)
-    for tensor, grad in zip(shared.values(), grads, strict=True):
-        tensor.grad = reduce(grad)
+    # One flattened reduction for all shared tensors: one collective per step instead of one per LoRA tensor.
+    flat = reduce(torch.cat([g.reshape(-1) for g in grads])) if len(grads) > 1 else reduce(grads[0]).reshape(-1)
+    for tensor, grad in zip(shared.values(), flat.split([g.numel() for g in grads]), strict=True):
+        tensor.grad = grad.view_as(tensor)
     # An infinite bound measures the norm without changing the gradient.
     bound = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     norm = torch.nn.utils.clip_grad_norm_(list(shared.values()), bound)

@@ -36,7 +36,7 @@ from metalora.checkpoint import (
 )
 from metalora.checkpointing import checkpoint_decoder_layers
 from metalora.compiled import compile_decoder_layers
-from metalora.config import Config, load_config, save_config, split_args
+from metalora.config import Config, ConfigError, load_config, save_config, split_args
 from metalora.episodes import Encoder, EpisodeSampler
 from metalora.errors import MetaloraError
 from metalora.io import atomic_write_json, atomic_write_text
@@ -250,10 +250,32 @@ def train(cfg: Config, resume: bool = False) -> Path:
         log_with=log_with,
         project_dir=str(run_dir),
     )
+    check_distributed(cfg, accelerator)
     with ExitStack() as stack:
         if accelerator.is_main_process:
             stack.enter_context(locked(run_dir))
         return _train_locked(cfg, resume, accelerator, log_with)
+
+
+# What `accelerate launch` may ask for that the kit honours: it splits a meta-batch's tasks over processes and
+# reduces their gradients itself, and sharded or pipelined engines would wrap the model it calls functionally.
+SUPPORTED_DISTRIBUTED = {"NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_MUSA"}
+
+
+def check_distributed(cfg: Config, accelerator: Accelerator) -> None:
+    """Refuse a distributed engine the kit does not honour, and a meta-batch that leaves processes idle."""
+    kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
+    if kind.upper() not in SUPPORTED_DISTRIBUTED:
+        raise ConfigError(
+            f"accelerate's distributed type {kind} is not supported: the kit reduces the LoRA meta-gradients itself "
+            "and keeps the frozen base unwrapped; use a multi-GPU (DDP-style) accelerate config"
+        )
+    if cfg.meta.meta_batch_size < accelerator.num_processes:
+        raise ConfigError(
+            f"meta.meta_batch_size={cfg.meta.meta_batch_size} is smaller than the {accelerator.num_processes} "
+            "processes: each process adapts its own tasks of a meta-batch, so some would stay idle; raise "
+            "meta.meta_batch_size to at least the number of processes"
+        )
 
 
 def _train_locked(cfg: Config, resume: bool, accelerator: Accelerator, log_with: list[str] | None) -> Path:

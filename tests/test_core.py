@@ -405,3 +405,24 @@ def test_task_batched_is_refused_where_it_does_not_apply():
     for overrides in (["meta.first_order=false"], ["meta.algorithm=reptile"], ["meta.algorithm=fomaml"]):
         with pytest.raises(ConfigError, match="meta.task_batched"):
             load_config(SMOKE, ["meta.task_batched=true", *overrides])
+
+
+def test_the_meta_gradient_is_reduced_in_one_flattened_call_with_the_same_result():
+    calls = []
+
+    def counting(tensor):
+        calls.append(tensor.shape)
+        return tensor
+
+    updated = []
+    for reduce in (counting, None):
+        trainer = trainer_for("lora.dropout=0.0")
+        nudge_lora_b(trainer)
+        cfg = trainer.cfg.meta
+        kwargs = {"reduce": reduce} if reduce else {}
+        meta_step(trainer.model, trainer.shared, trainer.sampler.sample(0), tasks_of(trainer), trainer.encoder, cfg,
+                  trainer.optimizer, cfg.meta_batch_size, **kwargs)  # fmt: skip
+        updated.append(snapshot(trainer.shared))
+    assert len(calls) == 1 and calls[0] == (sum(v.numel() for v in updated[0].values()),)
+    for name, value in updated[0].items():
+        torch.testing.assert_close(value, updated[1][name])

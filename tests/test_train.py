@@ -132,6 +132,22 @@ def test_only_the_newest_checkpoints_are_kept_when_asked(tmp_path):
     assert len(list((every / "checkpoints").iterdir())) == 3
 
 
+def test_distributed_engines_and_idle_processes_are_refused():
+    from types import SimpleNamespace
+
+    from metalora.config import ConfigError
+    from metalora.train import check_distributed
+
+    cfg = load_config(SMOKE)
+    check_distributed(cfg, SimpleNamespace(distributed_type="MULTI_GPU", num_processes=2))
+    with pytest.raises(ConfigError, match="distributed type FSDP is not supported"):
+        check_distributed(cfg, SimpleNamespace(distributed_type="FSDP", num_processes=2))
+    with pytest.raises(ConfigError, match=r"meta.meta_batch_size=2 is smaller than the 4 processes"):
+        check_distributed(cfg, SimpleNamespace(distributed_type="MULTI_GPU", num_processes=4))
+    with pytest.raises(ConfigError, match="fp16 needs a gradient scaler"):
+        load_config(SMOKE, ["train.mixed_precision=fp16"])
+
+
 def test_fomaml_checkpoint_is_the_full_model_in_safetensors(tmp_path):
     run_dir = run(tmp_path, "f", "meta.algorithm=fomaml", "train.steps=1")
     assert (run_dir / "model" / "model.safetensors").is_file()
