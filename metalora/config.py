@@ -47,6 +47,12 @@ class ModelConfig:
     cache_dir: str = ""
     # Weight dtype of the frozen base model.
     dtype: str = "float32"
+    # Attention kernel passed to transformers ("eager", "sdpa", "flash_attention_2"); empty keeps its default.
+    attn_implementation: str = ""
+    # Hub revision (branch, tag or commit) of a hub model; empty means the default branch.
+    revision: str = ""
+    # Run a hub model's own Python code; off unless asked, since that code runs with the user's rights.
+    trust_remote_code: bool = False
     # Build the architecture from the model's config with seeded random weights instead of loading
     # them: speed and memory figures on a machine that has the config and tokenizer but not the weights.
     random_init: bool = False

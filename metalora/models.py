@@ -78,7 +78,9 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     elif cfg.name == "embedded":
         model, tokenizer = _load_pretrained(str(embedded_model_dir(cfg)), dtype, cfg.random_init)
     else:
-        model, tokenizer = _load_pretrained(cfg.name, dtype, cfg.random_init)
+        model, tokenizer = _load_pretrained(cfg.name, dtype, cfg.random_init, _hub_options(cfg))
+    if cfg.attn_implementation:
+        model.set_attn_implementation(cfg.attn_implementation)
     if cfg.weight_first_logits:
         use_weight_first_projection(model)
     tokenizer.padding_side = "left"
@@ -87,26 +89,39 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     return model, tokenizer
 
 
+def _hub_options(cfg: ModelConfig) -> dict[str, object]:
+    """The loading options a hub or local model takes from the config (revision, remote code)."""
+    options: dict[str, object] = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.revision:
+        options["revision"] = cfg.revision
+    return options
+
+
 def _load_pretrained(
-    name: str, dtype: torch.dtype, random_init: bool = False
+    name: str, dtype: torch.dtype, random_init: bool = False, options: dict[str, object] | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    options = options or {}
     if Path(name).is_dir() and not (Path(name) / "config.json").is_file():
         raise ModelLoadError(f"model.name: directory '{name}' holds no model (no config.json)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name, **options)
         if random_init:
-            model = _random_from_config(AutoConfig.from_pretrained(name), dtype)
+            model = _random_from_config(AutoConfig.from_pretrained(name, **options), dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **options)
     except OSError as err:
         if Path(name).exists():
             raise ModelLoadError(f"model directory '{name}' could not be loaded: {err}") from err
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        why = "HF_HUB_OFFLINE is set" if offline else "the hub is unreachable or the id is wrong"
-        raise ModelLoadError(
-            f"model '{name}' is neither a local directory nor loadable from the hub ({why}). "
-            "Use model.name=embedded (SmolLM2-135M-Instruct, no download) or a local model directory."
-        ) from err
+        # The hub's own reason (a gated repository that needs a login or an accepted licence, a wrong id) first.
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = (
+            "HF_HUB_OFFLINE is set, so only local files are read. Use model.name=embedded (SmolLM2-135M-Instruct, "
+            "no download) or a local model directory."
+            if offline
+            else "For a gated model, log in (`huggingface-cli login`) and accept its licence on the hub."
+        )
+        raise ModelLoadError(f"model '{name}' could not be loaded: {reason}. {hint}") from err
     return model, tokenizer
 
 

@@ -22,6 +22,38 @@ def test_unreachable_hub_id_says_so_and_suggests_embedded():
         load_model(ModelConfig(name="no-such-org/no-such-model"))
 
 
+def test_a_gated_repository_shows_the_hubs_own_reason(monkeypatch):
+    import transformers
+
+    def gated(*args, **kwargs):
+        raise OSError("You are trying to access a gated repo.\nMake sure to have access to it.")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", gated)
+    with pytest.raises(ModelLoadError, match=r"access a gated repo.*log in.*accept its licence"):
+        load_model(ModelConfig(name="meta-llama/Llama-3.2-1B"))
+
+
+def test_loading_options_pass_through(tiny, tmp_path, monkeypatch):
+    eager, _ = load_model(ModelConfig(name="tiny-random", attn_implementation="eager"))
+    assert eager.config._attn_implementation == "eager"
+    model, tokenizer = tiny
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    import transformers
+
+    seen = {}
+    original = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(name, **kwargs):
+        seen.update(kwargs)
+        return original(name, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    load_model(ModelConfig(name=str(tmp_path), revision="main"))
+    assert seen["revision"] == "main" and seen["trust_remote_code"] is False
+
+
 def test_lora_attach_freezes_base_and_fresh_adapter_is_a_no_op(tiny):
     model, tokenizer = tiny
     ids = tokenizer(["2 + 2 =", "hello"], return_tensors="pt", padding=True)
