@@ -327,7 +327,7 @@ def _evaluate_methods(
     cfg: Config, evaluated: dict[str, dict[str, HeldoutPools]], runs: list[TrainedRun]
 ) -> list[EvalRow]:
     device = pick_device(cfg.train.cpu)
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_model(cfg.model, force_cpu=device.type != "cuda")
     model.to(device)
     encoder = Encoder(tokenizer, cfg.data.prompt_template, cfg.data.use_instruction,
                       cfg.data.max_prompt_tokens, cfg.data.max_target_tokens, device)  # fmt: skip
@@ -346,7 +346,7 @@ def _evaluate_methods(
     methods = list(cfg.eval.methods)
     rows: list[EvalRow] = []
     for run in (r for r in runs if r.method == "fomaml"):
-        full_model, _ = load_model(cfg.model)
+        full_model, _ = load_model(cfg.model, force_cpu=device.type != "cuda")
         load_full_weights(full_model, run.weights)
         full_model.to(device)
         full_model.eval()

@@ -29,7 +29,7 @@ SCENARIOS = ("heldout", "seen")
 # A per-task sample budget that takes every example not set aside for testing.
 ALL_SAMPLES = "all"
 INNER_OPTIMIZERS = ("sgd", "adam")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 CPU_DROPOUT_MASKS = ("numpy", "torch")
 # accelerate's tracker names.
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "trackio", "all")
@@ -45,8 +45,9 @@ class ModelConfig:
     name: str = "embedded"
     # Where converted models are cached; empty means $METALORA_CACHE or ~/.cache/metalora.
     cache_dir: str = ""
-    # Weight dtype of the frozen base model.
-    dtype: str = "float32"
+    # Weight dtype of the frozen base model: auto is bfloat16 on a GPU (LoRA weights and optimizer state stay
+    # float32: peft keeps adapters in float32 over a bfloat16 base) and float32 on CPU.
+    dtype: str = "auto"
     # Attention kernel passed to transformers ("eager", "sdpa", "flash_attention_2"); empty keeps its default.
     attn_implementation: str = ""
     # Hub revision (branch, tag or commit) of a hub model; empty means the default branch.

@@ -57,13 +57,21 @@ def cache_root(cfg: ModelConfig) -> Path:
     return Path(os.environ.get("METALORA_CACHE", Path.home() / ".cache" / "metalora"))
 
 
-def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def resolve_dtype(name: str, cuda: bool) -> torch.dtype:
+    """The base weights' dtype for `model.dtype`: `auto` is bfloat16 where the model runs on CUDA, else float32."""
+    if name == "auto":
+        return torch.bfloat16 if cuda else torch.float32
+    return getattr(torch, name)
+
+
+def load_model(cfg: ModelConfig, force_cpu: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the base causal LM and its tokenizer described by `cfg`.
 
     Args:
         cfg: model config (`name` is "embedded", "tiny-random", a hub id or a local directory;
             `random_init` keeps the architecture and tokenizer but draws the weights;
             `weight_first_logits` installs `WeightFirstProjection` as the output projection).
+        force_cpu: the model will run on the CPU even where CUDA is visible (decides `dtype: auto`).
 
     Returns:
         (model, tokenizer). The tokenizer pads on the left (targets end every row, so the
@@ -72,7 +80,7 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     Raises:
         ModelLoadError: the model cannot be found, or the hub is unreachable for a hub id.
     """
-    dtype = getattr(torch, cfg.dtype)
+    dtype = resolve_dtype(cfg.dtype, cuda=torch.cuda.is_available() and not force_cpu)
     if cfg.name == "tiny-random":
         model, tokenizer = _tiny_random(dtype)
     elif cfg.name == "embedded":

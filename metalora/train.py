@@ -77,7 +77,7 @@ def build_trainer(cfg: Config, device: torch.device | str = "cpu") -> Trainer:
         The trainer's parts.
     """
     experiment = build_experiment(cfg.data, cfg.eval.scenario)
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_model(cfg.model, force_cpu=torch.device(device).type != "cuda")
     model.to(device)
     if not cfg.meta.first_order and cfg.meta.algorithm == "metalora":
         # Second order needs a double backward, which fused SDPA attention kernels do not implement.

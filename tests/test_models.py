@@ -165,3 +165,15 @@ def test_architecture_presets_load_with_random_init(tiny, tmp_path):
     assert base.config.hidden_size == model.config.hidden_size
     wide = AutoConfig.from_pretrained(tmp_path / "arch" / "llama-1.7b")
     assert (wide.hidden_size, wide.num_hidden_layers) == (2048, 24)
+
+
+def test_auto_dtype_is_bfloat16_on_a_gpu_with_float32_adapters():
+    from metalora.models import resolve_dtype
+
+    assert resolve_dtype("auto", cuda=True) == torch.bfloat16 and resolve_dtype("auto", cuda=False) == torch.float32
+    assert resolve_dtype("float16", cuda=True) == torch.float16
+    model, _ = load_model(ModelConfig(name="tiny-random", dtype="bfloat16"))
+    peft_model = attach_lora(model, LoraConfig(r=2, alpha=4))
+    assert {p.dtype for n, p in peft_model.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+    assert {t.dtype for t in lora_params(peft_model).values()} == {torch.float32}
+    assert load_model(ModelConfig(name="tiny-random"), force_cpu=True)[0].dtype == torch.float32

@@ -125,6 +125,13 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
     assert "meta_batch_size=999 is larger than" in capsys.readouterr().err
 
 
+def test_a_bfloat16_base_trains_float32_adapters(tmp_path):
+    run_dir = run(tmp_path, "bf16", "model.dtype=bfloat16", "train.steps=2")
+    assert {t.dtype for t in adapter(run_dir).values()} == {torch.float32}
+    losses = [json.loads(line)["stage2/meta_loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < loss < 100 for loss in losses)
+
+
 def test_only_the_newest_checkpoints_are_kept_when_asked(tmp_path):
     run_dir = run(tmp_path, "k", "train.steps=5", "train.checkpoint_every=1", "train.keep_checkpoints=2")
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_4", "step_5"]
