@@ -10,7 +10,7 @@ TORCH_CHOICE := $(VENV)/.torch-spec
 
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup demo test test-fast lint clean FORCE
+.PHONY: setup demo test test-fast lint clean gpu-check FORCE
 
 setup: $(STAMP)
 
@@ -40,6 +40,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow and not multiprocess"
+
+# The prepared GPU check (metalora/benchmarks/gpu_check.py). Without CUDA it runs the CPU-side proxy and exits 0.
+# On a GPU machine whose Python already has torch, transformers, peft and accelerate: make gpu-check PY=python3
+gpu-check:
+	HF_HUB_OFFLINE=1 $(PY) -m metalora.benchmarks.gpu_check
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -220,3 +220,23 @@ def test_saved_activations_script_reports_kit_and_reference_for_both_batches(cap
         kit_mb, reference_mb, ratio = float(row[3]), float(row[4]), float(row[5])
         assert kit_mb > 0 and reference_mb > 0
         assert ratio == pytest.approx(kit_mb / reference_mb, abs=0.02)
+
+
+def test_gpu_check_without_cuda_runs_only_the_cpu_proxy_and_exits_zero(tmp_path, monkeypatch, capsys):
+    from metalora.benchmarks import gpu_check
+
+    ran = []
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: False)
+
+    def fake_run(step):
+        ran.append(step)
+        return gpu_check.Outcome(step.name, "ok", 1.0, "")
+
+    monkeypatch.setattr(gpu_check, "run_step", fake_run)
+    assert gpu_check.main(["--out", str(tmp_path)]) == 0
+    assert [s.name for s in ran] == ["CPU proxy: operator calls per meta-step"]
+    assert "--profile" in ran[0].command and "no CUDA device is visible" in capsys.readouterr().out
+    record = json.loads(next(tmp_path.glob("gpu_check_*.json")).read_text())
+    assert record["device"] == "cpu" and record["steps"][0]["status"] == "ok"
+    steps = gpu_check.gpu_steps(tmp_path / "arch", tmp_path, tmp_path / "scratch")
+    assert [s.name for s in steps][0] == "tests marked gpu" and sum(s.limit_s for s in steps) <= 8 * 60
