@@ -329,8 +329,8 @@ def _evaluate_methods(
     device = pick_device(cfg.train.cpu)
     model, tokenizer = load_model(cfg.model, force_cpu=device.type != "cuda")
     model.to(device)
-    encoder = Encoder(tokenizer, cfg.data.prompt_template, cfg.data.use_instruction,
-                      cfg.data.max_prompt_tokens, cfg.data.max_target_tokens, device)  # fmt: skip
+    encoder = Encoder(tokenizer, cfg.data.prompt_template, cfg.data.use_instruction, cfg.data.max_prompt_tokens,
+                      cfg.data.max_target_tokens, device, chat_template=cfg.data.chat_template)  # fmt: skip
     settings = AdaptSettings(cfg.eval.adapt_steps, cfg.eval.adapt_lr, cfg.meta.inner_optimizer,
                              cfg.meta.inner_batch_size)  # fmt: skip
 

@@ -156,6 +156,8 @@ class DataConfig:
     prompt_template: str = "{instruction}\nInput: {input}\nOutput:"
     # Put the task instruction into the prompt.
     use_instruction: bool = True
+    # Wrap each prompt as a user turn of the tokenizer's chat template (instruct models); off by default.
+    chat_template: bool = False
     # Prompt tokens kept (left-truncated) per example.
     max_prompt_tokens: int = 256
     # Target tokens kept per example.

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from metalora.config import ConfigError
 from metalora.splits import MetaPools, task_seed
 from metalora.tasks import Example, Task, TaskError
 
@@ -123,6 +124,11 @@ class Encoder:
         max_prompt_tokens: prompts are cut from the left to this length (the end is kept).
         max_target_tokens: targets are cut to this length (before the end-of-sequence token).
         device: where collated batches are put (the model's device).
+        chat_template: wrap each prompt as a user turn of the tokenizer's chat template (instruct models).
+
+    Prompts carry the tokenizer's own special prefix (a BOS token for tokenizers that add one, such as
+    Llama-3's and Gemma's; nothing for those that do not), kept when a long prompt is cut from the left;
+    targets end with the end-of-sequence token, so that generation learns where to stop.
     """
 
     def __init__(
@@ -133,7 +139,11 @@ class Encoder:
         max_prompt_tokens: int = 256,
         max_target_tokens: int = 32,
         device: torch.device | str = "cpu",
+        chat_template: bool = False,
     ):
+        if chat_template and not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("bad value for 'data.chat_template': this model's tokenizer has no chat template")
+        self.chat_template = chat_template
         self.tokenizer = tokenizer
         self.template = template
         self.use_instruction = use_instruction
@@ -143,13 +153,21 @@ class Encoder:
         self._cache: dict[str, tuple[list[int], list[int]]] = {}
 
     def prompt(self, task: Task, example: Example) -> str:
-        """Return the prompt text of `example`."""
+        """Return the prompt text of `example` (as a chat-template user turn when asked)."""
         instruction = task.instruction if self.use_instruction else ""
-        return self.template.format(instruction=instruction, input=example.input).lstrip()
+        text = self.template.format(instruction=instruction, input=example.input).lstrip()
+        if self.chat_template:
+            messages = [{"role": "user", "content": text}]
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text
 
     def prompt_ids(self, task: Task, example: Example) -> list[int]:
-        """Return the (left-truncated) prompt token ids."""
-        ids = self.tokenizer(self.prompt(task, example), add_special_tokens=False)["input_ids"]
+        """Return the prompt token ids, cut from the left to max_prompt_tokens but keeping a leading BOS."""
+        # A chat template writes its own special tokens into the text.
+        ids = self.tokenizer(self.prompt(task, example), add_special_tokens=not self.chat_template)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        if len(ids) > self.max_prompt_tokens and bos is not None and ids[0] == bos:
+            return [bos, *ids[1:][-(self.max_prompt_tokens - 1) :]]
         return ids[-self.max_prompt_tokens :]
 
     def target_ids(self, text: str) -> list[int]:

@@ -103,6 +103,7 @@ def build_trainer(cfg: Config, device: torch.device | str = "cpu") -> Trainer:
         cfg.data.max_prompt_tokens,
         cfg.data.max_target_tokens,
         device=device,
+        chat_template=cfg.data.chat_template,
     )
     sampler = EpisodeSampler(
         experiment.train, cfg.meta.n_support, cfg.meta.n_query, cfg.meta.meta_batch_size, cfg.train.seed

@@ -251,3 +251,47 @@ def test_no_xcopa_group_straddles_sides(tmp_path):
     # Every language is a translation of the same items: a test item of one language is a test item of all.
     assert len({frozenset(experiment.groups[e.id] for e in p.test)
                 for p in [*experiment.seen.values(), *experiment.heldout.values()]}) == 1  # fmt: skip
+
+
+def _bos_tokenizer():
+    """A tokenizer whose post-processor prepends <s> (as Llama-3's and Gemma's do), with a chat template."""
+    from tokenizers import processors
+
+    from metalora.models import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    bos = tokenizer.bos_token_id
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos)]
+    )
+    tokenizer.chat_template = "{% for m in messages %}[USER] {{ m['content'] }} [/USER]{% endfor %}[BOT]"
+    return tokenizer
+
+
+def test_prompts_keep_the_tokenizers_bos_and_targets_end_with_eos():
+    from metalora.episodes import Encoder
+    from metalora.models import tiny_tokenizer
+
+    task = Task("t", "Say it.", "exact_match", [Example("t:1", "a long input " * 20, "yes")])
+    example = task.examples[0]
+    with_bos = _bos_tokenizer()
+    ids = Encoder(with_bos, "{instruction} {input}", max_prompt_tokens=16).prompt_ids(task, example)
+    assert ids[0] == with_bos.bos_token_id and len(ids) == 16  # kept although the prompt was cut from the left
+    plain = tiny_tokenizer()
+    ids = Encoder(plain, "{instruction} {input}", max_prompt_tokens=16).prompt_ids(task, example)
+    assert plain.bos_token_id not in ids
+    target = Encoder(plain, "{input}").target_ids("yes")
+    assert target[-1] == plain.eos_token_id
+
+
+def test_the_chat_template_wraps_prompts_only_when_asked():
+    from metalora.config import ConfigError
+    from metalora.episodes import Encoder
+    from metalora.models import tiny_tokenizer
+
+    task = Task("t", "Say it.", "exact_match", [Example("t:1", "hello", "yes")])
+    chat = Encoder(_bos_tokenizer(), "{instruction} {input}", chat_template=True)
+    assert chat.prompt(task, task.examples[0]) == "[USER] Say it. hello [/USER][BOT]"
+    assert Encoder(_bos_tokenizer(), "{instruction} {input}").prompt(task, task.examples[0]) == "Say it. hello"
+    with pytest.raises(ConfigError, match="data.chat_template"):
+        Encoder(tiny_tokenizer(), "{input}", chat_template=True)
