@@ -243,8 +243,27 @@ def pick_device(force_cpu: bool = False) -> torch.device:
 
     Returns:
         The device to put the model and batches on.
+
+    Raises:
+        ModelLoadError: an NVIDIA GPU is present and torch was built for CUDA, but CUDA cannot be used (a driver
+            that does not match, a broken install): running on the CPU then would be a silent 100x slowdown.
+            `train.cpu=true` chooses the CPU on purpose.
     """
-    return torch.device("cuda" if torch.cuda.is_available() and not force_cpu else "cpu")
+    if force_cpu:
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.version.cuda is not None and gpu_present():
+        raise ModelLoadError(
+            "an NVIDIA GPU is present and torch was built for CUDA, but torch cannot use it (check the driver "
+            "against torch's CUDA version with nvidia-smi); set train.cpu=true to run on the CPU on purpose"
+        )
+    return torch.device("cpu")
+
+
+def gpu_present() -> bool:
+    """Whether the machine has an NVIDIA GPU device node, whatever torch makes of it."""
+    return Path("/dev/nvidia0").exists()
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:

@@ -42,7 +42,7 @@ from metalora.errors import MetaloraError
 from metalora.io import atomic_write_json, atomic_write_text
 from metalora.lora import attach_lora, lora_params, save_adapter
 from metalora.meta import TaskStats, meta_step
-from metalora.models import count_parameters, load_model
+from metalora.models import count_parameters, load_model, pick_device
 from metalora.rundir import locked, record_resume, refuse_used, resume_changes
 from metalora.splits import Experiment, build_experiment, save_splits
 
@@ -245,6 +245,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     resume = resume or cfg.train.resume
     run_dir = cfg.run_dir
     log_with = list(cfg.train.log_with) or None
+    pick_device(cfg.train.cpu)  # refuses a GPU that CUDA cannot use rather than training on the CPU unasked
     accelerator = Accelerator(
         cpu=cfg.train.cpu,
         mixed_precision=cfg.train.mixed_precision or None,

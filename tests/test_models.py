@@ -177,3 +177,16 @@ def test_auto_dtype_is_bfloat16_on_a_gpu_with_float32_adapters():
     assert {p.dtype for n, p in peft_model.named_parameters() if "lora_" not in n} == {torch.bfloat16}
     assert {t.dtype for t in lora_params(peft_model).values()} == {torch.float32}
     assert load_model(ModelConfig(name="tiny-random"), force_cpu=True)[0].dtype == torch.float32
+
+
+def test_a_gpu_that_cuda_cannot_use_is_reported_not_skipped(monkeypatch):
+    from metalora import models
+
+    monkeypatch.setattr(models.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(models, "gpu_present", lambda: True)
+    monkeypatch.setattr(models.torch.version, "cuda", "12.4")
+    with pytest.raises(ModelLoadError, match="torch cannot use it.*train.cpu=true"):
+        models.pick_device()
+    assert models.pick_device(force_cpu=True).type == "cpu"
+    monkeypatch.setattr(models.torch.version, "cuda", None)  # a CPU build of torch: the CPU is expected
+    assert models.pick_device().type == "cpu"
