@@ -179,7 +179,13 @@ class Encoder:
         """Return (prompt ids, target ids) of an example, cached by its id."""
         key = f"{task.name}\x00{example.id}"
         if key not in self._cache:
-            self._cache[key] = (self.prompt_ids(task, example), self.target_ids(example.target))
+            prompt = self.prompt_ids(task, example)
+            if not prompt:
+                raise TaskError(
+                    f"task '{task.name}', example {example.id}: the prompt is empty (data.prompt_template with an "
+                    "empty input and no instruction): no token would predict the target's first token"
+                )
+            self._cache[key] = (prompt, self.target_ids(example.target))
         return self._cache[key]
 
     def collate(self, pairs: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ reports it; it never gives a silently wrong result or loses data.
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -261,7 +262,18 @@ def test_bad_settings_are_one_line_errors(tmp_path, capsys, override, message):
     code = train_main([*map(str, SMOKE), f"train.output_dir={tmp_path}", override])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert __import__("re").search(message, err), err
+    assert re.search(message, err), err
+
+
+def test_an_empty_prompt_is_a_one_line_error_naming_the_example(tmp_path, capsys):
+    lines = "".join(json.dumps({"input": "" if i % 3 == 0 else f"x{i}", "target": "y"}) + "\n" for i in range(30))
+    suite = _suite(tmp_path / "s", {"a": {}, "b": {}}, {"a": lines.encode(), "b": lines.encode()})
+    code = train_main([*map(str, SMOKE), f"train.output_dir={tmp_path}", f"data.suites=[{suite}]",
+                       "data.train_tasks=[a,b]", "data.samples_per_task=20", 'data.prompt_template="{input}"',
+                       "data.use_instruction=false", "meta.pack_tokens=256"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert re.search(r"task '[ab]', example [ab]:\d+: the prompt is empty", err)
 
 
 def test_a_model_directory_without_a_model_is_a_one_line_error(tmp_path, capsys):
