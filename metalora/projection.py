@@ -2,11 +2,10 @@
 
 The kit projects only a few rows onto the vocabulary per forward pass (the target positions of a
 batch, or one position per row while decoding). For such a short, wide product torch's CPU matmul
-is faster with the weight as the left operand: on the 2-core AVX2 benchmark machine the forward pass
-of 16-20 rows onto the 49152 x 576 output weight took 60-68 ms in `nn.Linear`'s layout (h @ W^T)
-and 26-32 ms weight-first, with the same logits (`python -m metalora.benchmarks.vocab_projection`). Autograd derives the
-backward pass from the same product, so nothing else changes. Other devices keep `nn.Linear`'s own
-forward: the difference was measured on CPU only.
+is faster with the weight as the left operand, with the same logits (`python -m
+metalora.benchmarks.vocab_projection` measures it; the figures are in docs/performance.md). Autograd derives the
+backward pass from the same product, so nothing else changes. Other devices keep `nn.Linear`'s own forward: the
+gain was measured on CPU only.
 """
 
 from __future__ import annotations
