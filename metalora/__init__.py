@@ -1,0 +1,52 @@
+"""metalora: meta-learning LoRA initialisations (MeTA-LoRA) and the baselines it is compared with.
+
+The packages follow the architecture, each importing only those above it in this list:
+`speed` (how the method is computed), `method` (adapt, meta_step, loss), `data` (task suites, splits,
+episodes, collation), `modeling` (model and LoRA loading), `training`, `evaluation`, `reporting`,
+`experiments` (whole `metalora eval` runs and sweeps). What a notebook needs is exported here; the names
+are imported on first use, so `import metalora` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "load_config": "metalora.config",
+    "Config": "metalora.config",
+    "notebook_config": "metalora.experiments.notebook",
+    "launch_command": "metalora.experiments.notebook",
+    "run_evaluation": "metalora.experiments.compare",
+    "run_sweep": "metalora.experiments.sweep",
+    "aggregate_sweep": "metalora.experiments.sweep",
+    "train": "metalora.training.train",
+    "build_trainer": "metalora.training.train",
+    "latest_checkpoint": "metalora.training.checkpoints",
+    "adapt": "metalora.method.adapt",
+    "meta_step": "metalora.method.meta",
+    "EpisodeSampler": "metalora.data.episodes",
+    "Encoder": "metalora.data.collation",
+    "build_experiment": "metalora.data.splits",
+    "load_suite_dir": "metalora.data.tasks",
+    "load_model": "metalora.modeling.models",
+    "attach_lora": "metalora.modeling.lora",
+    "load_adapter": "metalora.modeling.lora",
+    "read_metrics": "metalora.reporting.efficiency",
+    "training_curves": "metalora.reporting.plots",
+    "few_shot_figure": "metalora.reporting.plots",
+    "comparison_sentences": "metalora.reporting.report",
+    "write_report": "metalora.reporting.report",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'metalora' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -17,17 +17,17 @@ def config_from_args(items: list[str]) -> Config:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Run meta-training (the same entry point as `python -m metalora.train`)."""
-    from metalora.train import main as train_main
+    """Run meta-training (the same entry point as `python -m metalora.training.train`)."""
+    from metalora.training.train import main as train_main
 
     return train_main(args.args)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Print package versions, the machine, and parameter counts for the configured model."""
-    from metalora.lora import attach_lora
     from metalora.machine import describe_machine
-    from metalora.models import count_parameters, load_model
+    from metalora.modeling.lora import attach_lora
+    from metalora.modeling.models import count_parameters, load_model
 
     cfg = config_from_args(args.config)
     info: dict[str, object] = {
@@ -41,9 +41,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         "samples_per_task": cfg.data.samples_per_task,
         "training_seeds": cfg.train.seeds,
     }
-    model, _ = load_model(cfg.model)
+    model, _ = load_model(cfg.model, weight_first_logits=cfg.speed.weight_first_logits)
     info["base_parameters"] = count_parameters(model)["total"]
-    peft_model = attach_lora(model, cfg.lora)
+    peft_model = attach_lora(model, cfg.lora, cpu_dropout_masks=cfg.speed.cpu_dropout_masks)
     info["lora_parameters"] = count_parameters(peft_model)["trainable"]
     info["lora"] = {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "target_modules": cfg.lora.target_modules}
     print(json.dumps(info, indent=2))
@@ -52,7 +52,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Few-shot evaluation of the configured methods; writes <run_dir>/eval/."""
-    from metalora.comparison import run_evaluation
+    from metalora.experiments.compare import run_evaluation
 
     out = run_evaluation(config_from_args(args.config), train_missing=args.train_missing)
     print(f"evaluation written to {out}")
@@ -63,7 +63,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     """Run an ablation sweep point by point with papermill, then aggregate."""
     import pandas as pd
 
-    from metalora.sweep import run_sweep
+    from metalora.experiments.sweep import run_sweep
 
     root = run_sweep(args.sweep, kernel=args.kernel)
     print(f"sweep written to {root}")
@@ -78,7 +78,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Write report.md (and report.html) for a run or sweep directory."""
-    from metalora.report import write_report
+    from metalora.reporting.report import write_report
 
     print(f"report written to {write_report(args.directory, html=args.html)}")
     return 0
@@ -93,7 +93,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_prepare_data(args: argparse.Namespace) -> int:
     """Convert a dataset into a task suite directory."""
-    from metalora.prepare import prepare
+    from metalora.data.prepare import prepare
 
     out = prepare(args)
     print(f"task suite written to {out}")
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 add_help=False)  # fmt: skip
     bench.add_argument("args", nargs=argparse.REMAINDER, help="params files, overrides, --steps, --meta-batches")
     bench.set_defaults(func=cmd_bench)
-    from metalora.prepare import add_arguments
+    from metalora.data.prepare import add_arguments
 
     prepare = commands.add_parser("prepare-data", help="turn a dataset (hub or local files) into a task suite")
     add_arguments(prepare)

@@ -31,6 +31,14 @@ ALL_SAMPLES = "all"
 INNER_OPTIMIZERS = ("sgd", "adam")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CPU_DROPOUT_MASKS = ("numpy", "torch")
+# Speed options that had their own groups before the `speed` group gathered them.
+MOVED_KEYS = {
+    f"{group}.{name}": f"speed.{name}"
+    for group, name in (
+        ("model", "weight_first_logits"), ("lora", "cpu_dropout_masks"), ("meta", "task_batched"),
+        ("meta", "pack_tokens"), ("train", "compile_layers"), ("train", "activation_checkpointing"),
+    )
+}
 # accelerate's tracker names.
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab", "trackio", "all")
 
@@ -57,9 +65,6 @@ class ModelConfig:
     # Build the architecture from the model's config with seeded random weights instead of loading
     # them: speed and memory figures on a machine that has the config and tokenizer but not the weights.
     random_init: bool = False
-    # Compute the vocabulary projection on CPU weight-first, (W @ h^T)^T: the same logits, about 2x
-    # faster for the few rows the kit projects (metalora/projection.py); false keeps nn.Linear's forward.
-    weight_first_logits: bool = True
 
 
 @dataclass
@@ -72,9 +77,6 @@ class LoraConfig:
     dropout: float = 0.05
     # Module names that receive LoRA adapters.
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    # Where dropout masks come from on CPU: numpy (PCG64, 2-4x faster per call; metalora/dropout.py) or
-    # torch (peft's own nn.Dropout). GPUs always use torch's fused dropout.
-    cpu_dropout_masks: str = "numpy"
 
 
 @dataclass
@@ -113,18 +115,6 @@ class MetaConfig:
     # Forward the first support batch again at the adapted weights to log the adaptation gap: one
     # extra no-grad forward per task. False skips it, and the gap is then not logged.
     measure_gap: bool = True
-    # Adapt all tasks of a meta-batch together (first-order metalora only): one forward/backward per
-    # inner step over every task's rows, the frozen weights shared and the LoRA weights batched per
-    # task (torch.func.vmap). Same result as the per-task loop up to float rounding, except that the
-    # LoRA dropout masks are drawn per meta-batch instead of per task.
-    task_batched: bool = False
-    # Pack a support or query batch into one row without padding (block-diagonal attention,
-    # positions from 0 per example; the same losses) when its examples hold at most this many tokens
-    # in all (256 is a sensible bound); longer batches are left-padded, and 0 pads every batch.
-    # Attention over a packed row costs the square of its length, hence the bound. Off by default:
-    # on the 2-core CPU it saved memory but no measurable time (README, Performance). The
-    # task-batched path always pads.
-    pack_tokens: int = 0
 
 
 @dataclass
@@ -231,11 +221,37 @@ class TrainConfig:
     mixed_precision: str = ""
     # Force CPU even when a GPU is present.
     cpu: bool = False
-    # torch.compile each decoder layer for meta-training (metalora/compiled.py): fuses the elementwise work
-    # around the matmuls; the first steps pay the compile. LoRA-dropout masks then come from the compiler.
+
+
+@dataclass
+class SpeedConfig:
+    """How the method is computed, never what it computes: every option has an equivalence test, and
+    docs/performance.md records what each measured."""
+
+    # Compute the vocabulary projection on CPU weight-first, (W @ h^T)^T: the same logits, faster for the
+    # few rows the kit projects (metalora/speed/weight_first_logits.py); false keeps nn.Linear's forward.
+    weight_first_logits: bool = True
+    # Where LoRA dropout masks come from on CPU: numpy (PCG64, cheaper per call; metalora/speed/dropout_masks.py)
+    # or torch (peft's own nn.Dropout). GPUs always use torch's fused dropout.
+    cpu_dropout_masks: str = "numpy"
+    # Adapt all tasks of a meta-batch together (first-order metalora only): one forward/backward per
+    # inner step over every task's rows, the frozen weights shared and the LoRA weights batched per
+    # task (torch.func.vmap). Same result as the per-task loop up to float rounding, except that the
+    # LoRA dropout masks are drawn per meta-batch instead of per task. Memory grows with the meta-batch.
+    task_batched: bool = False
+    # Pack a support or query batch into one row without padding (block-diagonal attention,
+    # positions from 0 per example; the same losses) when its examples hold at most this many tokens
+    # in all (256 is a sensible bound); longer batches are left-padded, and 0 pads every batch.
+    # Attention over a packed row costs the square of its length, hence the bound. The task-batched
+    # path always pads.
+    pack_tokens: int = 0
+    # torch.compile each decoder layer for meta-training (metalora/speed/compiled_layers.py): fuses the
+    # elementwise work around the matmuls; the first steps pay the compile. LoRA-dropout masks then come
+    # from the compiler.
     compile_layers: bool = False
-    # Keep only each decoder layer's inputs for backward and recompute the rest (metalora/checkpointing.py):
-    # less activation memory for about one more forward pass per backward pass.
+    # Keep only each decoder layer's inputs for backward and recompute the rest
+    # (metalora/speed/activation_checkpointing.py): less activation memory for about one more forward pass
+    # per backward pass.
     activation_checkpointing: bool = False
 
 
@@ -248,6 +264,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -270,6 +287,8 @@ def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
     key = getattr(err, "full_key", None) or "?"
     message = str(err).splitlines()[0]
     if "not in struct" in message or "Key '" in message and "not in" in message:
+        if key in MOVED_KEYS:
+            return ConfigError(f"{source}: '{key}' is now '{MOVED_KEYS[key]}' (speed options have their own group)")
         close = difflib.get_close_matches(key, _valid_keys(Config), n=3, cutoff=0.5)
         hint = f" (did you mean: {', '.join(close)}?)" if close else ""
         return ConfigError(f"{source}: unknown key '{key}'{hint}")
@@ -293,7 +312,7 @@ def _check_values(cfg: Config) -> None:
         ("lora.alpha", cfg.lora.alpha > 0, "a positive integer"),
         ("lora.dropout", 0.0 <= cfg.lora.dropout < 1.0, "in [0, 1)"),
         ("lora.target_modules", len(cfg.lora.target_modules) > 0, "a non-empty list"),
-        ("lora.cpu_dropout_masks", cfg.lora.cpu_dropout_masks in CPU_DROPOUT_MASKS, f"one of {CPU_DROPOUT_MASKS}"),
+        ("speed.cpu_dropout_masks", cfg.speed.cpu_dropout_masks in CPU_DROPOUT_MASKS, f"one of {CPU_DROPOUT_MASKS}"),
         ("meta.inner_lr", cfg.meta.inner_lr > 0, "positive"),
         ("meta.meta_lr", cfg.meta.meta_lr > 0, "positive"),
         ("meta.inner_steps", cfg.meta.inner_steps >= 0, ">= 0"),
@@ -302,22 +321,22 @@ def _check_values(cfg: Config) -> None:
         ("meta.n_support", cfg.meta.n_support > 0, "positive"),
         ("meta.n_query", cfg.meta.n_query > 0, "positive"),
         ("meta.query_batch_size", cfg.meta.query_batch_size > 0, "positive"),
-        ("meta.pack_tokens", cfg.meta.pack_tokens >= 0, ">= 0"),
+        ("speed.pack_tokens", cfg.speed.pack_tokens >= 0, ">= 0"),
         (
-            "meta.task_batched",
-            not cfg.meta.task_batched or (cfg.meta.algorithm == "metalora" and cfg.meta.first_order),
+            "speed.task_batched",
+            not cfg.speed.task_batched or (cfg.meta.algorithm == "metalora" and cfg.meta.first_order),
             "false unless meta.algorithm is metalora with meta.first_order true",
         ),
         (
-            "train.compile_layers",
-            not cfg.train.compile_layers or not (second_order or cfg.meta.task_batched),
+            "speed.compile_layers",
+            not cfg.speed.compile_layers or not (second_order or cfg.speed.task_batched),
             "false with second-order meta-learning (compiled graphs have no double backward) or "
-            "meta.task_batched (untested under vmap)",
+            "speed.task_batched (untested under vmap)",
         ),
         (
-            "train.activation_checkpointing",
-            not cfg.train.activation_checkpointing or not (cfg.train.compile_layers or cfg.meta.task_batched),
-            "false with train.compile_layers or meta.task_batched (untested together)",
+            "speed.activation_checkpointing",
+            not cfg.speed.activation_checkpointing or not (cfg.speed.compile_layers or cfg.speed.task_batched),
+            "false with speed.compile_layers or speed.task_batched (untested together)",
         ),
         ("data.suites", len(cfg.data.suites) > 0, "a non-empty list"),
         ("data.support_fraction", 0.0 < cfg.data.support_fraction < 1.0, "in (0, 1)"),

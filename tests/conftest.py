@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from metalora.config import ModelConfig  # noqa: E402
-from metalora.models import load_model  # noqa: E402
+from metalora.modeling.models import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_TASKS = ROOT.parent / "shared" / "data" / "tasks"

@@ -12,10 +12,10 @@ from metalora.benchmarks.meta_step import main as bench_main
 from metalora.benchmarks.saved_activations import main as saved_activations_main
 from metalora.benchmarks.saved_activations import saved_storages
 from metalora.config import load_config
-from metalora.lora import lora_params
 from metalora.machine import cpu_model_name
-from metalora.meta import meta_step
-from metalora.train import build_trainer
+from metalora.method.meta import meta_step
+from metalora.modeling.lora import lora_params
+from metalora.training.train import build_trainer
 
 SMOKE = ["params/base.yaml", "params/smoke.yaml"]
 

@@ -1,20 +1,20 @@
-"""Activation checkpointing (`train.activation_checkpointing`) against the plain model, on tiny-random."""
+"""Activation checkpointing (`speed.activation_checkpointing`) against the plain model, on tiny-random."""
 
 import pytest
 import torch
 
-from metalora.checkpointing import checkpoint_decoder_layers
-from metalora.compiled import decoder_layers
 from metalora.config import ConfigError, load_config
-from metalora.loss import batch_loss
-from metalora.meta import meta_gradients
-from metalora.train import build_trainer
+from metalora.method.loss import batch_loss
+from metalora.method.meta import meta_gradients
+from metalora.speed.activation_checkpointing import checkpoint_decoder_layers
+from metalora.speed.compiled_layers import decoder_layers
+from metalora.training.train import build_trainer
 
 SMOKE = ["params/base.yaml", "params/smoke.yaml"]
 
 
 def trainer_with(checkpointed: bool, *overrides: str):
-    flag = f"train.activation_checkpointing={str(checkpointed).lower()}"
+    flag = f"speed.activation_checkpointing={str(checkpointed).lower()}"
     return build_trainer(load_config(SMOKE, ["lora.dropout=0.1", flag, *overrides]))
 
 
@@ -75,7 +75,7 @@ def test_meta_gradients_equal_the_plain_model(setting, nudge_lora_b):
         tasks = {name: pool.task for name, pool in trainer.experiment.train.items()}
         torch.manual_seed(2)
         results[checkpointed] = meta_gradients(trainer.model, trainer.shared, episodes, tasks, trainer.encoder,
-                                               trainer.cfg.meta, total_tasks=len(episodes))  # fmt: skip
+                                               trainer.cfg.meta, len(episodes), trainer.cfg.speed)  # fmt: skip
     (plain_grads, plain_stats), (grads, stats) = results[False], results[True]
     assert any(float(g.abs().max()) > 0 for g in plain_grads)
     for got, want in zip(grads, plain_grads, strict=True):
@@ -85,11 +85,11 @@ def test_meta_gradients_equal_the_plain_model(setting, nudge_lora_b):
 
 
 def test_activation_checkpointing_is_refused_where_it_is_untested():
-    for overrides in (["train.compile_layers=true"], ["meta.task_batched=true"]):
-        with pytest.raises(ConfigError, match="train.activation_checkpointing"):
-            load_config(SMOKE, ["train.activation_checkpointing=true", *overrides])
+    for overrides in (["speed.compile_layers=true"], ["speed.task_batched=true"]):
+        with pytest.raises(ConfigError, match="speed.activation_checkpointing"):
+            load_config(SMOKE, ["speed.activation_checkpointing=true", *overrides])
 
 
 def test_a_model_without_decoder_layers_is_refused_by_name():
-    with pytest.raises(ConfigError, match="train.activation_checkpointing: Sequential has no decoder layers"):
+    with pytest.raises(ConfigError, match="speed.activation_checkpointing: Sequential has no decoder layers"):
         checkpoint_decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))

@@ -6,16 +6,16 @@ import pandas as pd
 import pytest
 import torch
 
-from metalora.baselines import FULL_DATA_SHOTS, meta_example_gradients, multitask_plan
-from metalora.comparison import EvaluationError, check_no_leak, method_run_dir, run_evaluation
 from metalora.config import load_config
-from metalora.efficiency import EFFICIENCY_COLUMNS
-from metalora.evaluation import draw_shots
-from metalora.loss import batch_loss
-from metalora.meta import meta_gradients
-from metalora.splits import build_experiment
-from metalora.stats import SUMMARY_COLUMNS
-from metalora.train import build_trainer
+from metalora.data.splits import build_experiment
+from metalora.evaluation.fewshot import draw_shots
+from metalora.evaluation.stats import SUMMARY_COLUMNS
+from metalora.experiments.compare import EvaluationError, check_no_leak, method_run_dir, run_evaluation
+from metalora.method.loss import batch_loss
+from metalora.method.meta import meta_gradients
+from metalora.reporting.efficiency import EFFICIENCY_COLUMNS
+from metalora.training.budgets import FULL_DATA_SHOTS, meta_example_gradients, multitask_plan
+from metalora.training.train import build_trainer
 
 SMOKE = ["params/base.yaml", "params/smoke.yaml"]
 FAST = [
@@ -163,7 +163,7 @@ def test_seen_scenario_with_training_replicates_and_the_full_data_baseline(tmp_p
 @pytest.mark.slow
 def test_eval_refuses_another_budget_and_accepts_an_intermediate_checkpoint(tmp_path):
     trained = smoke_config(tmp_path, "eval.scenario=seen", "data.samples_per_task=12")
-    from metalora.train import train
+    from metalora.training.train import train
 
     run_dir = train(trained)
     other = smoke_config(tmp_path, "eval.scenario=seen", "data.samples_per_task=10", "eval.methods=[metalora]")

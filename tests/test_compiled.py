@@ -1,13 +1,13 @@
-"""Compiled decoder layers (`train.compile_layers`) against the eager model, on tiny-random."""
+"""Compiled decoder layers (`speed.compile_layers`) against the eager model, on tiny-random."""
 
 import pytest
 import torch
 
-from metalora.compiled import compile_decoder_layers, decoder_layers
 from metalora.config import ConfigError, load_config
-from metalora.dropout import NumpyMaskDropout
-from metalora.meta import meta_gradients
-from metalora.train import build_trainer
+from metalora.method.meta import meta_gradients
+from metalora.speed.compiled_layers import compile_decoder_layers, decoder_layers
+from metalora.speed.dropout_masks import NumpyMaskDropout
+from metalora.training.train import build_trainer
 
 SMOKE = ["params/base.yaml", "params/smoke.yaml"]
 
@@ -18,13 +18,13 @@ def meta_gradients_of(nudge_lora_b, *overrides: str):
     episodes = trainer.sampler.sample(0)
     tasks = {name: pool.task for name, pool in trainer.experiment.train.items()}
     return trainer, meta_gradients(trainer.model, trainer.shared, episodes, tasks, trainer.encoder,
-                                   trainer.cfg.meta, total_tasks=len(episodes))  # fmt: skip
+                                   trainer.cfg.meta, total_tasks=len(episodes), speed=trainer.cfg.speed)  # fmt: skip
 
 
 @pytest.mark.slow
 def test_compiled_layers_give_the_eager_meta_gradients_and_statistics(nudge_lora_b):
     _, (eager_grads, eager_stats) = meta_gradients_of(nudge_lora_b)
-    trainer, (compiled_grads, compiled_stats) = meta_gradients_of(nudge_lora_b, "train.compile_layers=true")
+    trainer, (compiled_grads, compiled_stats) = meta_gradients_of(nudge_lora_b, "speed.compile_layers=true")
     layers = decoder_layers(trainer.model)
     assert layers and all(layer._compiled_call_impl is not None for layer in layers)
     assert any(float(g.abs().max()) > 0 for g in eager_grads)
@@ -52,12 +52,12 @@ def test_lora_dropout_compiles_into_one_graph_with_seeded_masks():
 
 
 def test_compile_layers_is_refused_where_it_does_not_apply():
-    for overrides in (["meta.first_order=false"], ["meta.task_batched=true"]):
-        with pytest.raises(ConfigError, match="train.compile_layers"):
-            load_config(SMOKE, ["train.compile_layers=true", *overrides])
-    load_config(SMOKE, ["train.compile_layers=true", "meta.algorithm=fomaml"])
+    for overrides in (["meta.first_order=false"], ["speed.task_batched=true"]):
+        with pytest.raises(ConfigError, match="speed.compile_layers"):
+            load_config(SMOKE, ["speed.compile_layers=true", *overrides])
+    load_config(SMOKE, ["speed.compile_layers=true", "meta.algorithm=fomaml"])
 
 
 def test_a_model_without_decoder_layers_is_refused_by_name():
-    with pytest.raises(ConfigError, match="train.compile_layers: Sequential has no decoder layers"):
+    with pytest.raises(ConfigError, match="speed.compile_layers: Sequential has no decoder layers"):
         compile_decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))

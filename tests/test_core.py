@@ -4,13 +4,14 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from metalora.adapt import adapt, inner_update
 from metalora.config import load_config
-from metalora.episodes import Encoder, EpisodeSampler
-from metalora.loss import batch_loss
-from metalora.meta import meta_gradients, meta_step
-from metalora.tasks import TaskError
-from metalora.train import build_trainer
+from metalora.data.collation import Encoder
+from metalora.data.episodes import EpisodeSampler
+from metalora.data.tasks import TaskError
+from metalora.method.adapt import adapt, inner_update
+from metalora.method.loss import batch_loss
+from metalora.method.meta import meta_gradients, meta_step
+from metalora.training.train import build_trainer
 
 SMOKE = ["params/base.yaml", "params/smoke.yaml"]
 
@@ -312,7 +313,7 @@ def test_task_stats_count_every_real_token_forwarded():
     task, support = support_batches(trainer, episode)
     query = trainer.encoder.batches(task, episode.query, trainer.cfg.meta.query_batch_size)
     _, stats = meta_gradients(trainer.model, trainer.shared, [episode], tasks_of(trainer), trainer.encoder,
-                              trainer.cfg.meta, total_tasks=1)  # fmt: skip
+                              trainer.cfg.meta, total_tasks=1, speed=trainer.cfg.speed)  # fmt: skip
     steps = trainer.cfg.meta.inner_steps
     real = [int(b["attention_mask"].sum()) for b in support]
     expected = sum(real[i % len(real)] for i in range(steps)) + real[0]
@@ -321,14 +322,14 @@ def test_task_stats_count_every_real_token_forwarded():
 
 
 def test_skipping_the_gap_check_keeps_the_gradient_and_drops_only_its_forward():
-    from metalora.train import step_metrics
+    from metalora.training.train import step_metrics
 
     results = {}
     for measure in (True, False):
         trainer = trainer_for(f"meta.measure_gap={str(measure).lower()}")
         episode = first_episode(trainer)[0]
         grads, stats = meta_gradients(trainer.model, trainer.shared, [episode], tasks_of(trainer), trainer.encoder,
-                                      trainer.cfg.meta, total_tasks=1)  # fmt: skip
+                                      trainer.cfg.meta, total_tasks=1, speed=trainer.cfg.speed)  # fmt: skip
         results[measure] = (grads, stats[0], step_metrics(0, stats, 1.0, torch.device("cpu")))
         _, support = support_batches(trainer, episode)
     (grads_on, with_gap, logged_on), (grads_off, without, logged_off) = results[True], results[False]
@@ -342,7 +343,7 @@ def test_skipping_the_gap_check_keeps_the_gradient_and_drops_only_its_forward():
 
 
 def test_grouping_query_rows_by_length_keeps_loss_and_gradient_and_cuts_padding():
-    from metalora.meta import query_loss_and_grad
+    from metalora.method.meta import query_loss_and_grad
 
     trainer = trainer_for("meta.n_query=12", "meta.query_batch_size=3")
     nudge_lora_b(trainer)
@@ -368,11 +369,11 @@ def test_task_batched_adaptation_matches_the_per_task_loop(inner_optimizer):
     overrides = [f"meta.inner_optimizer={inner_optimizer}", "meta.meta_batch_size=3", "meta.query_batch_size=2"]
     results = {}
     for batched in (False, True):
-        trainer = trainer_for(*overrides, f"meta.task_batched={str(batched).lower()}")
+        trainer = trainer_for(*overrides, f"speed.task_batched={str(batched).lower()}")
         nudge_lora_b(trainer)
         episodes = trainer.sampler.sample(0)
         results[batched] = meta_gradients(trainer.model, trainer.shared, episodes, tasks_of(trainer),
-                                          trainer.encoder, trainer.cfg.meta, total_tasks=4)  # fmt: skip
+                                          trainer.encoder, trainer.cfg.meta, 4, trainer.cfg.speed)  # fmt: skip
     (loop_grads, loop_stats), (batched_grads, batched_stats) = results[False], results[True]
     assert any(float(g.abs().max()) > 0 for g in loop_grads)
     for a, b in zip(loop_grads, batched_grads, strict=True):
@@ -384,15 +385,15 @@ def test_task_batched_adaptation_matches_the_per_task_loop(inner_optimizer):
 
 
 def test_task_batched_falls_back_to_the_loop_when_batches_do_not_line_up():
-    from metalora.batched import can_batch
+    from metalora.method.batched import can_batch
 
-    trainer = trainer_for("meta.task_batched=true", "meta.n_support=3", "meta.inner_batch_size=2")
+    trainer = trainer_for("speed.task_batched=true", "meta.n_support=3", "meta.inner_batch_size=2")
     episodes = trainer.sampler.sample(0)
     support = [support_batches(trainer, e)[1] for e in episodes]
     assert can_batch(support)  # 2 + 1 rows in every task
     assert not can_batch([support[0], support[1][:1]])
     # A step still runs (here batched) with dropout on, and the weights move.
-    trainer = trainer_for("meta.task_batched=true", "lora.dropout=0.1")
+    trainer = trainer_for("speed.task_batched=true", "lora.dropout=0.1")
     nudge_lora_b(trainer)
     before = snapshot(trainer.shared)
     run_steps(trainer, 1)
@@ -403,8 +404,8 @@ def test_task_batched_is_refused_where_it_does_not_apply():
     from metalora.config import ConfigError
 
     for overrides in (["meta.first_order=false"], ["meta.algorithm=reptile"], ["meta.algorithm=fomaml"]):
-        with pytest.raises(ConfigError, match="meta.task_batched"):
-            load_config(SMOKE, ["meta.task_batched=true", *overrides])
+        with pytest.raises(ConfigError, match="speed.task_batched"):
+            load_config(SMOKE, ["speed.task_batched=true", *overrides])
 
 
 def test_the_meta_gradient_is_reduced_in_one_flattened_call_with_the_same_result():

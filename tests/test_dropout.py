@@ -4,8 +4,8 @@ import torch.nn.functional as F
 from torch.func import vmap
 
 from metalora.config import ConfigError, LoraConfig, load_config
-from metalora.dropout import NumpyMaskDropout, torch_dropout_masks, use_numpy_dropout
-from metalora.lora import attach_lora
+from metalora.modeling.lora import attach_lora
+from metalora.speed.dropout_masks import NumpyMaskDropout, torch_dropout_masks, use_numpy_dropout
 
 SMOKE = ["params/base.yaml", "params/smoke.yaml"]
 
@@ -72,14 +72,14 @@ def test_attach_lora_uses_numpy_masks_unless_told_torch(tiny):
 
 def test_torch_masks_keep_peft_dropout(tiny):
     model, _ = tiny
-    peft_model = attach_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1, cpu_dropout_masks="torch"))
+    peft_model = attach_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1), cpu_dropout_masks="torch")
     assert any(type(m) is torch.nn.Dropout for m in peft_model.modules())
     assert not any(isinstance(m, NumpyMaskDropout) for m in peft_model.modules())
 
 
 def test_unknown_mask_source_is_refused():
-    with pytest.raises(ConfigError, match="lora.cpu_dropout_masks"):
-        load_config(SMOKE, ["lora.cpu_dropout_masks=mt19937"])
+    with pytest.raises(ConfigError, match="speed.cpu_dropout_masks"):
+        load_config(SMOKE, ["speed.cpu_dropout_masks=mt19937"])
 
 
 def test_mask_benchmark_prints_one_timed_row_per_width(capsys):
@@ -100,7 +100,7 @@ def test_profiler_counts_numpy_mask_time_as_random_numbers():
     from torch.profiler import profile
 
     from metalora.benchmarks.meta_step import op_category
-    from metalora.dropout import PROFILE_LABEL
+    from metalora.speed.dropout_masks import PROFILE_LABEL
 
     with profile() as prof:
         NumpyMaskDropout(0.1)(torch.ones(64, 512))

@@ -4,13 +4,20 @@ import pytest
 import torch
 
 from metalora.config import LoraConfig
-from metalora.episodes import Encoder
-from metalora.evaluation import AdaptSettings, adapt_on_shots, adapter_init, draw_shots, evaluate_init, snapshot_lora
-from metalora.lora import attach_lora, lora_params, save_adapter
-from metalora.loss import target_logits
-from metalora.scoring import exact_match, greedy_generate, normalise, rank_options
-from metalora.splits import heldout_pools
-from metalora.tasks import Example, Task
+from metalora.data.collation import Encoder
+from metalora.data.splits import heldout_pools
+from metalora.data.tasks import Example, Task
+from metalora.evaluation.fewshot import (
+    AdaptSettings,
+    adapt_on_shots,
+    adapter_init,
+    draw_shots,
+    evaluate_init,
+    snapshot_lora,
+)
+from metalora.evaluation.scoring import exact_match, greedy_generate, normalise, rank_options
+from metalora.method.loss import target_logits
+from metalora.modeling.lora import attach_lora, lora_params, save_adapter
 
 
 @pytest.fixture
@@ -118,7 +125,7 @@ def test_evaluate_init_rows(setup):
 
 
 def test_match_rate_goes_through_the_evaluate_module():
-    from metalora.scoring import match_rate
+    from metalora.evaluation.scoring import match_rate
 
     assert match_rate(["The Paris.", "12", "x"], ["paris", "12", "y"], "text") == pytest.approx(2 / 3)
     assert match_rate(["A", "b"], ["A", "B"], "option") == 0.5

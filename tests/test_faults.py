@@ -15,15 +15,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from metalora.checkpoint import CheckpointError
 from metalora.cli import main as cli_main
-from metalora.comparison import EvaluationError, run_evaluation
 from metalora.config import ConfigError, load_config
-from metalora.splits import build_experiment
-from metalora.sweep import run_sweep
-from metalora.tasks import TaskError, load_suite_dir
-from metalora.train import main as train_main
-from metalora.train import train
+from metalora.data.splits import build_experiment
+from metalora.data.tasks import TaskError, load_suite_dir
+from metalora.experiments.compare import EvaluationError, run_evaluation
+from metalora.experiments.sweep import run_sweep
+from metalora.training.checkpoints import CheckpointError
+from metalora.training.train import main as train_main
+from metalora.training.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = [ROOT / "params" / "base.yaml", ROOT / "params" / "smoke.yaml"]
@@ -270,7 +270,7 @@ def test_an_empty_prompt_is_a_one_line_error_naming_the_example(tmp_path, capsys
     suite = _suite(tmp_path / "s", {"a": {}, "b": {}}, {"a": lines.encode(), "b": lines.encode()})
     code = train_main([*map(str, SMOKE), f"train.output_dir={tmp_path}", f"data.suites=[{suite}]",
                        "data.train_tasks=[a,b]", "data.samples_per_task=20", 'data.prompt_template="{input}"',
-                       "data.use_instruction=false", "meta.pack_tokens=256"])  # fmt: skip
+                       "data.use_instruction=false", "speed.pack_tokens=256"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert re.search(r"task '[ab]', example [ab]:\d+: the prompt is empty", err)

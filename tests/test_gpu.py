@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from metalora.config import load_config
-from metalora.meta import meta_step
-from metalora.train import build_trainer
+from metalora.method.meta import meta_step
+from metalora.training.train import build_trainer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")]
 SMOKE = ["params/base.yaml", "params/smoke.yaml"]

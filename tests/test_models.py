@@ -4,8 +4,8 @@ from peft import PeftModel
 from transformers import AutoConfig
 
 from metalora.config import LoraConfig, ModelConfig
-from metalora.lora import AdapterError, attach_lora, load_adapter, load_adapter_into, lora_params, save_adapter
-from metalora.models import ModelLoadError, load_model
+from metalora.modeling.lora import AdapterError, attach_lora, load_adapter, load_adapter_into, lora_params, save_adapter
+from metalora.modeling.models import ModelLoadError, load_model
 
 
 def test_tiny_random_is_deterministic_and_pads_left(tiny):
@@ -168,7 +168,7 @@ def test_architecture_presets_load_with_random_init(tiny, tmp_path):
 
 
 def test_auto_dtype_is_bfloat16_on_a_gpu_with_float32_adapters():
-    from metalora.models import resolve_dtype
+    from metalora.modeling.models import resolve_dtype
 
     assert resolve_dtype("auto", cuda=True) == torch.bfloat16 and resolve_dtype("auto", cuda=False) == torch.float32
     assert resolve_dtype("float16", cuda=True) == torch.float16
@@ -180,7 +180,7 @@ def test_auto_dtype_is_bfloat16_on_a_gpu_with_float32_adapters():
 
 
 def test_a_gpu_that_cuda_cannot_use_is_reported_not_skipped(monkeypatch):
-    from metalora import models
+    from metalora.modeling import models
 
     monkeypatch.setattr(models.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(models, "gpu_present", lambda: True)

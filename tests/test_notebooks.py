@@ -8,10 +8,10 @@ import pandas as pd
 import papermill
 import pytest
 
-from metalora.comparison import write_statistics
 from metalora.config import load_config, to_yaml
-from metalora.report import ReportError, write_report
-from metalora.sweep import load_sweep, run_sweep, sweep_points
+from metalora.experiments.compare import write_statistics
+from metalora.experiments.sweep import load_sweep, run_sweep, sweep_points
+from metalora.reporting.report import ReportError, write_report
 
 SMOKE_FILES = ["params/base.yaml", "params/smoke.yaml"]
 FAST = [
@@ -70,7 +70,7 @@ def test_quickstart_writes_results_figures_and_report(tmp_path):
 def test_meta_train_notebook_trains_in_process_and_shows_the_launch_command(tmp_path):
     notebook = execute("01_meta_train", tmp_path, **smoke_parameters(tmp_path))
     printed = "".join("".join(o.get("text", "")) for c in notebook["cells"] for o in c.get("outputs", []))
-    assert "accelerate launch --config_file params/accelerate/multi_gpu.yaml -m metalora.train" in printed
+    assert "accelerate launch --config_file params/accelerate/multi_gpu.yaml -m metalora.training.train" in printed
     assert json.loads((tmp_path / "smoke" / "summary.json").read_text())["steps"] == 3
 
 

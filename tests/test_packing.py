@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from metalora.config import ConfigError, load_config
-from metalora.episodes import IGNORE_INDEX
-from metalora.loss import batch_loss, count_input_tokens, count_target_tokens
-from metalora.meta import meta_gradients
-from metalora.train import build_trainer
+from metalora.method.batch import IGNORE_INDEX
+from metalora.method.loss import batch_loss, count_input_tokens, count_target_tokens
+from metalora.method.meta import meta_gradients
+from metalora.training.train import build_trainer
 
 SMOKE = ["params/base.yaml", "params/smoke.yaml"]
 
@@ -108,7 +108,7 @@ def test_batches_are_packed_only_when_they_fit_the_token_bound():
 def test_meta_gradients_are_the_same_packed_and_padded(nudge_lora_b):
     grads, stats = [], []
     for pack_tokens in (0, 4096):
-        trainer = trainer_for(f"meta.pack_tokens={pack_tokens}", "meta.inner_optimizer=adam")
+        trainer = trainer_for(f"speed.pack_tokens={pack_tokens}", "meta.inner_optimizer=adam")
         nudge_lora_b(trainer)
         episodes = trainer.sampler.sample(0)
         tasks = {n: p.task for n, p in trainer.experiment.train.items()}
@@ -129,8 +129,8 @@ def test_packing_refuses_an_empty_prompt_and_a_negative_bound():
     _, _, pairs = support_pairs(trainer, 2)
     with pytest.raises(ValueError, match="empty prompt"):
         trainer.encoder.pack([pairs[0], ([], pairs[1][1])])
-    with pytest.raises(ConfigError, match="meta.pack_tokens"):
-        load_config(SMOKE, ["meta.pack_tokens=-1"])
+    with pytest.raises(ConfigError, match="speed.pack_tokens"):
+        load_config(SMOKE, ["speed.pack_tokens=-1"])
 
 
 def test_the_packing_benchmark_times_both_layouts(capsys):

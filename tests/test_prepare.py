@@ -3,8 +3,8 @@
 import json
 
 from metalora.cli import main
-from metalora.prepare import gsm8k_answer, last_boxed
-from metalora.tasks import load_suite_dir
+from metalora.data.prepare import gsm8k_answer, last_boxed
+from metalora.data.tasks import load_suite_dir
 
 
 def write_jsonl(path, rows):

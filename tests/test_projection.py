@@ -5,10 +5,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from metalora.config import ModelConfig, load_config
-from metalora.meta import meta_gradients
-from metalora.models import load_model
-from metalora.projection import WeightFirstProjection, use_weight_first_projection
-from metalora.train import build_trainer
+from metalora.method.meta import meta_gradients
+from metalora.modeling.models import load_model
+from metalora.speed.weight_first_logits import WeightFirstProjection, use_weight_first_projection
+from metalora.training.train import build_trainer
 
 SMOKE = ["params/base.yaml", "params/smoke.yaml"]
 
@@ -60,7 +60,7 @@ def test_cpu_multiplies_weight_first_and_other_devices_keep_linear():
 
 
 def test_load_model_installs_it_and_keeps_the_model_as_it_was():
-    plain, tokenizer = load_model(ModelConfig(name="tiny-random", weight_first_logits=False))
+    plain, tokenizer = load_model(ModelConfig(name="tiny-random"), weight_first_logits=False)
     model, _ = load_model(ModelConfig(name="tiny-random"))
     assert type(plain.get_output_embeddings()) is torch.nn.Linear
     projection = model.get_output_embeddings()
@@ -77,14 +77,14 @@ def test_load_model_installs_it_and_keeps_the_model_as_it_was():
 def test_meta_gradients_and_statistics_equal_with_nn_linear(nudge_lora_b):
     results = []
     for weight_first in ("true", "false"):
-        trainer = build_trainer(load_config(SMOKE, [f"model.weight_first_logits={weight_first}"]))
+        trainer = build_trainer(load_config(SMOKE, [f"speed.weight_first_logits={weight_first}"]))
         assert isinstance(trainer.model.get_output_embeddings(), WeightFirstProjection) == (weight_first == "true")
         nudge_lora_b(trainer)
         tasks = {name: pool.task for name, pool in trainer.experiment.train.items()}
         torch.manual_seed(0)  # the same dropout masks in both runs
         episodes = trainer.sampler.sample(0)
         results.append(meta_gradients(trainer.model, trainer.shared, episodes, tasks, trainer.encoder,
-                                      trainer.cfg.meta, total_tasks=len(episodes)))  # fmt: skip
+                                      trainer.cfg.meta, len(episodes), trainer.cfg.speed))  # fmt: skip
     (grads, stats), (reference_grads, reference_stats) = results
     assert any(float(g.abs().max()) > 0 for g in reference_grads)
     for got, want in zip(grads, reference_grads, strict=True):

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from metalora.stats import (
+from metalora.evaluation.stats import (
     describe_comparison,
     grid_estimate,
     holm,

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from metalora.config import load_config
-from metalora.embedded_suite import FAMILIES, embedded_suite
-from metalora.splits import build_experiment, heldout_pools, meta_pools
-from metalora.tasks import Example, Task, TaskError, TaskSuite, load_suite_dir, merge_suites, select_tasks
+from metalora.data.embedded_suite import FAMILIES, embedded_suite
+from metalora.data.splits import build_experiment, heldout_pools, meta_pools
+from metalora.data.tasks import Example, Task, TaskError, TaskSuite, load_suite_dir, merge_suites, select_tasks
 
 
 def make_suite(tmp_path: Path, manifest: dict, files: dict[str, str]) -> Path:
@@ -257,7 +257,7 @@ def _bos_tokenizer():
     """A tokenizer whose post-processor prepends <s> (as Llama-3's and Gemma's do), with a chat template."""
     from tokenizers import processors
 
-    from metalora.models import tiny_tokenizer
+    from metalora.modeling.models import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     bos = tokenizer.bos_token_id
@@ -269,8 +269,8 @@ def _bos_tokenizer():
 
 
 def test_prompts_keep_the_tokenizers_bos_and_targets_end_with_eos():
-    from metalora.episodes import Encoder
-    from metalora.models import tiny_tokenizer
+    from metalora.data.collation import Encoder
+    from metalora.modeling.models import tiny_tokenizer
 
     task = Task("t", "Say it.", "exact_match", [Example("t:1", "a long input " * 20, "yes")])
     example = task.examples[0]
@@ -286,8 +286,8 @@ def test_prompts_keep_the_tokenizers_bos_and_targets_end_with_eos():
 
 def test_the_chat_template_wraps_prompts_only_when_asked():
     from metalora.config import ConfigError
-    from metalora.episodes import Encoder
-    from metalora.models import tiny_tokenizer
+    from metalora.data.collation import Encoder
+    from metalora.modeling.models import tiny_tokenizer
 
     task = Task("t", "Say it.", "exact_match", [Example("t:1", "hello", "yes")])
     chat = Encoder(_bos_tokenizer(), "{instruction} {input}", chat_template=True)

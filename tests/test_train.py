@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from metalora.checkpoint import CheckpointError
 from metalora.config import load_config
-from metalora.train import TrainingDivergedError, main, train
+from metalora.training.checkpoints import CheckpointError
+from metalora.training.train import TrainingDivergedError, main, train
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = [ROOT / "params" / "base.yaml", ROOT / "params" / "smoke.yaml"]
@@ -50,7 +50,7 @@ def test_run_directory_holds_config_metrics_checkpoints_and_adapter(tmp_path):
     assert summary["final_weights_bytes"] > 0 and summary["trainable_parameters"] > 0
     assert all(m["stage2/grad_norm"] > 0 for m in lines)
     # The base count is the frozen model alone: adding the LoRA weights gives the peft model's total.
-    from metalora.models import count_parameters, load_model
+    from metalora.modeling.models import count_parameters, load_model
 
     base, _ = load_model(load_config(SMOKE).model)
     assert summary["base_parameters"] == count_parameters(base)["total"]
@@ -59,7 +59,8 @@ def test_run_directory_holds_config_metrics_checkpoints_and_adapter(tmp_path):
 def test_a_child_reports_its_own_peak_memory_not_its_parents():
     ballast = bytearray(600 * 2**20)  # the parent's peak, which ru_maxrss would hand down to the child
     ballast[:: 4096] = b"x" * len(ballast[:: 4096])
-    code = "import torch; from metalora.train import peak_memory_mb; print(peak_memory_mb(torch.device('cpu')))"
+    code = ("import torch; from metalora.training.train import peak_memory_mb; "
+            "print(peak_memory_mb(torch.device('cpu')))")
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert float(child.stdout) < 500 < len(ballast) / 2**20
 
@@ -143,7 +144,7 @@ def test_distributed_engines_and_idle_processes_are_refused():
     from types import SimpleNamespace
 
     from metalora.config import ConfigError
-    from metalora.train import check_distributed
+    from metalora.training.train import check_distributed
 
     cfg = load_config(SMOKE)
     check_distributed(cfg, SimpleNamespace(distributed_type="MULTI_GPU", num_processes=2))
@@ -168,7 +169,7 @@ def test_two_processes_match_one_process(tmp_path):
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(ROOT / "params" / "accelerate" / "cpu_2proc.yaml"),
-        "-m", "metalora.train", *map(str, SMOKE), "train.cpu=true",
+        "-m", "metalora.training.train", *map(str, SMOKE), "train.cpu=true",
         f"train.output_dir={tmp_path}", "train.run_name=double", "meta.meta_batch_size=4", "train.steps=2",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -16,7 +16,7 @@ from pathlib import Path
 from transformers import AutoConfig, AutoTokenizer
 
 from metalora.config import load_config, split_args
-from metalora.models import embedded_model_dir
+from metalora.modeling.models import embedded_model_dir
 
 # Shape changes on top of the configured model's config (the embedded model: SmolLM2-135M, a Llama).
 PRESETS: dict[str, dict[str, int]] = {

@@ -15,8 +15,8 @@ import sys
 import torch
 from torch.utils.benchmark import Timer
 
-from metalora.dropout import NumpyMaskDropout
 from metalora.machine import describe_machine, machine_line
+from metalora.speed.dropout_masks import NumpyMaskDropout
 
 
 def time_call(dropout: torch.nn.Module, x: torch.Tensor) -> float:

@@ -69,7 +69,7 @@ def gpu_steps(arch: Path, out: Path, scratch: Path) -> list[Step]:
             "'eval.methods=[base,lora,metalora]'",
         ])], 80),  # fmt: skip
         Step("two processes on one GPU", [
-            PY, "-m", "accelerate.commands.launch", "--num_processes", "2", "-m", "metalora.train", *smoke,
+            PY, "-m", "accelerate.commands.launch", "--num_processes", "2", "-m", "metalora.training.train", *smoke,
             "train.run_name=two",
         ], 80),  # fmt: skip
         Step("bench, demo shapes (135M architecture)", [

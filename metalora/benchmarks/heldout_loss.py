@@ -13,17 +13,17 @@ from __future__ import annotations
 import sys
 import time
 
-from metalora.checkpoint import latest_checkpoint
 from metalora.config import load_config, split_args
-from metalora.episodes import Encoder
-from metalora.evaluation import AdaptSettings, adapt_on_shots, adapter_init, draw_shots, snapshot_lora
+from metalora.data.collation import Encoder
+from metalora.data.splits import build_experiment
+from metalora.evaluation.fewshot import AdaptSettings, adapt_on_shots, adapter_init, draw_shots, snapshot_lora
+from metalora.evaluation.scoring import test_loss
 from metalora.io import atomic_write_json
-from metalora.lora import attach_lora
 from metalora.machine import describe_machine, machine_line
-from metalora.models import load_model
-from metalora.scoring import test_loss
-from metalora.splits import build_experiment
-from metalora.train import train
+from metalora.modeling.lora import attach_lora
+from metalora.modeling.models import load_model
+from metalora.training.checkpoints import latest_checkpoint
+from metalora.training.train import train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,8 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     train_seconds = time.perf_counter() - began
 
     experiment = build_experiment(cfg.data, cfg.eval.scenario)
-    model, tokenizer = load_model(cfg.model)
-    model = attach_lora(model, cfg.lora, seed=cfg.train.seed)  # the init meta-training started from
+    model, tokenizer = load_model(cfg.model, weight_first_logits=cfg.speed.weight_first_logits)
+    # The initialisation meta-training started from.
+    model = attach_lora(model, cfg.lora, cfg.train.seed, cfg.speed.cpu_dropout_masks)
     model.eval()
     fresh = snapshot_lora(model)
     meta = adapter_init(model, run_dir / "adapter")

@@ -3,20 +3,20 @@
     metalora bench [params.yaml ...] [a.b=value ...] [--steps 5] [--warmup 1] [--repeats 1] [--meta-batches 1,2,4,8]
 
 Variants, on the same episodes (the same seed and steps) and the same model:
-- metalora: the kit's functional meta-step (`metalora.meta.meta_step`);
-- metalora-batched: the same with `meta.task_batched` (all tasks of a meta-batch adapted in one
+- metalora: the kit's functional meta-step (`metalora.method.meta.meta_step`);
+- metalora-batched: the same with `speed.task_batched` (all tasks of a meta-batch adapted in one
   vmapped forward pass and one backward);
 - metalora-packed: the kit's meta-step with short batches packed into one unpadded row
-  (`meta.pack_tokens`, 256 unless the config sets it);
-- metalora-compiled: the kit's meta-step with every decoder layer compiled (`train.compile_layers`;
+  (`speed.pack_tokens`, 256 unless the config sets it);
+- metalora-compiled: the kit's meta-step with every decoder layer compiled (`speed.compile_layers`;
   the compile happens in the warm-up steps, so give it `--warmup 2` or more);
 - metalora-checkpointed: the kit's meta-step with activation checkpointing of every decoder layer
-  (`train.activation_checkpointing`: less activation memory, one more forward pass per backward);
+  (`speed.activation_checkpointing`: less activation memory, one more forward pass per backward);
 - naive: the way the method is often first written, kept here as the reference: a deep copy of
   the PEFT model per task, a fresh AdamW per task, full-vocabulary logits over every position
   (the model's own `labels` loss), then the stage-2 gradient per task; peft's own LoRA dropout
-  (torch's CPU masks, whatever `lora.cpu_dropout_masks` says for the kit) and nn.Linear's vocabulary
-  projection (whatever `model.weight_first_logits` says);
+  (torch's CPU masks, whatever `speed.cpu_dropout_masks` says for the kit) and nn.Linear's vocabulary
+  projection (whatever `speed.weight_first_logits` says);
 - fomaml: the kit's first-order meta-step over every base weight.
 Each variant runs in its own child process, so its peak memory (CUDA max allocated, or the peak
 resident set size on CPU) is its own. Useful FLOPs are counted with torch's FlopCounterMode on the
@@ -48,18 +48,19 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from metalora.benchmarks.matmul_rates import matmul_rates
-from metalora.checkpoint import directory_bytes
 from metalora.config import Config, load_config, save_config, split_args
-from metalora.dropout import PROFILE_LABEL
-from metalora.episodes import Encoder, Episode
+from metalora.data.collation import Encoder
+from metalora.data.episodes import Episode
+from metalora.data.tasks import Task
 from metalora.io import atomic_write_json, atomic_write_text
-from metalora.lora import lora_params, save_adapter
-from metalora.loss import count_input_tokens
 from metalora.machine import cpu_model_name, describe_machine, machine_line
-from metalora.meta import meta_step
-from metalora.models import pick_device
-from metalora.tasks import Task
-from metalora.train import build_trainer
+from metalora.method.loss import count_input_tokens
+from metalora.method.meta import meta_step
+from metalora.modeling.lora import lora_params, save_adapter
+from metalora.modeling.models import pick_device
+from metalora.speed.dropout_masks import PROFILE_LABEL
+from metalora.training.checkpoints import directory_bytes
+from metalora.training.train import build_trainer
 
 RESULT_TAG = "BENCH-RESULT "
 VARIANTS = (
@@ -256,17 +257,17 @@ def run_variant(
     device = pick_device(cfg.train.cpu)
     cfg = copy.deepcopy(cfg)
     cfg.meta.algorithm = "fomaml" if variant == "fomaml" else "metalora"
-    cfg.meta.task_batched = variant == "metalora-batched"
+    cfg.speed.task_batched = variant == "metalora-batched"
     if variant == "metalora-packed":
-        cfg.meta.pack_tokens = cfg.meta.pack_tokens or PACKED_VARIANT_TOKENS
+        cfg.speed.pack_tokens = cfg.speed.pack_tokens or PACKED_VARIANT_TOKENS
     if variant == "metalora-compiled":
-        cfg.train.compile_layers = True
+        cfg.speed.compile_layers = True
     if variant == "metalora-checkpointed":
-        cfg.train.activation_checkpointing = True
+        cfg.speed.activation_checkpointing = True
     if variant == "naive":
         # The reference is transformers and peft as shipped: nn.Dropout and nn.Linear's vocabulary projection.
-        cfg.lora.cpu_dropout_masks = "torch"
-        cfg.model.weight_first_logits = False
+        cfg.speed.cpu_dropout_masks = "torch"
+        cfg.speed.weight_first_logits = False
     torch.manual_seed(cfg.train.seed)
     trainer = build_trainer(cfg, device)
     tasks = {name: pool.task for name, pool in trainer.experiment.train.items()}
@@ -282,7 +283,7 @@ def run_variant(
                 naive_meta_step(trainer.model, episodes, tasks, trainer.encoder, cfg, trainer.optimizer)
             else:
                 meta_step(trainer.model, trainer.shared, episodes, tasks, trainer.encoder, cfg.meta,
-                          trainer.optimizer, total_tasks=len(episodes))  # fmt: skip
+                          trainer.optimizer, total_tasks=len(episodes), speed=cfg.speed)  # fmt: skip
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 

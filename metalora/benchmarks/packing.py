@@ -2,7 +2,7 @@
 
     python -m metalora.benchmarks.packing [params.yaml ...] [a.b=value ...] [--steps 8] [--pack-tokens 256]
 
-Each step's episodes get their meta-gradient twice, once with every batch padded (`meta.pack_tokens=0`)
+Each step's episodes get their meta-gradient twice, once with every batch padded (`speed.pack_tokens=0`)
 and once packed, in alternating order, so this machine's drift between minutes hits both alike; the
 pair's time ratio is reported per step. Also counts what the forward passes compute: real tokens, and
 the positions of the padded batches (the padding share is what packing removes). Prints a Markdown
@@ -22,9 +22,9 @@ import torch
 from metalora.benchmarks.meta_step import step_positions
 from metalora.config import load_config, split_args
 from metalora.machine import describe_machine, machine_line
-from metalora.meta import meta_gradients
-from metalora.models import pick_device
-from metalora.train import build_trainer
+from metalora.method.meta import meta_gradients
+from metalora.modeling.models import pick_device
+from metalora.training.train import build_trainer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,23 +32,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="*", help="YAML files then a.b=value overrides (default: base + demo)")
     parser.add_argument("--steps", type=int, default=8, help="meta-batches timed (after one untimed)")
-    parser.add_argument("--pack-tokens", type=int, default=256, help="the packed side's meta.pack_tokens")
+    parser.add_argument("--pack-tokens", type=int, default=256, help="the packed side's speed.pack_tokens")
     args = parser.parse_args(argv)
     files, overrides = split_args(args.config)
     cfg = load_config(files or ["params/base.yaml", "params/demo.yaml"], ["meta.measure_gap=false", *overrides])
     torch.manual_seed(cfg.train.seed)
     trainer = build_trainer(cfg, pick_device(cfg.train.cpu))
     tasks = {name: pool.task for name, pool in trainer.experiment.train.items()}
-    settings = {"padded": dataclasses.replace(cfg.meta, pack_tokens=0),
-                "packed": dataclasses.replace(cfg.meta, pack_tokens=args.pack_tokens)}  # fmt: skip
+    settings = {"padded": dataclasses.replace(cfg.speed, pack_tokens=0),
+                "packed": dataclasses.replace(cfg.speed, pack_tokens=args.pack_tokens)}  # fmt: skip
     seconds: dict[str, list[float]] = {name: [] for name in settings}
     for step in range(args.steps + 1):
         episodes = trainer.sampler.sample(step)
         order = list(settings) if step % 2 == 0 else list(reversed(settings))
         for name in order:
             began = time.perf_counter()
-            meta_gradients(trainer.model, trainer.shared, episodes, tasks, trainer.encoder, settings[name],
-                           total_tasks=len(episodes))  # fmt: skip
+            meta_gradients(trainer.model, trainer.shared, episodes, tasks, trainer.encoder, cfg.meta,
+                           total_tasks=len(episodes), speed=settings[name])  # fmt: skip
             if step > 0:  # the first meta-batch warms both up
                 seconds[name].append(time.perf_counter() - began)
     ratios = [padded / packed for padded, packed in zip(seconds["padded"], seconds["packed"], strict=True)]

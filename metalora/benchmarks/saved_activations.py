@@ -24,10 +24,10 @@ from collections.abc import Callable
 import torch
 
 from metalora.config import load_config, split_args
-from metalora.dropout import torch_dropout_masks
-from metalora.loss import batch_loss
 from metalora.machine import describe_machine, machine_line
-from metalora.train import build_trainer
+from metalora.method.loss import batch_loss
+from metalora.speed.dropout_masks import torch_dropout_masks
+from metalora.training.train import build_trainer
 
 
 def saved_storages(forward: Callable[[], torch.Tensor], leave_out: set[int]) -> dict[int, tuple[int, str]]:

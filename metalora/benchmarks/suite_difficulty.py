@@ -15,13 +15,13 @@ import time
 import torch
 
 from metalora.config import load_config, split_args
-from metalora.episodes import Encoder
-from metalora.evaluation import AdaptSettings, evaluate_init, rows_as_dicts, snapshot_lora
+from metalora.data.collation import Encoder
+from metalora.data.splits import build_experiment
+from metalora.evaluation.fewshot import AdaptSettings, evaluate_init, rows_as_dicts, snapshot_lora
 from metalora.io import atomic_write_json
-from metalora.lora import attach_lora
 from metalora.machine import describe_machine, machine_line
-from metalora.models import load_model
-from metalora.splits import build_experiment
+from metalora.modeling.lora import attach_lora
+from metalora.modeling.models import load_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(cfg.train.seed)
     began = time.perf_counter()
     experiment = build_experiment(cfg.data, cfg.eval.scenario)
-    model, tokenizer = load_model(cfg.model)
-    model = attach_lora(model, cfg.lora)
+    model, tokenizer = load_model(cfg.model, weight_first_logits=cfg.speed.weight_first_logits)
+    model = attach_lora(model, cfg.lora, cpu_dropout_masks=cfg.speed.cpu_dropout_masks)
     encoder = Encoder(tokenizer, cfg.data.prompt_template, cfg.data.use_instruction,
                       cfg.data.max_prompt_tokens, cfg.data.max_target_tokens)  # fmt: skip
     settings = AdaptSettings(cfg.eval.adapt_steps, cfg.eval.adapt_lr, cfg.meta.inner_optimizer, 4)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 
 from metalora.machine import describe_machine, machine_line
-from metalora.projection import WeightFirstProjection
+from metalora.speed.weight_first_logits import WeightFirstProjection
 
 FORWARD = "projection(hidden)"
 FORWARD_BACKWARD = "F.cross_entropy(projection(hidden), targets).backward()"

@@ -1,0 +1,219 @@
+"""Turn datasets (hub ids, or local json/parquet files) into a task suite in the canonical format.
+
+    metalora prepare-data gsm8k --dataset openai/gsm8k --config main --split test --out data/gsm8k
+    metalora prepare-data generic --dataset json --data-files rows.jsonl --split train \
+        --input-field question --target-field answer --group-by topic --out data/mine
+
+Every source goes through `datasets.load_dataset`, so a hub id and a local file take the same path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from metalora.data.splits import task_seed
+from metalora.data.tasks import Example, Task, write_suite_dir
+from metalora.errors import MetaloraError
+
+
+class PrepareError(MetaloraError):
+    """A dataset row or argument does not fit the chosen source kind."""
+
+
+@dataclass
+class Row:
+    """One converted example before grouping into tasks."""
+
+    # The task the example joins (not to be confused with `item`).
+    group: str
+    input: str
+    target: str
+    instruction: str = ""
+    options: list[str] | None = None
+    # The example's group in the suite format: the same item in other tasks (e.g. its translations).
+    item: str | None = None
+
+
+def last_boxed(text: str) -> str | None:
+    r"""The content of the last `\boxed{...}` in `text` (braces may nest), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, begin = 0, start + len("\\boxed{")
+    for index in range(begin - 1, len(text)):
+        if text[index] == "{":
+            depth += 1
+        elif text[index] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[begin:index].strip()
+    return None
+
+
+def gsm8k_answer(text: str) -> str | None:
+    """The final answer after `####`, without thousands separators, or None."""
+    if "####" not in text:
+        return None
+    return text.split("####")[-1].strip().replace(",", "")
+
+
+def slug(text: str) -> str:
+    """A task-name-safe form of a group label."""
+    return re.sub(r"[^a-z0-9]+", "_", str(text).lower()).strip("_") or "task"
+
+
+def _math(row: dict, _: argparse.Namespace) -> Row | None:
+    answer = last_boxed(row["solution"])
+    if answer is None:
+        return None
+    return Row(f"math_{slug(row.get('type', 'all'))}", row["problem"], answer, "Solve the problem. Give the answer.")
+
+
+def _gsm8k(row: dict, _: argparse.Namespace) -> Row | None:
+    answer = gsm8k_answer(row["answer"])
+    if answer is None:
+        return None
+    return Row("gsm8k", row["question"], answer, "Solve the word problem. Give the final number.")
+
+
+def _scienceqa(row: dict, _: argparse.Namespace) -> Row | None:
+    choices = [str(c) for c in row["choices"]]
+    listed = " ".join(f"({chr(65 + i)}) {c}" for i, c in enumerate(choices))
+    return Row(
+        f"scienceqa_{slug(row.get('subject', 'all'))}",
+        f"{row['question']} Options: {listed}",
+        choices[int(row["answer"])],
+        "Answer the science question with one of the options.",
+        choices,
+    )
+
+
+def _natural_instructions(row: dict, _: argparse.Namespace) -> Row | None:
+    targets = row["targets"]
+    target = targets[0] if isinstance(targets, list) else targets
+    definition = row["definition"]
+    definition = definition[0] if isinstance(definition, list) else definition
+    return Row(slug(row["task_name"]), row["inputs"], str(target), definition)
+
+
+def _generic(row: dict, args: argparse.Namespace) -> Row | None:
+    group = slug(row[args.group_by]) if args.group_by else slug(args.name or args.dataset)
+    options = [str(o) for o in row[args.options_field]] if args.options_field else None
+    item = f"{args.item_field}:{row[args.item_field]}" if args.item_field else None
+    return Row(group, str(row[args.input_field]), str(row[args.target_field]), args.instruction, options, item)
+
+
+SOURCES: dict[str, tuple[Callable[[dict, argparse.Namespace], Row | None], tuple[str, ...]]] = {
+    "math": (_math, ("problem", "solution")),
+    "gsm8k": (_gsm8k, ("question", "answer")),
+    "scienceqa": (_scienceqa, ("question", "choices", "answer")),
+    "natural-instructions": (_natural_instructions, ("task_name", "definition", "inputs", "targets")),
+    "generic": (_generic, ()),
+}
+
+
+def convert_rows(kind: str, rows: Iterable[dict], args: argparse.Namespace) -> list[Row]:
+    """Convert dataset rows with the source kind's rules; rows without an extractable answer are skipped.
+
+    Raises:
+        PrepareError: a row lacks a field the source kind needs (named with the row number).
+    """
+    convert, needed = SOURCES[kind]
+    if kind == "generic":
+        fields = (args.input_field, args.target_field, args.group_by, args.options_field, args.item_field)
+        needed = tuple(f for f in fields if f)
+    converted = []
+    for number, row in enumerate(tqdm(rows, desc=f"converting {kind}", unit="row")):
+        missing = [f for f in needed if f not in row]
+        if missing:
+            raise PrepareError(f"row {number}: field(s) {missing} missing for source '{kind}' (has {sorted(row)})")
+        result = convert(row, args)
+        if result is not None:
+            converted.append(result)
+    return converted
+
+
+def build_tasks(rows: list[Row], max_samples: int, min_samples: int, seed: int) -> list[Task]:
+    """Group rows into tasks, shuffle (seeded), cap at `max_samples`, drop tasks under `min_samples`."""
+    groups: dict[str, list[Row]] = defaultdict(list)
+    for row in rows:
+        groups[row.group].append(row)
+    tasks = []
+    for name, members in sorted(groups.items()):
+        if len(members) < min_samples:
+            continue
+        random.Random(task_seed(seed, "prepare", name)).shuffle(members)
+        members = members[:max_samples]
+        examples = [Example(f"{name}:{i + 1}", m.input, m.target, m.item) for i, m in enumerate(members)]
+        # Options that differ per question (ScienceQA) cannot be a task-level label set; keep them in
+        # the input text and score by exact match instead.
+        uniform = members[0].options is not None and all(m.options == members[0].options for m in members)
+        tasks.append(
+            Task(
+                name=name,
+                instruction=members[0].instruction,
+                metric="accuracy" if uniform else "exact_match",
+                examples=examples,
+                options=members[0].options if uniform else None,
+            )
+        )
+    return tasks
+
+
+def prepare(args: argparse.Namespace) -> Path:
+    """Load the dataset, convert, group and write the suite; returns the output directory.
+
+    Raises:
+        PrepareError: bad arguments, missing fields, or no task with enough examples.
+    """
+    import datasets
+
+    if args.kind == "generic" and not (args.input_field and args.target_field):
+        raise PrepareError("generic source needs --input-field and --target-field")
+    if (Path(args.out) / "tasks.json").exists():
+        raise PrepareError(
+            f"--out {args.out} already holds a task suite (tasks.json): writing there would replace its manifest "
+            "and orphan its tasks; choose another directory, or merge suites by listing both in data.suites"
+        )
+    data_files = args.data_files or None
+    try:
+        dataset = datasets.load_dataset(args.dataset, args.config, split=args.split, data_files=data_files)
+    except Exception as err:  # datasets raises many types for missing ids, files and offline mode
+        raise PrepareError(f"cannot load dataset '{args.dataset}' (split {args.split}): {err}") from err
+    rows = convert_rows(args.kind, dataset, args)
+    tasks = build_tasks(rows, args.max_samples, args.min_samples, args.seed)
+    if not tasks:
+        raise PrepareError(f"no task with at least {args.min_samples} usable examples in '{args.dataset}'")
+    return write_suite_dir(tasks, args.out)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare the prepare-data arguments on `parser`."""
+    parser.add_argument("kind", choices=sorted(SOURCES), help="how rows become examples")
+    parser.add_argument("--dataset", required=True, help="hub id, or a builder name such as json/parquet")
+    parser.add_argument("--config", default=None, help="dataset configuration name")
+    parser.add_argument("--split", default="train", help="dataset split")
+    parser.add_argument("--data-files", nargs="*", default=None, help="local files for json/parquet builders")
+    parser.add_argument("--out", required=True, help="output suite directory")
+    parser.add_argument("--max-samples", type=int, default=600, help="examples kept per task at most")
+    parser.add_argument("--min-samples", type=int, default=10, help="tasks with fewer examples are dropped")
+    parser.add_argument("--seed", type=int, default=0, help="shuffle seed")
+    parser.add_argument("--input-field", default=None, help="generic: the input column")
+    parser.add_argument("--target-field", default=None, help="generic: the target column")
+    parser.add_argument("--group-by", default=None, help="generic: one task per value of this column")
+    parser.add_argument("--options-field", default=None, help="generic: a column with the label set")
+    parser.add_argument("--instruction", default="", help="generic: the task instruction")
+    parser.add_argument(
+        "--item-field", default=None,
+        help="generic: a column naming the item an example is a version of (e.g. a translation's source id); "
+        "written as the example's group, which every split keeps on one side across tasks",
+    )  # fmt: skip
+    parser.add_argument("--name", default=None, help="generic: task name when not grouping")

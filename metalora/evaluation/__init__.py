@@ -1,0 +1,1 @@
+"""Few-shot evaluation of trained initialisations: adaptation on shots, scoring, task-level statistics."""

@@ -1,0 +1,203 @@
+"""Scoring a parameter dict on examples: option ranking, greedy generation, exact match, test loss.
+
+Every forward pass goes through `torch.func.functional_call`, so adapted weights are scored without
+being written into the model.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import string
+from pathlib import Path
+
+import torch
+from torch.func import functional_call
+
+from metalora.data.collation import Encoder
+from metalora.data.tasks import Example, Task
+from metalora.method.batch import IGNORE_INDEX
+from metalora.method.loss import batch_loss, count_target_tokens, target_logits
+
+Params = dict[str, torch.Tensor]
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def normalise(text: str) -> str:
+    """Lower-case, drop punctuation and English articles, collapse whitespace."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def final_number(text: str) -> str | None:
+    """The last number in `text` without thousands separators or a trailing `.0`, or None."""
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    number = found[-1].replace(",", "")
+    return number[:-2] if number.endswith(".0") else number
+
+
+def exact_match(prediction: str, target: str) -> bool:
+    """Normalised exact match of the prediction's first line against the target.
+
+    A target that is a number (GSM8K-style) is compared with the last number on that line, so
+    "The answer is 1,200." matches "1200".
+    """
+    first_line = prediction.strip().split("\n")[0]
+    target_number = final_number(target)
+    if target_number is not None and target.strip().replace(",", "") == target_number:
+        return final_number(first_line) == target_number
+    return normalise(first_line) == normalise(target)
+
+
+@torch.no_grad()
+def test_loss(model: torch.nn.Module, params: Params, encoder: Encoder, task: Task, examples: list[Example],
+              batch_size: int) -> float:  # fmt: skip
+    """Token-weighted mean target loss over `examples`.
+
+    Args:
+        model: the model.
+        params: weights by name for the forward passes.
+        encoder: tokenisation and collation.
+        task: the examples' task.
+        examples: the examples to score.
+        batch_size: rows per forward pass.
+
+    Returns:
+        The mean cross-entropy per target token.
+    """
+    batches = encoder.batches(task, examples, batch_size, group_by_length=True)
+    total = sum(count_target_tokens(b) for b in batches)
+    return sum(float(batch_loss(model, params, b)) * count_target_tokens(b) for b in batches) / total
+
+
+@torch.no_grad()
+def rank_options(model: torch.nn.Module, params: Params, encoder: Encoder, task: Task, examples: list[Example],
+                 batch_size: int) -> list[str]:  # fmt: skip
+    """Predict each example's option by the highest log-likelihood of the option's tokens.
+
+    Args:
+        model: the model.
+        params: weights by name.
+        encoder: tokenisation and collation.
+        task: a task with `options`.
+        examples: the examples to label.
+        batch_size: (example, option) rows per forward pass.
+
+    Returns:
+        The predicted option per example.
+    """
+    if not task.options:
+        raise ValueError(f"task '{task.name}' has no options to rank")
+    options = [encoder.target_ids(o) for o in task.options]
+    rows = [(encoder.prompt_ids(task, e), o) for e in examples for o in options]
+    scores = []
+    for start in range(0, len(rows), batch_size):
+        logits, labels = target_logits(model, params, encoder.collate(rows[start : start + batch_size]))
+        logprobs = torch.log_softmax(logits, dim=-1)
+        mask = labels != IGNORE_INDEX
+        picked = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        scores.extend((picked * mask).sum(-1).tolist())
+    per_example = torch.tensor(scores).view(len(examples), len(options))
+    return [task.options[i] for i in per_example.argmax(-1).tolist()]
+
+
+@torch.no_grad()
+def greedy_generate(model: torch.nn.Module, params: Params, prompts: list[list[int]], max_new_tokens: int,
+                    pad_id: int, eos_id: int) -> list[list[int]]:  # fmt: skip
+    """Greedy decoding under a parameter dict with a KV cache (left-padded batch).
+
+    Args:
+        model: the causal LM.
+        params: weights by name.
+        prompts: prompt token ids per row.
+        max_new_tokens: tokens generated at most per row.
+        pad_id: padding token id.
+        eos_id: end-of-sequence token id (generation of a row stops there; it is not returned).
+
+    Returns:
+        The generated token ids per row.
+    """
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": True,
+              "logits_to_keep": 1}  # fmt: skip
+    out_tokens: list[list[int]] = [[] for _ in prompts]
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        out = functional_call(model, params, args=(), kwargs=kwargs)
+        nxt = out.logits[:, -1].argmax(-1)
+        for i in range(len(prompts)):
+            if not finished[i] and int(nxt[i]) != eos_id:
+                out_tokens[i].append(int(nxt[i]))
+        finished |= nxt == eos_id
+        if bool(finished.all()):
+            break
+        mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype, device=device)], dim=1)
+        positions = positions[:, -1:] + 1
+        kwargs = {"input_ids": nxt.unsqueeze(-1), "attention_mask": mask, "position_ids": positions,
+                  "past_key_values": out.past_key_values, "use_cache": True}  # fmt: skip
+    return out_tokens
+
+
+def max_new_tokens_for(encoder: Encoder, task: Task) -> int:
+    """Generation budget from the task's target lengths: the longest target's tokens plus a margin."""
+    longest = max(len(encoder.target_ids(e.target)) for e in task.examples[:200])
+    return min(longest + 4, encoder.max_target_tokens + 1)
+
+
+@functools.cache
+def _task_match() -> object:
+    # evaluate's hub metrics are scripts fetched at load time; the kit's own module loads offline.
+    import evaluate
+
+    return evaluate.load(str(Path(__file__).parent / "metrics" / "task_match.py"))
+
+
+def match_rate(predictions: list[str], references: list[str], mode: str) -> float:
+    """Share of matching predictions, computed by the kit's `evaluate` metric module.
+
+    Args:
+        predictions: chosen options or generated texts.
+        references: the targets.
+        mode: "option" (exact equality) or "text" (normalised exact match, see `exact_match`).
+
+    Returns:
+        A value in [0, 1].
+    """
+    return float(_task_match().compute(predictions=predictions, references=references, mode=mode)["match"])
+
+
+@torch.no_grad()
+def score_task(model: torch.nn.Module, params: Params, encoder: Encoder, task: Task, examples: list[Example],
+               batch_size: int) -> tuple[str, float]:  # fmt: skip
+    """Score `examples` with the task's metric: option accuracy, or exact match of greedy generations.
+
+    Returns:
+        (metric name, value in [0, 1]).
+    """
+    references = [e.target for e in examples]
+    if task.options:
+        predictions = rank_options(model, params, encoder, task, examples, batch_size)
+        return "accuracy", match_rate(predictions, references, "option")
+    budget = max_new_tokens_for(encoder, task)
+    tokenizer = encoder.tokenizer
+    texts = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        prompts = [encoder.prompt_ids(task, e) for e in chunk]
+        outputs = greedy_generate(model, params, prompts, budget, tokenizer.pad_token_id, tokenizer.eos_token_id)
+        texts.extend(tokenizer.decode(tokens, skip_special_tokens=True) for tokens in outputs)
+    return "exact_match", match_rate(texts, references, "text")

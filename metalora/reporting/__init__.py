@@ -1,0 +1,1 @@
+"""What a researcher reads: figures, report.md, efficiency tables from training metrics."""

@@ -1,0 +1,218 @@
+"""The kit's figures (seaborn), each saved as PNG and returned for display in a notebook."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+# No backend is chosen here: matplotlib falls back to Agg where there is no display, and Jupyter keeps
+# its inline backend, so the user's own plots and the returned figures render there.
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+
+from metalora.io import atomic_write_bytes
+from metalora.training.budgets import FULL_DATA_SHOTS
+
+METHOD_LABELS = {
+    "base": "base model (no adapter)",
+    "lora": "standard LoRA (fresh init)",
+    "multitask": "multi-task LoRA",
+    "multitask_full": "multi-task LoRA, full data",
+    "metalora": "MeTA-LoRA",
+    "reptile": "Reptile LoRA",
+    "fomaml": "FOMAML (full weights)",
+    "full_data": "full-data LoRA (whole pool)",
+}
+
+
+PALETTE = dict(zip(METHOD_LABELS, sns.color_palette("tab10", len(METHOD_LABELS)), strict=True))
+
+
+def _method_order(methods: pd.Series) -> list[str]:
+    known = [m for m in METHOD_LABELS if m in set(methods)]
+    return known + sorted(set(methods) - set(known))
+
+
+def _save(fig: plt.Figure, path: str | Path) -> plt.Figure:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    atomic_write_bytes(path, buffer.getvalue())
+    # Closed so that Jupyter does not show it a second time at the end of the cell; display(fig) still works.
+    plt.close(fig)
+    return fig
+
+
+def few_shot_figure(
+    summary: pd.DataFrame,
+    path: str | Path,
+    title: str = "Few-shot adaptation",
+    results: pd.DataFrame | None = None,
+):
+    """Score vs shots per method with 95 % CI bands, one panel per setting (held-out tasks, seen tasks).
+
+    The full-data reference is a dashed line. With `results`, each training seed of a method trained
+    several times is drawn as a thin line of the method's colour (its mean over tasks): the spread
+    between training runs.
+    """
+    sns.set_theme(style="whitegrid")
+    if "setting" not in summary:
+        summary = summary.assign(setting="heldout")
+    settings = sorted(summary["setting"].unique())
+    fig, axes = plt.subplots(1, len(settings), figsize=(7 * len(settings), 4.5), squeeze=False)
+    for ax, setting in zip(axes[0], settings, strict=True):
+        _few_shot_panel(ax, summary[summary["setting"] == setting], _seed_curves(results, setting))
+        ax.set_title(f"{title}: {SETTING_LABELS.get(setting, setting)}")
+    return _save(fig, path)
+
+
+SETTING_LABELS = {"heldout": "held-out tasks", "seen": "training tasks' own test sets"}
+
+
+def _seed_curves(results: pd.DataFrame | None, setting: str) -> pd.DataFrame:
+    """Mean score per method x training seed x shots, for methods with several training seeds."""
+    if results is None or "train_seed" not in results:
+        return pd.DataFrame(columns=["method", "train_seed", "n_shots", "value"])
+    rows = results[results.get("setting", "heldout") == setting]
+    means = rows.groupby(["method", "train_seed", "n_shots"], as_index=False)["value"].mean()
+    replicated = means.groupby("method")["train_seed"].transform("nunique") > 1
+    return means[replicated]
+
+
+def _few_shot_panel(ax: plt.Axes, summary: pd.DataFrame, seed_curves: pd.DataFrame) -> None:
+    curves = summary[summary["n_shots"] != FULL_DATA_SHOTS]
+    for method in _method_order(curves["method"]):
+        rows = curves[curves["method"] == method].sort_values("n_shots")
+        label = METHOD_LABELS.get(method, method)
+        marker = "s" if len(rows) == 1 else "o"
+        color = PALETTE.get(method)
+        ax.errorbar(rows["n_shots"], rows["mean"], yerr=[rows["mean"] - rows["ci_low"], rows["ci_high"] - rows["mean"]],
+                    marker=marker, label=label, color=color, capsize=3)  # fmt: skip
+        ax.fill_between(rows["n_shots"], rows["ci_low"], rows["ci_high"], alpha=0.12, color=color)
+        for _, seed_rows in seed_curves[seed_curves["method"] == method].groupby("train_seed"):
+            seed_rows = seed_rows[seed_rows["n_shots"] != FULL_DATA_SHOTS].sort_values("n_shots")
+            ax.plot(seed_rows["n_shots"], seed_rows["value"], color=color, linewidth=0.8, alpha=0.6, linestyle=":")
+    for _, row in summary[summary["n_shots"] == FULL_DATA_SHOTS].iterrows():
+        color = PALETTE.get(row["method"])
+        ax.axhline(row["mean"], linestyle="--", color=color, label=METHOD_LABELS.get(row["method"], row["method"]))
+        ax.axhspan(row["ci_low"], row["ci_high"], alpha=0.08, color=color)
+    ax.set_xlabel("shots (examples of the task used for adaptation)")
+    ax.set_ylabel("score (accuracy / exact match)\nmean and 95 % CI over tasks (and training seeds)")
+    if not seed_curves.empty:
+        ax.plot([], [], color="grey", linewidth=0.8, linestyle=":", label="one training seed (mean over tasks)")
+    ax.legend(fontsize=8, loc="best")
+
+
+def efficiency_figure(efficiency: pd.DataFrame, path: str | Path):
+    """Bars per trained method: seconds per step, tokens/s, peak memory and final weights on disk.
+
+    Args:
+        efficiency: efficiency.csv rows.
+        path: PNG to write.
+
+    Returns:
+        The figure.
+    """
+    sns.set_theme(style="whitegrid")
+    panels = [
+        ("time_per_step_s", "seconds per step (median)", False),
+        ("tokens_per_s", "tokens per second (median)", False),
+        ("peak_memory_mb", "peak memory (MB)", False),
+        ("final_weights_bytes", "final weights on disk (bytes, log)", True),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), layout="constrained")
+    labels = [METHOD_LABELS.get(m, m) for m in efficiency["method"]]
+    colors = [PALETTE.get(m, "grey") for m in efficiency["method"]]
+    for ax, (column, title, log) in zip(axes, panels, strict=True):
+        sns.barplot(x=labels, y=efficiency[column].astype(float), hue=labels, palette=colors, ax=ax, legend=False)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
+        if log:
+            ax.set_yscale("log")
+    fig.suptitle("Training efficiency (measured)")
+    return _save(fig, path)
+
+
+def training_curves(metrics: pd.DataFrame, path: str | Path, title: str = "Meta-training"):
+    """Meta-loss (query loss after adaptation) and, where logged, the adaptation gap per step.
+
+    Args:
+        metrics: a run's metrics.jsonl rows.
+        path: PNG to write.
+        title: the figure title.
+
+    Returns:
+        The figure.
+    """
+    sns.set_theme(style="whitegrid")
+    # The gap is absent from runs with meta.measure_gap=false.
+    panels = [(column, label) for column, label in (("stage2/meta_loss", "query loss after adaptation"),
+                                                    ("adaptation_gap", "query loss - support loss"))
+              if column in metrics.columns]  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    # Each step sees a few sampled tasks, so the raw curve is noisy; the rolling mean shows the trend.
+    window = min(50, max(1, len(metrics) // 5))
+    for ax, (column, label) in zip(axes[0], panels, strict=True):
+        ax.plot(metrics["step"], metrics[column], alpha=0.35, label="per step")
+        smooth = metrics[column].rolling(window, min_periods=1).mean()
+        ax.plot(metrics["step"], smooth, linewidth=2, label=f"rolling mean ({window} steps)")
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def sweep_figure(summary: pd.DataFrame, key: str, path: str | Path, title: str = "Sweep"):
+    """Score vs one swept value, a line (with 95 % CI band) per shot count.
+
+    Args:
+        summary: a sweep's summary.csv rows (key, n_shots, mean, ci_low, ci_high).
+        key: the swept config key (x axis).
+        path: PNG to write.
+        title: the figure title.
+
+    Returns:
+        The figure.
+    """
+    sns.set_theme(style="whitegrid")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    numeric = pd.api.types.is_numeric_dtype(summary[key]) and not pd.api.types.is_bool_dtype(summary[key])
+    positions = summary[key] if numeric else summary[key].astype(str)
+    colors = sns.color_palette("viridis", summary["n_shots"].nunique())
+    for color, (shots, rows) in zip(colors, summary.assign(_x=positions).groupby("n_shots"), strict=True):
+        rows = rows.sort_values("_x") if numeric else rows
+        ax.errorbar(rows["_x"], rows["mean"], yerr=[rows["mean"] - rows["ci_low"], rows["ci_high"] - rows["mean"]],
+                    marker="o", capsize=3, color=color, label=f"{shots} shots")  # fmt: skip
+        ax.fill_between(rows["_x"], rows["ci_low"], rows["ci_high"], alpha=0.12, color=color)
+    if numeric and summary[key].min() > 0 and summary[key].max() / summary[key].min() >= 8:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(key)
+    ax.set_ylabel("score after adaptation\nmean and 95 % CI over tasks x seeds")
+    ax.set_title(title)
+    ax.legend(fontsize=8, title="held-out shots")
+    return _save(fig, path)
+
+
+def sweep_heatmap(summary: pd.DataFrame, rows_key: str, columns_key: str, path: str | Path, title: str = "Sweep"):
+    """Mean score over a 2-D sweep at its largest shot count.
+
+    Args:
+        summary: a sweep's summary.csv rows.
+        rows_key: the config key on the rows.
+        columns_key: the config key on the columns.
+        path: PNG to write.
+        title: the figure title.
+
+    Returns:
+        The figure.
+    """
+    sns.set_theme(style="white")
+    shots = summary["n_shots"].max()
+    table = summary[summary["n_shots"] == shots].pivot_table(index=rows_key, columns=columns_key, values="mean")
+    fig, ax = plt.subplots(figsize=(1.6 * table.shape[1] + 3, 0.8 * table.shape[0] + 2))
+    sns.heatmap(table, annot=True, fmt=".3f", cmap="viridis", ax=ax, cbar_kws={"label": f"mean score at {shots} shots"})
+    ax.set_title(title)
+    return _save(fig, path)

@@ -1,0 +1,119 @@
+"""`metalora report <run or sweep dir>`: a Markdown (and optionally HTML) report from result files.
+
+A run report shows the config, the training curves, the few-shot summary, the significance and
+efficiency tables and the figures; a sweep report shows the points, the aggregated summary and the
+sweep figures. Everything is read from files the kit wrote; nothing is recomputed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from metalora.errors import MetaloraError
+from metalora.evaluation.stats import describe_comparison
+from metalora.io import atomic_write_text
+from metalora.reporting.efficiency import read_metrics
+from metalora.reporting.plots import METHOD_LABELS, training_curves
+
+
+class ReportError(MetaloraError):
+    """The directory is neither a run nor a sweep."""
+
+
+def _table(path: Path, digits: int = 4) -> str:
+    frame = pd.read_csv(path)
+    if frame.empty:
+        return "_(empty)_\n"
+    return frame.to_markdown(index=False, floatfmt=f".{digits}g") + "\n"
+
+
+def _figure(md_dir: Path, path: Path, caption: str) -> str:
+    return f"![{caption}]({path.relative_to(md_dir).as_posix()})\n" if path.is_file() else ""
+
+
+def comparison_sentences(eval_dir: str | Path) -> list[str]:
+    """One plain sentence per row of an eval directory's significance.csv (empty when there is none)."""
+    path = Path(eval_dir) / "significance.csv"
+    if not path.is_file():
+        return []
+    return [describe_comparison(row, METHOD_LABELS) for _, row in pd.read_csv(path).iterrows()]
+
+
+def run_report(run_dir: Path) -> str:
+    """Markdown for a run directory (config.yaml, metrics.jsonl, eval/): the comparisons in plain sentences
+    first, then the figures, then the tables."""
+    parts = [f"# Run report: `{run_dir.name}`\n"]
+    sentences = comparison_sentences(run_dir / "eval")
+    if sentences:
+        parts.append("## What the comparison shows\n\n" + "\n".join(f"- {s}" for s in sentences) + "\n")
+    for name, caption in (("few_shot.png", "scores by method and shots"), ("efficiency.png", "efficiency")):
+        figure = _figure(run_dir, run_dir / "eval" / name, caption)
+        if figure:
+            parts.append(f"## Figure: {caption}\n\n{figure}")
+    summary_json = run_dir / "summary.json"
+    if summary_json.is_file():
+        parts.append(f"## Training summary\n\n```json\n{summary_json.read_text().strip()}\n```\n")
+    metrics = read_metrics(run_dir)
+    if not metrics.empty:
+        training_curves(metrics, run_dir / "training.png", title=f"Training curves: {run_dir.name}")
+        parts.append("## Training curves\n\n" + _figure(run_dir, run_dir / "training.png", "training curves"))
+    eval_dir = run_dir / "eval"
+    sections = [
+        ("Scores (mean and 95 % CI over tasks and training seeds; n_shots -1 = whole adaptation pool)",
+         "summary.csv"),
+        ("Paired differences against the reference (tasks are the unit; Holm-adjusted across shot counts)",
+         "significance.csv"),
+        ("Efficiency (measured during training)", "efficiency.csv"),
+    ]  # fmt: skip
+    for title, name in sections:
+        if (eval_dir / name).is_file():
+            parts.append(f"## {title}\n\n" + _table(eval_dir / name))
+    config = run_dir / "config.yaml"
+    if config.is_file():
+        parts.append(f"## Config\n\n```yaml\n{config.read_text().strip()}\n```\n")
+    return "\n".join(parts)
+
+
+def sweep_report(root: Path) -> str:
+    """Markdown for a sweep directory (sweep.yaml, points.csv, summary.csv, figures)."""
+    parts = [f"# Sweep report: `{root.name}`\n", f"```yaml\n{(root / 'sweep.yaml').read_text().strip()}\n```\n"]
+    if (root / "points.csv").is_file():
+        points = pd.read_csv(root / "points.csv").fillna("")
+        parts.append("## Points\n\n" + points.to_markdown(index=False) + "\n")
+    if (root / "summary.csv").is_file():
+        parts.append("## Summary (each point's own trained method)\n\n" + _table(root / "summary.csv"))
+    for name in ("sweep.png", "sweep_heatmap.png"):
+        parts.append(_figure(root, root / name, name.removesuffix(".png").replace("_", " ")))
+    return "\n".join(p for p in parts if p)
+
+
+def write_report(directory: str | Path, html: bool = False) -> Path:
+    """Write report.md (and report.html when asked) into a run or sweep directory.
+
+    Args:
+        directory: a run directory (holds config.yaml) or a sweep directory (holds sweep.yaml).
+        html: also write report.html.
+
+    Returns:
+        The Markdown file.
+
+    Raises:
+        ReportError: the directory holds neither.
+    """
+    directory = Path(directory)
+    if (directory / "sweep.yaml").is_file():
+        text = sweep_report(directory)
+    elif (directory / "config.yaml").is_file():
+        text = run_report(directory)
+    else:
+        raise ReportError(f"{directory}: neither a run directory (config.yaml) nor a sweep directory (sweep.yaml)")
+    path = directory / "report.md"
+    atomic_write_text(path, text)
+    if html:
+        import mistune
+
+        body = mistune.create_markdown(plugins=["table"])(text)
+        atomic_write_text(directory / "report.html", f"<!doctype html><meta charset='utf-8'>\n{body}")
+    return path
