@@ -17,6 +17,7 @@ _EXPORTS = {
     "Config": "metalora.config",
     "notebook_config": "metalora.experiments.notebook",
     "launch_command": "metalora.experiments.notebook",
+    "enter_project_root": "metalora.experiments.notebook",
     "run_evaluation": "metalora.experiments.compare",
     "run_sweep": "metalora.experiments.sweep",
     "aggregate_sweep": "metalora.experiments.sweep",

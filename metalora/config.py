@@ -479,9 +479,6 @@ def _merge(base: Any, layer: Any, source: str) -> Any:
 def split_args(items: list[str]) -> tuple[list[str], list[str]]:
     """Split positional command-line arguments into YAML files and `a.b=value` overrides.
 
-    Args:
-        items: positional arguments.
-
     Returns:
         (files, overrides), each in the given order.
     """
@@ -497,7 +494,6 @@ def save_config(cfg: Config, run_dir: str | Path) -> Path:
     """Write the resolved config to `run_dir/config.yaml` atomically.
 
     Args:
-        cfg: the resolved config.
         run_dir: the run directory (created if missing).
 
     Returns:

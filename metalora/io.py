@@ -18,7 +18,6 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
     Args:
         path: destination file (its parent is created).
-        text: the content.
     """
     atomic_write_bytes(path, text.encode("utf-8"))
 
@@ -34,7 +33,6 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
     Args:
         path: destination file (its parent is created).
-        data: the content.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

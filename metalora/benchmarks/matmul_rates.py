@@ -73,8 +73,6 @@ def matmul_rates(
         events: (operator, input shapes, calls, time in µs) of every profiled operator grouped by input
             shapes; non-matmuls are skipped.
         total_time: the step's total operator time in µs (the shares' denominator).
-        lora_rank: r of the LoRA factors.
-        vocab_size: the model's vocabulary size.
 
     Returns:
         {kind: {"time_share", "flops", "flops_per_s"}} for each kind in KINDS that occurred. Matmuls whose

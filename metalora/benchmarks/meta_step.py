@@ -120,9 +120,6 @@ def step_positions(episodes: list[Episode], tasks: dict[str, Task], encoder: Enc
     the positions the kit computes for them with padded batches (query batches grouped by length).
 
     Args:
-        episodes: the meta-step's episodes.
-        tasks: task definitions by name.
-        encoder: tokenisation and collation.
         cfg: the run's configuration (batch sizes, inner steps).
 
     Returns:
@@ -244,9 +241,6 @@ def run_variant(
     Args:
         variant: metalora, metalora-batched, metalora-packed, metalora-compiled, metalora-checkpointed,
             naive or fomaml.
-        cfg: the run's configuration.
-        steps: timed meta-steps.
-        warmup: untimed meta-steps first.
         bf16: bf16 autocast.
         profile_time: run one more step under torch.profiler and report its time by category.
 

@@ -24,7 +24,6 @@ class Encoder:
     """Turns examples of a task into token ids (cached by example id) and collates batches.
 
     Args:
-        tokenizer: the model's tokenizer.
         template: prompt template with {instruction} and {input}.
         use_instruction: fill {instruction} with the task's instruction (else an empty string).
         max_prompt_tokens: prompts are cut from the left to this length (the end is kept).

@@ -28,7 +28,6 @@ class EpisodeSampler:
         n_support: support examples per episode.
         n_query: query examples per episode.
         meta_batch_size: distinct tasks per meta-batch (all processes together).
-        seed: the master seed.
 
     Raises:
         TaskError: the meta-batch is larger than the task pool, or a task's pools are too small.
@@ -57,7 +56,6 @@ class EpisodeSampler:
         """Return this process's episodes of meta-batch `step`.
 
         Args:
-            step: the meta-step.
             rank: this process's index.
             world_size: number of processes; slot i of the meta-batch goes to process i % world_size.
 

@@ -75,7 +75,6 @@ def task_seed(seed: int, *parts: object) -> int:
     """A 64-bit seed derived from `seed` and any labels (stable across processes and machines).
 
     Args:
-        seed: the master seed.
         parts: labels such as a task name, a step or a slot.
 
     Returns:
@@ -130,7 +129,6 @@ def meta_pools(task: Task, max_samples: int, support_fraction: float, seed: int)
     """Split a meta-training task into support and query pools.
 
     Args:
-        task: the task.
         max_samples: cap on examples used from the task.
         support_fraction: share of the used examples that goes to the support pool.
         seed: the experiment seed.
@@ -148,7 +146,6 @@ def heldout_pools(task: Task, n_test: int, seed: int) -> HeldoutPools:
     """Split a held-out task into an adaptation pool and a test set.
 
     Args:
-        task: the task.
         n_test: test examples wanted; fewer are kept when the task is small, but at least half of
             the task always remains for adaptation.
         seed: the experiment seed.

@@ -149,7 +149,6 @@ def write_suite_dir(tasks: list[Task], directory: str | Path) -> Path:
     """Write tasks in the canonical format (each file atomically).
 
     Args:
-        tasks: the tasks to write.
         directory: destination directory (created).
 
     Returns:
@@ -203,7 +202,6 @@ def match_tasks(names: list[str], patterns: list[str], key: str) -> list[str]:
     """Return the names matching any glob pattern, in the order of `names`.
 
     Args:
-        names: candidate task names.
         patterns: glob patterns (`lama_*`) or exact names.
         key: the config key the patterns come from (for the error message).
 

@@ -63,7 +63,6 @@ def draw_shots(pools: HeldoutPools, n_shots: int, seed: int) -> list[Example]:
     Args:
         pools: the held-out task's adaptation pool and test set.
         n_shots: examples wanted; FULL_DATA_SHOTS (-1) means the whole adaptation pool (shuffled).
-        seed: the evaluation seed.
 
     Returns:
         The shots, in a seeded random order.
@@ -115,9 +114,7 @@ def evaluate_init(
     Args:
         model: the model (LoRA attached when `init` holds LoRA weights).
         method: the name reported in the rows.
-        init: the initial weights by name.
         heldout: held-out tasks with their adaptation pools and test sets.
-        encoder: tokenisation and collation.
         n_shots: shot counts (0 = no adaptation).
         seeds: seeds per (task, shots) point; 0 shots is scored once (seed 0), since nothing there
             depends on the seed and repeated identical rows would inflate the n behind each CI.

@@ -61,11 +61,7 @@ def test_loss(model: torch.nn.Module, params: Params, encoder: Encoder, task: Ta
     """Token-weighted mean target loss over `examples`.
 
     Args:
-        model: the model.
         params: weights by name for the forward passes.
-        encoder: tokenisation and collation.
-        task: the examples' task.
-        examples: the examples to score.
         batch_size: rows per forward pass.
 
     Returns:
@@ -82,11 +78,7 @@ def rank_options(model: torch.nn.Module, params: Params, encoder: Encoder, task:
     """Predict each example's option by the highest log-likelihood of the option's tokens.
 
     Args:
-        model: the model.
-        params: weights by name.
-        encoder: tokenisation and collation.
         task: a task with `options`.
-        examples: the examples to label.
         batch_size: (example, option) rows per forward pass.
 
     Returns:
@@ -113,11 +105,8 @@ def greedy_generate(model: torch.nn.Module, params: Params, prompts: list[list[i
     """Greedy decoding under a parameter dict with a KV cache (left-padded batch).
 
     Args:
-        model: the causal LM.
-        params: weights by name.
         prompts: prompt token ids per row.
         max_new_tokens: tokens generated at most per row.
-        pad_id: padding token id.
         eos_id: end-of-sequence token id (generation of a row stops there; it is not returned).
 
     Returns:
@@ -171,7 +160,6 @@ def match_rate(predictions: list[str], references: list[str], mode: str) -> floa
 
     Args:
         predictions: chosen options or generated texts.
-        references: the targets.
         mode: "option" (exact equality) or "text" (normalised exact match, see `exact_match`).
 
     Returns:

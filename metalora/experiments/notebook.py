@@ -55,7 +55,6 @@ def launch_command(config_files: list[str], overrides: list[str], accelerate_con
     """The shell command that runs the same training under `accelerate launch` (e.g. on several GPUs).
 
     Args:
-        config_files: YAML layers.
         overrides: `a.b=value` strings.
         accelerate_config: an accelerate config file (params/accelerate/*.yaml).
 

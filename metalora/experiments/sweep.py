@@ -193,7 +193,6 @@ def run_sweep(path: str | Path, kernel: str | None = None) -> Path:
     """Run every unfinished point of a sweep, then aggregate.
 
     Args:
-        path: the sweep file.
         kernel: Jupyter kernel name for papermill (default: the notebook's).
 
     Returns:
@@ -224,9 +223,6 @@ def aggregate_sweep(root: str | Path) -> pd.DataFrame:
 
     The figures show each point's own trained algorithm (its `meta.algorithm`) against the swept
     values: a line per shot count for a 1-D sweep, a heatmap at the largest shot count for 2-D.
-
-    Args:
-        root: the sweep directory.
 
     Returns:
         The per-point summary (swept values, method, n_shots, mean and CI).

@@ -38,7 +38,6 @@ def adapt(
         params: starting weights by name; never modified.
         batches: collated batches; step i uses batches[i % len(batches)].
         steps: number of inner steps (0 returns the input weights).
-        lr: inner learning rate.
         optimizer: "sgd" or "adam" (functional; its moments live only inside this call).
         first_order: True detaches every step (no graph back to `params`); False keeps the graph
             (`create_graph=True`) so a loss at the result can be differentiated back to `params`.
@@ -91,12 +90,10 @@ def inner_update(
     order as the per-tensor formulas, so the results are unchanged, and they are differentiable.
 
     Args:
-        values: the weights.
         grads: their gradients, in the same order.
         moments: Adam's first and second moments from the previous step (None at the first step;
             unused by SGD).
         t: the step number, from 1 (Adam's bias correction).
-        lr: learning rate.
         optimizer: "sgd" or "adam".
         smooth: Adam with sqrt(v_hat + eps^2), differentiable where a gradient is zero (second order).
 
@@ -120,11 +117,9 @@ def adam_update(
     tensors work too.
 
     Args:
-        values: the weights.
         grads: their gradients, in the same order.
         state: the first and second moments from the previous step (None at the first step).
         t: the step number, from 1 (bias correction).
-        lr: learning rate.
         smooth: use sqrt(v_hat + eps^2), differentiable where a gradient is zero (second order).
 
     Returns:

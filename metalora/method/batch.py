@@ -18,9 +18,7 @@ def window_positions(width: int, window: int, device: torch.device | str | None 
     """The positions whose logits predict the last `window` columns of a left-padded batch `width` wide.
 
     Args:
-        width: the batch's columns.
         window: T, the trailing columns that hold every target token.
-        device: where the positions go.
 
     Returns:
         The T positions width-T-1 .. width-2 (position p predicts token p + 1).

@@ -120,8 +120,6 @@ def adapt_batched(
         model: the model (LoRA attached).
         shared: the shared LoRA weights by name (not modified).
         support: per task, its support batches; step i uses batch i % len of each task's list.
-        steps: inner steps.
-        lr: inner learning rate.
         optimizer: "sgd" or "adam", the same update rules as `adapt`.
 
     Returns:

@@ -40,7 +40,6 @@ def window_logits(
     """Return (logits, labels) of the last `window` target columns (no data-dependent branches: vmap-safe).
 
     Args:
-        model: the causal LM.
         params: parameters by name for this forward pass.
         batch: a left-padded batch; its `attention_mask` may be 2-D or a ready 4-D mask.
         window: T, the trailing columns that hold every target token.
@@ -58,7 +57,6 @@ def positions_logits(
     """Return (logits, labels) at the positions `keep` and the tokens they predict (one position on).
 
     Args:
-        model: the causal LM.
         params: parameters by name for this forward pass.
         batch: a batch; its `attention_mask` may be 2-D, a ready 4-D mask, or absent (packed).
         keep: 1-D positions, the same in every row.
@@ -86,9 +84,7 @@ def batch_loss(model: torch.nn.Module, params: dict[str, torch.Tensor], batch: d
     """Mean cross-entropy over the batch's target tokens under `params`.
 
     Args:
-        model: the causal LM.
         params: parameters by name for this forward pass.
-        batch: a collated or packed batch.
 
     Returns:
         A scalar loss tensor (differentiable with respect to `params`).

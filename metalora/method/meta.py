@@ -102,9 +102,6 @@ def meta_gradients(
         model: the model (LoRA attached for metalora/reptile).
         shared: the shared weights by name (leaf tensors that require grad).
         episodes: this process's episodes.
-        tasks: task definitions by name.
-        encoder: tokenisation and collation.
-        cfg: inner-loop and algorithm settings.
         total_tasks: tasks of the whole meta-batch (all processes), so that summing the processes'
             shares gives the mean over tasks.
         speed: how to compute it (task batching, packing); the defaults when None.
@@ -231,12 +228,8 @@ def meta_step(
     """Compute the meta-gradient of a meta-batch and take one meta-optimizer step.
 
     Args:
-        model: the model.
         shared: the shared weights (the optimizer's parameters), by name.
         episodes: this process's episodes of the meta-batch.
-        tasks: task definitions by name.
-        encoder: tokenisation and collation.
-        cfg: algorithm and inner-loop settings.
         optimizer: the meta-optimizer over `shared`'s tensors.
         total_tasks: tasks in the whole meta-batch (all processes).
         reduce: sums a tensor over processes (identity for one process); called once per step, on all the

@@ -33,7 +33,6 @@ def attach_lora(
     """Wrap `model` with fresh LoRA adapters; every base weight is frozen.
 
     Args:
-        model: the base causal LM.
         cfg: rank, alpha, dropout and target module names.
         seed: seeds torch's RNG right before the random A matrices are drawn, so a fresh adapter is a
             function of the seed alone, whatever ran before in the process; None draws from the
@@ -66,9 +65,6 @@ def attach_lora(
 
 def lora_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Return the LoRA weights of `model` by parameter name (the module's own tensors, not copies).
-
-    Args:
-        model: a peft model.
 
     Returns:
         {name: parameter} for every parameter whose name contains "lora_".
@@ -129,8 +125,6 @@ def load_adapter(base: PreTrainedModel, directory: str | Path, trainable: bool =
     """Wrap `base` with the adapter saved in `directory` through plain peft.
 
     Args:
-        base: the base causal LM.
-        directory: a peft adapter directory.
         trainable: leave the LoRA weights trainable (for further adaptation).
 
     Returns:

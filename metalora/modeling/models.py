@@ -271,9 +271,6 @@ def gpu_present() -> bool:
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     """Count total and trainable parameters (tied weights once).
 
-    Args:
-        model: any module.
-
     Returns:
         {"total": ..., "trainable": ...}.
     """

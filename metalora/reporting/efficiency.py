@@ -32,7 +32,6 @@ def run_efficiency(method: str, run_dir: str | Path, train_seed: int = -1) -> di
     warm-up); peak memory is the largest logged value.
 
     Args:
-        method: the name to report.
         run_dir: a finished run directory (summary.json and metrics.jsonl).
 
     Returns:

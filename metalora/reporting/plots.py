@@ -108,7 +108,6 @@ def efficiency_figure(efficiency: pd.DataFrame, path: str | Path):
 
     Args:
         efficiency: efficiency.csv rows.
-        path: PNG to write.
 
     Returns:
         The figure.
@@ -140,8 +139,6 @@ def training_curves(metrics: pd.DataFrame, path: str | Path, title: str = "Meta-
 
     Args:
         metrics: a run's metrics.jsonl rows.
-        path: PNG to write.
-        title: the figure title.
 
     Returns:
         The figure.
@@ -171,8 +168,6 @@ def sweep_figure(summary: pd.DataFrame, key: str, path: str | Path, title: str =
     Args:
         summary: a sweep's summary.csv rows (key, n_shots, mean, ci_low, ci_high).
         key: the swept config key (x axis).
-        path: PNG to write.
-        title: the figure title.
 
     Returns:
         The figure.
@@ -203,8 +198,6 @@ def sweep_heatmap(summary: pd.DataFrame, rows_key: str, columns_key: str, path: 
         summary: a sweep's summary.csv rows.
         rows_key: the config key on the rows.
         columns_key: the config key on the columns.
-        path: PNG to write.
-        title: the figure title.
 
     Returns:
         The figure.

@@ -24,9 +24,6 @@ class WeightFirstProjection(torch.nn.Linear):
     def from_linear(cls, linear: torch.nn.Linear) -> WeightFirstProjection:
         """Wrap `linear`'s parameters (not copies of them) in a weight-first projection.
 
-        Args:
-            linear: the model's output projection.
-
         Returns:
             A module holding the very same weight (and bias) tensors.
         """

@@ -25,10 +25,6 @@ def meta_example_gradients(meta: MetaConfig, steps: int) -> int:
     Per task and meta-step: the support examples of every inner step (batch i of the support set at
     inner step i, cycling) plus the query examples of the stage-2 gradient.
 
-    Args:
-        meta: the algorithm settings.
-        steps: meta-steps.
-
     Returns:
         The total over the run.
     """

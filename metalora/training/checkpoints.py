@@ -75,10 +75,8 @@ def save_checkpoint(
     """Write `run_dir/checkpoints/step_<step>/` atomically.
 
     Args:
-        run_dir: the run directory.
         step: meta-steps completed.
         model: the model holding the shared weights (peft model, or the base model for fomaml).
-        optimizer: the meta-optimizer.
         algorithm: the meta-algorithm (decides the weight format).
         seed: the run's seed (checked on resume).
 
@@ -147,7 +145,6 @@ def load_checkpoint(
     Args:
         directory: a `step_<n>` directory.
         model: the model to load the shared weights into.
-        optimizer: the meta-optimizer to restore.
         algorithm: the run's algorithm (must match the checkpoint's).
         seed: the run's seed (must match the checkpoint's).
 

@@ -70,10 +70,6 @@ class Trainer:
 def build_trainer(cfg: Config, device: torch.device | str = "cpu") -> Trainer:
     """Load data and model, attach LoRA (unless fomaml) and create the meta-optimizer.
 
-    Args:
-        cfg: the resolved config.
-        device: where the model lives.
-
     Returns:
         The trainer's parts.
     """
@@ -233,7 +229,6 @@ def train(cfg: Config, resume: bool = False) -> Path:
     """Run meta-training as configured; returns the run directory.
 
     Args:
-        cfg: the resolved config.
         resume: continue from the latest checkpoint (also `train.resume=true`).
 
     Returns:
