@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from metalora.benchmarks.meta_step import VARIANTS, markdown, naive_meta_step
+from metalora.benchmarks.meta_step import VARIANTS, markdown, naive_meta_step, variant_config
 from metalora.benchmarks.meta_step import main as bench_main
 from metalora.benchmarks.saved_activations import main as saved_activations_main
 from metalora.benchmarks.saved_activations import saved_storages
@@ -64,13 +64,17 @@ def test_markdown_marks_a_rate_that_was_not_counted():
 
 @pytest.mark.slow
 def test_bench_writes_every_variant_and_the_memory_sweep(tmp_path, capsys):
+    # Each variant runs in its own child process; the speed-option variants differ from `metalora` only in the
+    # config `variant_config` gives them (tested below), so the end-to-end run takes the kit, the references and
+    # the task-batched path the sweep needs.
+    variants = ["metalora", "metalora-batched", "naive", "fomaml"]
     options = ["--steps", "1", "--warmup", "0", "--meta-batches", "1,2", "--output", str(tmp_path), "--profile",
-               "--variants", ",".join(VARIANTS)]  # fmt: skip
+               "--variants", ",".join(variants)]  # fmt: skip
     assert bench_main([*SMOKE, *options]) == 0
     record = json.loads((tmp_path / "meta_step.json").read_text(), parse_constant=reject_non_json_constant)
     rows = {r["variant"]: r for r in record["rows"]}
     assert rows["naive"]["flops_per_token"] is None  # only the kit's path and FOMAML count their FLOPs
-    assert set(rows) == set(VARIANTS)
+    assert set(rows) == set(variants)
     assert record["matmul_peak_flops"] > 0
     assert record["machine"]["cpu"] == cpu_model_name() == rows["metalora"]["device"]
     for row in rows.values():
@@ -97,6 +101,18 @@ def test_bench_writes_every_variant_and_the_memory_sweep(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"machine: {cpu_model_name()} (" in out
     assert "| naive |" in out and "| random numbers |" in out and "| metalora | LoRA |" in out
+
+
+def test_each_variant_sets_the_option_it_stands_for():
+    cfg = load_config(SMOKE)
+    configs = {variant: variant_config(cfg, variant) for variant in VARIANTS}
+    assert configs["fomaml"].meta.algorithm == "fomaml"
+    assert {v for v, c in configs.items() if c.speed.task_batched} == {"metalora-batched"}
+    assert {v for v, c in configs.items() if c.speed.pack_tokens > 0} == {"metalora-packed"}
+    assert {v for v, c in configs.items() if c.speed.compile_layers} == {"metalora-compiled"}
+    assert {v for v, c in configs.items() if c.speed.activation_checkpointing} == {"metalora-checkpointed"}
+    assert {v for v, c in configs.items() if not c.speed.weight_first_logits} == {"naive"}
+    assert configs["naive"].speed.cpu_dropout_masks == "torch" and cfg.speed.task_batched is False
 
 
 def test_profiled_time_is_split_into_matmul_attention_random_and_other():

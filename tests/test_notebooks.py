@@ -76,9 +76,8 @@ def test_meta_train_notebook_trains_in_process_and_shows_the_launch_command(tmp_
 
 @pytest.mark.slow
 def test_few_shot_and_compare_notebooks(tmp_path):
-    execute("02_few_shot_eval", tmp_path, **smoke_parameters(tmp_path, "eval.methods=[lora,metalora]"))
-    assert set(pd.read_csv(tmp_path / "smoke" / "eval" / "results.csv")["method"]) == {"lora", "metalora"}
-    # The seen scenario is a parameters-cell change, not another notebook.
+    # The held-out scenario runs through this notebook in the sweep tests; the seen scenario is a parameters-cell
+    # change, not another notebook.
     seen = smoke_parameters(tmp_path, "eval.methods=[lora,multitask_full,metalora]", "train.run_name=seen",
                             "data.samples_per_task=12", "baseline.multitask_full_epochs=0.05")  # fmt: skip
     execute("02_few_shot_eval", tmp_path, **seen, eval={"scenario": "seen"})

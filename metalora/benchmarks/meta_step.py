@@ -233,6 +233,24 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def variant_config(cfg: Config, variant: str) -> Config:
+    """A copy of `cfg` set up for one benchmark variant (the speed option or algorithm it stands for)."""
+    cfg = copy.deepcopy(cfg)
+    cfg.meta.algorithm = "fomaml" if variant == "fomaml" else "metalora"
+    cfg.speed.task_batched = variant == "metalora-batched"
+    if variant == "metalora-packed":
+        cfg.speed.pack_tokens = cfg.speed.pack_tokens or PACKED_VARIANT_TOKENS
+    if variant == "metalora-compiled":
+        cfg.speed.compile_layers = True
+    if variant == "metalora-checkpointed":
+        cfg.speed.activation_checkpointing = True
+    if variant == "naive":
+        # The reference is transformers and peft as shipped: nn.Dropout and nn.Linear's vocabulary projection.
+        cfg.speed.cpu_dropout_masks = "torch"
+        cfg.speed.weight_first_logits = False
+    return cfg
+
+
 def run_variant(
     variant: str, cfg: Config, steps: int, warmup: int, bf16: bool, profile_time: bool = False
 ) -> dict[str, object]:
@@ -249,19 +267,7 @@ def run_variant(
         the model's parameter bytes, weights bytes on disk (and the time breakdown when profiled).
     """
     device = pick_device(cfg.train.cpu)
-    cfg = copy.deepcopy(cfg)
-    cfg.meta.algorithm = "fomaml" if variant == "fomaml" else "metalora"
-    cfg.speed.task_batched = variant == "metalora-batched"
-    if variant == "metalora-packed":
-        cfg.speed.pack_tokens = cfg.speed.pack_tokens or PACKED_VARIANT_TOKENS
-    if variant == "metalora-compiled":
-        cfg.speed.compile_layers = True
-    if variant == "metalora-checkpointed":
-        cfg.speed.activation_checkpointing = True
-    if variant == "naive":
-        # The reference is transformers and peft as shipped: nn.Dropout and nn.Linear's vocabulary projection.
-        cfg.speed.cpu_dropout_masks = "torch"
-        cfg.speed.weight_first_logits = False
+    cfg = variant_config(cfg, variant)
     torch.manual_seed(cfg.train.seed)
     trainer = build_trainer(cfg, device)
     tasks = {name: pool.task for name, pool in trainer.experiment.train.items()}
