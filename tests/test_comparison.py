@@ -127,8 +127,10 @@ def test_eval_trains_missing_runs_and_writes_every_table(tmp_path):
     assert set(efficiency["method"]) == {"multitask", "metalora"}
     assert efficiency["example_gradients"].nunique() == 1  # the multi-task budget matches meta-training
     assert (efficiency["final_weights_bytes"] > 0).all() and (efficiency["peak_memory_mb"] > 0).all()
-    for figure in ("few_shot.png", "efficiency.png"):
+    for figure in ("few_shot.png", "per_task.png", "efficiency.png"):
         assert (out / figure).stat().st_size > 10_000
+    tasks = pd.read_csv(out / "per_task.csv")
+    assert len(tasks) == len(results.groupby(["task", "method", "n_shots"]))
     summary_json = json.loads((tmp_path / "smoke-multitask" / "summary.json").read_text())
     assert summary_json["algorithm"] == "multitask" and "matching a metalora run" in summary_json["budget"]
 

@@ -9,6 +9,7 @@ from metalora.evaluation.stats import (
     holm,
     mean_ci,
     min_wilcoxon_p,
+    per_task,
     significance,
     summarise,
     wilcoxon_p,
@@ -135,3 +136,17 @@ def test_summary_and_significance_tables():
     assert significance(results[results["method"] == "lora"]).empty
     alone = significance(results[results["method"] == "metalora"])
     assert alone.empty and list(alone.columns) == list(sig.columns)
+
+
+def test_per_task_scores_average_every_seed_and_leave_out_diverged_rows():
+    rows = [
+        {"method": "metalora", "task": "a", "n_shots": 5, "seed": s, "train_seed": t, "value": v, "finite": True}
+        for s, t, v in ((0, 0, 0.2), (1, 0, 0.4), (0, 1, 0.6), (1, 1, 0.8))
+    ]
+    rows.append({"method": "metalora", "task": "a", "n_shots": 5, "seed": 2, "train_seed": 1, "value": float("nan"),
+                 "finite": False})  # fmt: skip
+    rows.append({"method": "metalora", "task": "b", "n_shots": 5, "seed": 0, "train_seed": 0, "value": 1.0,
+                 "finite": True})  # fmt: skip
+    table = per_task(pd.DataFrame(rows)).set_index("task")
+    assert table.loc["a", "mean"] == pytest.approx(0.5) and table.loc["a", "n_rows"] == 4
+    assert table.loc["b", "mean"] == 1.0 and set(table["setting"]) == {"heldout"}

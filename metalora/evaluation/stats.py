@@ -171,6 +171,16 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
+def per_task(results: pd.DataFrame) -> pd.DataFrame:
+    """Each task's score per setting x method x n_shots: the mean over evaluation and training seeds of its
+    finite rows, with the number of scored points behind it. No interval: a task is one unit, and its
+    test set's own sampling error is not what the kit's statistics are about."""
+    results = _with_defaults(results)
+    finite = results[results["finite"].astype(bool)]
+    table = finite.groupby(["setting", "task", "method", "n_shots"], sort=True)["value"].agg(["mean", "count"])
+    return table.rename(columns={"count": "n_rows"}).reset_index()
+
+
 def paired_grid(method_rows: pd.DataFrame, reference_rows: pd.DataFrame) -> pd.DataFrame:
     """Per-cell differences (method minus reference) on the tasks both have.
 

@@ -31,12 +31,12 @@ from metalora.evaluation.fewshot import (
     rows_as_dicts,
     snapshot_lora,
 )
-from metalora.evaluation.stats import SINGLE_TRAINING_SEED, significance, summarise
+from metalora.evaluation.stats import SINGLE_TRAINING_SEED, per_task, significance, summarise
 from metalora.io import atomic_directory, atomic_write_text
 from metalora.modeling.lora import attach_lora
 from metalora.modeling.models import load_model, pick_device
 from metalora.reporting.efficiency import efficiency_table
-from metalora.reporting.plots import efficiency_figure, few_shot_figure
+from metalora.reporting.plots import efficiency_figure, few_shot_figure, per_task_figure
 from metalora.training.budgets import FULL_DATA_SHOTS, multitask_plan
 from metalora.training.checkpoints import STEP_DIR, load_full_weights
 
@@ -308,7 +308,7 @@ def run_evaluation(cfg: Config, train_missing: bool = False) -> Path:
 
 
 def write_statistics(results: pd.DataFrame, out: Path, reference: str) -> None:
-    """Write results.csv, summary.csv, significance.csv and the few-shot figure from a result table.
+    """Write results.csv, summary.csv, significance.csv, per_task.csv and their figures from a result table.
 
     Also the way to recompute the tables of an older eval directory from its results.csv.
     """
@@ -317,6 +317,9 @@ def write_statistics(results: pd.DataFrame, out: Path, reference: str) -> None:
     _write_csv(summary, out / "summary.csv")
     _write_csv(significance(results, reference=reference), out / "significance.csv")
     few_shot_figure(summary, out / "few_shot.png", results=results)
+    tasks = per_task(results)
+    _write_csv(tasks, out / "per_task.csv")
+    per_task_figure(tasks, out / "per_task.png")
 
 
 def _check_shots(cfg: Config, evaluated: dict[str, dict[str, HeldoutPools]]) -> None:

@@ -69,6 +69,32 @@ def few_shot_figure(
 SETTING_LABELS = {"heldout": "held-out tasks", "seen": "training tasks' own test sets"}
 
 
+def per_task_figure(table: pd.DataFrame, path: str | Path, title: str = "Score per task"):
+    """One heatmap per setting: a row per task (a language, in a multilingual suite), a column per method and
+    shot count, each cell the task's mean score (`evaluation.stats.per_task`)."""
+    sns.set_theme(style="white")
+    settings = sorted(table["setting"].unique())
+    heights = [table.loc[table["setting"] == s, "task"].nunique() for s in settings]
+    fig, axes = plt.subplots(
+        len(settings), 1, figsize=(10, 1.2 + 0.35 * sum(heights) + len(settings)), squeeze=False,
+        gridspec_kw={"height_ratios": heights},
+    )  # fmt: skip
+    for ax, setting in zip(axes[:, 0], settings, strict=True):
+        rows = table[table["setting"] == setting]
+        order = [(m, n) for m in _method_order(rows["method"]) for n in sorted(rows["n_shots"].unique())]
+        grid = rows.pivot_table(index="task", columns=["method", "n_shots"], values="mean")
+        grid = grid[[c for c in order if c in grid.columns]]
+        grid.columns = [f"{METHOD_LABELS.get(m, m)}\n{'full pool' if n == FULL_DATA_SHOTS else f'{n} shots'}"
+                        for m, n in grid.columns]  # fmt: skip
+        sns.heatmap(grid, ax=ax, annot=True, fmt=".2f", vmin=0, vmax=1, cmap="viridis", cbar=False,
+                    annot_kws={"size": 7})  # fmt: skip
+        ax.set_title(f"{title}: {SETTING_LABELS.get(setting, setting)}")
+        ax.set_xlabel("")
+        ax.set_ylabel("task")
+        ax.tick_params(axis="x", labelsize=7)
+    return _save(fig, path)
+
+
 def _seed_curves(results: pd.DataFrame | None, setting: str) -> pd.DataFrame:
     """Mean score per method x training seed x shots, for methods with several training seeds."""
     if results is None or "train_seed" not in results:

@@ -48,7 +48,9 @@ def run_report(run_dir: Path) -> str:
     sentences = comparison_sentences(run_dir / "eval")
     if sentences:
         parts.append("## What the comparison shows\n\n" + "\n".join(f"- {s}" for s in sentences) + "\n")
-    for name, caption in (("few_shot.png", "scores by method and shots"), ("efficiency.png", "efficiency")):
+    figures = (("few_shot.png", "scores by method and shots"), ("per_task.png", "score per task"),
+               ("efficiency.png", "efficiency"))  # fmt: skip
+    for name, caption in figures:
         figure = _figure(run_dir, run_dir / "eval" / name, caption)
         if figure:
             parts.append(f"## Figure: {caption}\n\n{figure}")
