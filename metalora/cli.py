@@ -65,7 +65,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     from metalora.experiments.sweep import run_sweep
 
-    root = run_sweep(args.sweep, kernel=args.kernel)
+    devices = [d for d in args.devices.split(",") if d] if args.devices else None
+    root = run_sweep(args.sweep, kernel=args.kernel, devices=devices)
     print(f"sweep written to {root}")
     points = pd.read_csv(root / "points.csv")
     failed = points[points["status"] != "ok"]
@@ -117,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", help="run an ablation grid through papermill (params/ablations/*.yaml)")
     sweep.add_argument("sweep", help="the sweep file")
     sweep.add_argument("--kernel", default=None, help="Jupyter kernel for papermill (default: the notebook's)")
+    sweep.add_argument("--devices", default="", help="GPUs to spread the points over, e.g. 0,1,2,3: one point per GPU "
+                       "at a time, each in its own process, its output in the point's output.log")  # fmt: skip
     sweep.set_defaults(func=cmd_sweep)
     report = commands.add_parser("report", help="Markdown/HTML report of a run or sweep directory")
     report.add_argument("directory", help="a run directory or a sweep directory")

@@ -1,6 +1,10 @@
 """Few-shot comparison: baselines, output schemas, budgets, leak checks (tiny-random, embedded suite)."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -10,7 +14,7 @@ from metalora.config import load_config
 from metalora.data.splits import build_experiment
 from metalora.evaluation.fewshot import draw_shots
 from metalora.evaluation.stats import SUMMARY_COLUMNS
-from metalora.experiments.compare import EvaluationError, check_no_leak, method_run_dir, run_evaluation
+from metalora.experiments.compare import EvaluationError, check_no_leak, method_run_dir, run_evaluation, shard
 from metalora.method.loss import batch_loss
 from metalora.method.meta import meta_gradients
 from metalora.reporting.efficiency import EFFICIENCY_COLUMNS
@@ -18,6 +22,7 @@ from metalora.training.budgets import FULL_DATA_SHOTS, meta_example_gradients, m
 from metalora.training.train import build_trainer
 
 SMOKE = ["params/base.yaml", "params/smoke.yaml"]
+ROOT = Path(__file__).resolve().parent.parent
 FAST = [
     "data.heldout_tasks=[add_9,caesar_7]", "eval.n_shots=[0,2]", "eval.seeds=2", "eval.max_test=4",
     "eval.adapt_steps=2", "baseline.full_data_steps=2", "data.n_test=4",
@@ -190,3 +195,34 @@ def test_shot_counts_beyond_a_pool_are_refused_before_any_training(tmp_path):
     with pytest.raises(EvaluationError, match=r"eval.n_shots \[8\] exceed the 6 examples seen task"):
         run_evaluation(cfg, train_missing=True)
     assert not list(tmp_path.iterdir())
+
+
+def test_evaluation_shards_cover_every_task_once():
+    experiment = build_experiment(smoke_config(".", "eval.scenario=seen").data, "seen")
+    evaluated = {"seen": experiment.seen, "heldout": experiment.heldout}
+    shares = [shard(evaluated, rank, 3) for rank in range(3)]
+    pairs = [(setting, task) for share in shares for setting, pools in share.items() for task in pools]
+    assert sorted(pairs) == sorted((s, t) for s, pools in evaluated.items() for t in pools)
+    assert len(pairs) == len(set(pairs)) and all(shares)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_evaluation_processes_score_what_one_does(tmp_path):
+    cfg = smoke_config(tmp_path, "eval.methods=[lora,metalora]", "train.cpu=true")
+    single = pd.read_csv(run_evaluation(cfg, train_missing=True) / "results.csv")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(ROOT / "params" / "accelerate" / "cpu_2proc.yaml"),
+        "-m", "metalora.cli", "eval", *SMOKE, *FAST, f"train.output_dir={tmp_path}", "eval.methods=[lora,metalora]",
+        "train.cpu=true",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    double = pd.read_csv(tmp_path / "smoke" / "eval" / "results.csv")
+    columns = [c for c in single.columns if c != "adapt_seconds"]
+    pd.testing.assert_frame_equal(double[columns], single[columns], check_exact=False, rtol=1e-5)
+    command[command.index("eval") + 1 : command.index("eval") + 1] = ["--train-missing"]
+    refused = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "--train-missing trains in one process" in refused.stderr

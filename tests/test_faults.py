@@ -189,7 +189,12 @@ def test_an_edited_sweep_reruns_points_whose_config_changed_and_failures_exit_no
     run_sweep(path)
     again = json.loads((root / "meta.n_support=4" / "point.json").read_text())
     assert again["config"] != first["config"] and "r: 2" in again["config"]
-    assert cli_main(["sweep", str(_sweep(tmp_path, [4, 500]))]) == 1
+    # Two points side by side, one per device, each in its own process with its own output log.
+    assert cli_main(["sweep", str(_sweep(tmp_path, [4, 500])), "--devices", "0,1"]) == 1
+    records = {p: json.loads((root / p / "point.json").read_text()) for p in ("meta.n_support=4", "meta.n_support=500")}
+    assert {r["device"] for r in records.values()} == {"0", "1"}
+    assert records["meta.n_support=4"]["status"] == "ok" and records["meta.n_support=500"]["status"] == "failed"
+    assert "run directory:" in (root / "meta.n_support=4" / "output.log").read_text()
 
 
 # -- task data and suites -------------------------------------------------------------------------------------------

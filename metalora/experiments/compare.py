@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 
 from metalora.config import ALL_SAMPLES, TRAINED_METHODS, Config, load_config, save_config
 from metalora.data.collation import Encoder
@@ -278,6 +280,12 @@ def run_evaluation(cfg: Config, train_missing: bool = False) -> Path:
         EvaluationError: nothing to evaluate, a missing run, a run trained on another split or budget, a
             run that saw evaluated data, or shot counts larger than a task's adaptation pool.
     """
+    state = PartialState(cpu=cfg.train.cpu)
+    if state.num_processes > 1 and train_missing:
+        raise EvaluationError(
+            "--train-missing trains in one process: run `metalora eval --train-missing` without accelerate launch, "
+            "or train first (accelerate launch -m metalora.training.train) and launch the evaluation alone"
+        )
     experiment = build_experiment(cfg.data, cfg.eval.scenario)
     evaluated = _evaluated_pools(experiment)
     if not evaluated:
@@ -293,8 +301,13 @@ def run_evaluation(cfg: Config, train_missing: bool = False) -> Path:
             expected[key] = build_experiment(method_cfg.data, cfg.eval.scenario)
         check_same_split(expected[key], run.method, run.run_dir)
         check_no_leak(experiment, run.method, run.run_dir)
-    results = pd.DataFrame(rows_as_dicts(_evaluate_methods(cfg, evaluated, runs)))
+    rows = _evaluate_methods(cfg, shard(evaluated, state.process_index, state.num_processes), runs, state.device)
     out = cfg.run_dir / "eval"
+    if state.num_processes > 1:
+        rows = gather_object(rows)
+        if not state.is_main_process:
+            return out
+    results = pd.DataFrame(rows_as_dicts(sorted(rows, key=_row_order)), columns=list(EvalRow.__dataclass_fields__))
     # Written whole or not at all: a failed evaluation leaves the previous eval/ as it was, and a new one
     # replaces it entirely, so no file of an older evaluation survives beside newer results.
     with atomic_directory(out) as tmp:
@@ -305,6 +318,23 @@ def run_evaluation(cfg: Config, train_missing: bool = False) -> Path:
             _write_csv(efficiency, tmp / "efficiency.csv")
             efficiency_figure(efficiency, tmp / "efficiency.png")
     return out
+
+
+def shard(evaluated: dict[str, dict[str, HeldoutPools]], rank: int, world: int) -> dict[str, dict[str, HeldoutPools]]:
+    """This process's share of the evaluated tasks: every `world`-th (setting, task) pair from `rank` on.
+
+    Every evaluation point is a pure function of its task, shot count and seed, so the union of the shares
+    scores exactly what one process scores.
+    """
+    pairs = [(setting, task) for setting in sorted(evaluated) for task in sorted(evaluated[setting])]
+    mine: dict[str, dict[str, HeldoutPools]] = {}
+    for setting, task in pairs[rank::world]:
+        mine.setdefault(setting, {})[task] = evaluated[setting][task]
+    return mine
+
+
+def _row_order(row: EvalRow) -> tuple:
+    return (row.setting, row.method, row.train_seed, row.task, row.n_shots, row.seed)
 
 
 def write_statistics(results: pd.DataFrame, out: Path, reference: str) -> None:
@@ -334,9 +364,10 @@ def _check_shots(cfg: Config, evaluated: dict[str, dict[str, HeldoutPools]]) -> 
 
 
 def _evaluate_methods(
-    cfg: Config, evaluated: dict[str, dict[str, HeldoutPools]], runs: list[TrainedRun]
+    cfg: Config, evaluated: dict[str, dict[str, HeldoutPools]], runs: list[TrainedRun], device: torch.device
 ) -> list[EvalRow]:
-    device = pick_device(cfg.train.cpu)
+    if device.type != "cuda":
+        device = pick_device(cfg.train.cpu)  # refuses a GPU that is present but unusable
     model, tokenizer = load_model(cfg.model, device.type != "cuda", cfg.speed.weight_first_logits)
     model.to(device)
     encoder = Encoder(tokenizer, cfg.data.prompt_template, cfg.data.use_instruction, cfg.data.max_prompt_tokens,
