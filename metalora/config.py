@@ -228,7 +228,7 @@ class SpeedConfig:
     """How the method is computed, never what it computes: every option has an equivalence test, and
     docs/performance.md records what each measured."""
 
-    # Compute the vocabulary projection on CPU weight-first, (W @ h^T)^T: the same logits, faster for the
+    # Compute the vocabulary projection on CPU weight-first, (W @ h^T)^T: the same logits, cheaper for the
     # few rows the kit projects (metalora/speed/weight_first_logits.py); false keeps nn.Linear's forward.
     weight_first_logits: bool = True
     # Where LoRA dropout masks come from on CPU: numpy (PCG64, cheaper per call; metalora/speed/dropout_masks.py)

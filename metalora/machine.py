@@ -1,8 +1,8 @@
 """What a benchmark ran on, recorded with its figures.
 
 Timings on a "2-core x86_64" box mean little without the processor: fresh machines of the same
-size have come with processors whose measured matmul peaks differ threefold (README, Performance),
-so every benchmark writes the processor's model name, the vector instructions torch dispatches to,
+size can come with processors of very different matmul rates, so every benchmark writes the processor's
+model name, the vector instructions torch dispatches to,
 the threads and the accelerator beside its numbers.
 """
 

@@ -1,7 +1,7 @@
 """Tokenisation and collation of a task's examples into batches.
 
 Batches are left-padded: every row ends with its target, so the positions that carry a loss line up
-in the last columns and only those columns need logits (see `loss.py`). A batch can instead be
+in the last columns and only those columns need logits (see `metalora/method/loss.py`). A batch can instead be
 packed: its examples laid end to end in one row with no padding, each counting its positions from
 0. A packed batch has no attention mask: from the restarting positions transformers builds the
 block-diagonal causal mask for the model's attention implementation (its packed-sequence format),

@@ -5,7 +5,7 @@ no task dimension, so each of their matmuls runs once over every task's rows; th
 it, so theirs become batched matmuls (one small matrix pair per task). Plain autograd then
 differentiates the sum of the tasks' losses: a task's weights reach only its own loss, so that one
 backward pass gives every task its own gradient. (`torch.func.grad` inside the vmap gives the same
-gradients at a much higher peak memory: the README's task-batched memory sweep, before and after.) The
+gradients at a much higher peak memory: it keeps every task's graph per inner step.) The
 inner optimizer is the same elementwise update as `adapt`, applied to the stacked weights.
 
 vmap cannot follow data-dependent Python branches, so everything shape-like is decided outside it:

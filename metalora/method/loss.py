@@ -1,8 +1,8 @@
 """The loss of a batch under a parameter dict, with logits computed only where targets are.
 
 A batch names the positions whose logits predict a target token (`logit_positions`, see
-`episodes.py`): in a left-padded batch the T columns before the last (T = the longest target), in a
-packed one exactly the position before each target token. The model's `logits_to_keep` takes just
+`metalora/data/collation.py`): in a left-padded batch the T columns before the last (T = the longest
+target), in a packed one exactly the position before each target token. The model's `logits_to_keep` takes just
 those, which skips the vocabulary projection over all prompt tokens.
 """
 

@@ -1,13 +1,13 @@
 """LoRA dropout whose CPU masks come from numpy's PCG64 instead of torch's CPU generator.
 
-torch fills a CPU dropout mask element by element from its Mersenne Twister (`bernoulli_`): on the
-2-core benchmark machine that was about 12 % of a meta-step's time (`metalora bench --profile`). numpy's
-PCG64 fills the same mask from 16 random bits per element; a dropout call, forward and backward, took
-2-4x less time there (`python -m metalora.benchmarks.dropout_masks`). Each mask's generator is seeded from torch's
+torch fills a CPU dropout mask element by element from its Mersenne Twister (`bernoulli_`), a visible share
+of a CPU meta-step (`metalora bench --profile`). numpy's PCG64 fills the same mask from 16 random bits per
+element, in less time per call (`python -m metalora.benchmarks.dropout_masks`; the figures are in
+docs/performance.md). Each mask's generator is seeded from torch's
 CPU generator, so `torch.manual_seed` still decides every mask and the kit's per-episode seeding is
 unchanged. On other devices torch's own (fused) dropout runs. So does it inside `torch_dropout_masks()`,
 which the task-batched path uses: `torch.func.vmap` draws different masks per task only from torch's
-generator, and a numpy mask would be shared by every task. A compiled graph (`metalora/compiled.py`)
+generator, and a numpy mask would be shared by every task. A compiled graph (`metalora/speed/compiled_layers.py`)
 draws its masks with the compiler's random numbers.
 """
 
