@@ -2,8 +2,7 @@
 
 Timings on a "2-core x86_64" box mean little without the processor: fresh machines of the same
 size can come with processors of very different matmul rates, so every benchmark writes the processor's
-model name, the vector instructions torch dispatches to,
-the threads and the accelerator beside its numbers.
+model name, the vector instructions torch dispatches to, the threads and the accelerator beside its numbers.
 """
 
 from __future__ import annotations
