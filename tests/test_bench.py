@@ -256,3 +256,14 @@ def test_gpu_check_without_cuda_runs_only_the_cpu_proxy_and_exits_zero(tmp_path,
     assert record["device"] == "cpu" and record["steps"][0]["status"] == "ok"
     steps = gpu_check.gpu_steps(tmp_path / "arch", tmp_path, tmp_path / "scratch")
     assert [s.name for s in steps][0] == "tests marked gpu" and sum(s.limit_s for s in steps) <= 8 * 60
+
+
+def test_scoring_rate_times_batched_and_one_at_a_time_generation_of_the_same_examples(tmp_path, capsys):
+    from metalora.benchmarks.scoring_rate import main as scoring_rate_main
+
+    assert scoring_rate_main([*SMOKE, "eval.batch_size=4", "--output", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "scoring_rate.json").read_text())
+    assert record["examples"] == 8 and record["batch_size"] == 4
+    assert record["batched_examples_per_s"] > 0 and record["one_at_a_time_examples_per_s"] > 0
+    assert record["batched_score"] == record["one_at_a_time_score"]
+    assert "| one at a time |" in capsys.readouterr().out

@@ -5,7 +5,8 @@
 With CUDA visible it runs, each step in its own process with its own time limit: the tests marked `gpu`, the
 meta-step benchmark at the demo shapes (the embedded architecture) and at the paper's shapes (a 1.7B Llama
 architecture, ~256-token examples, 4 tasks x 10 inner steps of batch 4, bf16), an end-to-end `metalora train` +
-`metalora eval` smoke in bf16 on tiny-random, and a two-process training run on the one GPU. It writes one record
+`metalora eval` smoke in bf16 on tiny-random, a two-process training run on the one GPU, and the examples scored
+per second by batched against one-at-a-time generation. It writes one record
 (`gpu_check_<time>.json`, plus each benchmark's own files) under --out and prints a summary table.
 
 Without CUDA it says so and runs the CPU-side proxy only: operator calls per meta-step of the per-task loop and
@@ -71,17 +72,22 @@ def gpu_steps(arch: Path, out: Path, scratch: Path) -> list[Step]:
         Step("two processes on one GPU", [
             PY, "-m", "accelerate.commands.launch", "--num_processes", "2", "-m", "metalora.training.train", *smoke,
             "train.run_name=two",
-        ], 80),  # fmt: skip
+        ], 70),  # fmt: skip
         Step("bench, demo shapes (135M architecture)", [
             *BENCH, "params/base.yaml", "params/demo.yaml", f"model.name={arch / 'base'}", "model.random_init=true",
             "--bf16", "--warmup", "2", "--steps", "5", "--meta-batches", "", "--repeats", "2",
             "--variants", "metalora,metalora-batched,naive,fomaml", "--output", str(out / "gpu_check_bench_demo"),
-        ], 110),  # fmt: skip
+        ], 100),  # fmt: skip
+        Step("scoring rate, demo shapes (135M architecture)", [
+            PY, "-m", "metalora.benchmarks.scoring_rate", "params/base.yaml", "params/demo.yaml",
+            f"model.name={arch / 'base'}", "model.random_init=true", "eval.batch_size=32", "eval.max_test=40",
+            "--output", str(out / "gpu_check_scoring"),
+        ], 50),  # fmt: skip
         Step("bench, paper shapes (1.7B architecture)", [
             *BENCH, "params/base.yaml", "params/demo.yaml", *PAPER_SHAPES, f"model.name={arch / 'llama-1.7b'}",
             "model.random_init=true", "--bf16", "--warmup", "1", "--steps", "3", "--meta-batches", "",
             "--variants", "metalora,metalora-batched,naive", "--output", str(out / "gpu_check_bench_paper"),
-        ], 130),  # fmt: skip
+        ], 120),  # fmt: skip
     ]
 
 

@@ -124,15 +124,17 @@ def greedy_generate(model: torch.nn.Module, params: Params, prompts: list[list[i
     kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": True,
               "logits_to_keep": 1}  # fmt: skip
     out_tokens: list[list[int]] = [[] for _ in prompts]
-    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    finished = [False] * len(prompts)
     for _ in range(max_new_tokens):
         out = functional_call(model, params, args=(), kwargs=kwargs)
         nxt = out.logits[:, -1].argmax(-1)
-        for i in range(len(prompts)):
-            if not finished[i] and int(nxt[i]) != eos_id:
-                out_tokens[i].append(int(nxt[i]))
-        finished |= nxt == eos_id
-        if bool(finished.all()):
+        # One device-to-host copy per generated token for the whole batch, not one per row.
+        for i, token in enumerate(nxt.tolist()):
+            if token == eos_id:
+                finished[i] = True
+            elif not finished[i]:
+                out_tokens[i].append(token)
+        if all(finished):
             break
         mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype, device=device)], dim=1)
         positions = positions[:, -1:] + 1
