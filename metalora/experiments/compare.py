@@ -403,13 +403,18 @@ def _evaluate_methods(
         if method == "base":  # the base model has nothing to adapt: its zero-shot score only
             rows += curve(peft_model, "base", fresh, [0], settings)
         elif method == "lora":
-            rows += curve(peft_model, "lora", fresh, list(cfg.eval.n_shots), settings)
+            shots = [n for n in cfg.eval.n_shots if n != 0 or "base" not in methods]
+            rows += curve(peft_model, "lora", fresh, shots, settings)
         elif method == "full_data":
             rows += curve(peft_model, "full_data", fresh, [FULL_DATA_SHOTS], full_data)
         elif method != "fomaml":
             for run in (r for r in runs if r.method == method):
                 init = adapter_init(peft_model, run.weights)
                 rows += curve(peft_model, method, init, list(cfg.eval.n_shots), settings, run.train_seed)
+    if "lora" in methods and "base" in methods and 0 in cfg.eval.n_shots:
+        # A fresh LoRA's B matrices are zero, so unadapted it computes exactly the base model: its 0-shot rows
+        # are the base model's, scored once.
+        rows += [replace(row, method="lora") for row in rows if row.method == "base"]
     return rows
 
 
