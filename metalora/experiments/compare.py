@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -280,8 +281,11 @@ def run_evaluation(cfg: Config, train_missing: bool = False) -> Path:
         EvaluationError: nothing to evaluate, a missing run, a run trained on another split or budget, a
             run that saw evaluated data, or shot counts larger than a task's adaptation pool.
     """
-    state = PartialState(cpu=cfg.train.cpu)
-    if state.num_processes > 1 and train_missing:
+    # The process group is joined only under a multi-process launch: in one process (a notebook that trains
+    # next) accelerate's process-wide state stays untouched for the Accelerator training creates.
+    state = PartialState(cpu=cfg.train.cpu) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    rank, world = (state.process_index, state.num_processes) if state else (0, 1)
+    if world > 1 and train_missing:
         raise EvaluationError(
             "--train-missing trains in one process: run `metalora eval --train-missing` without accelerate launch, "
             "or train first (accelerate launch -m metalora.training.train) and launch the evaluation alone"
@@ -301,11 +305,12 @@ def run_evaluation(cfg: Config, train_missing: bool = False) -> Path:
             expected[key] = build_experiment(method_cfg.data, cfg.eval.scenario)
         check_same_split(expected[key], run.method, run.run_dir)
         check_no_leak(experiment, run.method, run.run_dir)
-    rows = _evaluate_methods(cfg, shard(evaluated, state.process_index, state.num_processes), runs, state.device)
+    device = state.device if state and state.device.type == "cuda" else pick_device(cfg.train.cpu)
+    rows = _evaluate_methods(cfg, shard(evaluated, rank, world), runs, device)
     out = cfg.run_dir / "eval"
-    if state.num_processes > 1:
+    if world > 1:
         rows = gather_object(rows)
-        if not state.is_main_process:
+        if rank != 0:
             return out
     results = pd.DataFrame(rows_as_dicts(sorted(rows, key=_row_order)), columns=list(EvalRow.__dataclass_fields__))
     # Written whole or not at all: a failed evaluation leaves the previous eval/ as it was, and a new one
@@ -366,8 +371,6 @@ def _check_shots(cfg: Config, evaluated: dict[str, dict[str, HeldoutPools]]) -> 
 def _evaluate_methods(
     cfg: Config, evaluated: dict[str, dict[str, HeldoutPools]], runs: list[TrainedRun], device: torch.device
 ) -> list[EvalRow]:
-    if device.type != "cuda":
-        device = pick_device(cfg.train.cpu)  # refuses a GPU that is present but unusable
     model, tokenizer = load_model(cfg.model, device.type != "cuda", cfg.speed.weight_first_logits)
     model.to(device)
     encoder = Encoder(tokenizer, cfg.data.prompt_template, cfg.data.use_instruction, cfg.data.max_prompt_tokens,
