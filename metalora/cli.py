@@ -8,7 +8,7 @@ import json
 import sys
 
 from metalora.config import Config, load_config, split_args
-from metalora.errors import MetaloraError
+from metalora.errors import exit_status
 
 
 def config_from_args(items: list[str]) -> Config:
@@ -153,14 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         args = argparse.Namespace(func=passthrough[argv[0]], args=argv[1:])
     else:
         args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except MetaloraError as err:
-        print(f"metalora: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # a full disk, a read-only or not-a-directory output path
-        print(f"metalora: error: {err.strerror or err}: {err.filename or ''}", file=sys.stderr)
-        return 2
+    return exit_status("metalora", lambda: args.func(args))
 
 
 if __name__ == "__main__":

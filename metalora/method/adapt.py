@@ -90,7 +90,7 @@ def inner_update(
     order as the per-tensor formulas, so the results are unchanged, and they are differentiable.
 
     Args:
-        grads: their gradients, in the same order.
+        grads: the gradients of `values`, in the same order.
         moments: Adam's first and second moments from the previous step (None at the first step;
             unused by SGD).
         t: the step number, from 1 (Adam's bias correction).
@@ -117,7 +117,7 @@ def adam_update(
     tensors work too.
 
     Args:
-        grads: their gradients, in the same order.
+        grads: the gradients of `values`, in the same order.
         state: the first and second moments from the previous step (None at the first step).
         t: the step number, from 1 (bias correction).
         smooth: use sqrt(v_hat + eps^2), differentiable where a gradient is zero (second order).

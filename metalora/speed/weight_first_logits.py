@@ -4,8 +4,7 @@ The kit projects only a few rows onto the vocabulary per forward pass (the targe
 batch, or one position per row while decoding). For such a short, wide product torch's CPU matmul
 is faster with the weight as the left operand, with the same logits (`python -m
 metalora.benchmarks.vocab_projection` measures it; the figures are in docs/performance.md). Autograd derives the
-backward pass from the same product, so nothing else changes. Other devices keep `nn.Linear`'s own forward: the
-gain was measured on CPU only.
+backward pass from the same product, so nothing else changes. Other devices keep `nn.Linear`'s own forward.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from metalora.config import Config, ConfigError, load_config, save_config, split
 from metalora.data.collation import Encoder
 from metalora.data.episodes import EpisodeSampler
 from metalora.data.splits import Experiment, build_experiment, save_splits
-from metalora.errors import MetaloraError
+from metalora.errors import MetaloraError, exit_status
 from metalora.io import atomic_write_json, atomic_write_text
 from metalora.method.meta import TaskStats, meta_step
 from metalora.modeling.lora import attach_lora, lora_params, save_adapter
@@ -388,16 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     args = parser.parse_args(argv)
     files, overrides = split_args(args.config)
-    try:
-        run_dir = train(load_config(files, overrides), resume=args.resume)
-    except MetaloraError as err:
-        print(f"metalora train: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # a full disk, a read-only or not-a-directory output path
-        print(f"metalora train: error: {err.strerror or err}: {err.filename or ''}", file=sys.stderr)
-        return 2
-    print(f"run directory: {run_dir}")
-    return 0
+
+    def run() -> int:
+        print(f"run directory: {train(load_config(files, overrides), resume=args.resume)}")
+        return 0
+
+    return exit_status("metalora train", run)
 
 
 if __name__ == "__main__":
