@@ -171,6 +171,8 @@ class EvalConfig:
     max_test: int = 100
     # Examples per forward pass while scoring.
     batch_size: int = 16
+    # Also score each point's mean target loss on its test set (one more forward pass over it); NaN when off.
+    test_loss: bool = True
     # Initialisations to compare: base, lora, multitask, multitask_full (multi-task LoRA on every
     # non-test example of the training tasks), metalora, reptile, fomaml, full_data.
     methods: list[str] = field(default_factory=lambda: ["base", "lora", "multitask", "metalora"])

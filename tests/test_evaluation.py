@@ -1,5 +1,7 @@
 """Few-shot evaluation: no leaks from the test set, 0-shot means no adaptation, scoring equivalences."""
 
+import math
+
 import pytest
 import torch
 
@@ -15,7 +17,13 @@ from metalora.evaluation.fewshot import (
     evaluate_init,
     snapshot_lora,
 )
-from metalora.evaluation.scoring import exact_match, greedy_generate, normalise, rank_options
+from metalora.evaluation.scoring import (
+    exact_match,
+    first_line_complete,
+    greedy_generate,
+    normalise,
+    rank_options,
+)
 from metalora.method.loss import target_logits
 from metalora.modeling.lora import attach_lora, lora_params, save_adapter
 
@@ -103,6 +111,38 @@ def test_greedy_generation_equals_transformers_generate(tiny):
         assert generated == reference[0, len(prompt) :].tolist()
 
 
+def test_a_stop_rule_ends_rows_early_and_keeps_what_they_generated(tiny):
+    model, tokenizer = tiny
+    prompts = [tokenizer("3 + 4 =")["input_ids"], tokenizer("hello there, world")["input_ids"]]
+    full = greedy_generate(model, {}, prompts, max_new_tokens=6, pad_id=tokenizer.pad_token_id, eos_id=-1)
+    assert full[1][:2] != full[0][:2]
+
+    def done(tokens: list[int]) -> bool:
+        return tokens == full[0][:2]
+
+    stopped = greedy_generate(model, {}, prompts, max_new_tokens=6, pad_id=tokenizer.pad_token_id, eos_id=-1,
+                              done=done)  # fmt: skip
+    # The first row stops after two tokens; the second never matches the rule and runs the whole budget.
+    assert stopped == [full[0][:2], full[1]]
+
+
+@pytest.mark.parametrize(
+    ("text", "complete"),
+    [(" 565\n", True), (" 565\nInput: 3", True), ("\n", False), ("\n\n 56", False), (" 56", False), ("", False)],
+)
+def test_first_line_rule_sees_a_newline_after_text(tiny, text, complete):
+    _, tokenizer = tiny
+    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+    done = first_line_complete(tokenizer)
+    # Applied as generation does: after each new token, so the rule fires at the first token that completes
+    # the first line and never before.
+    fired = [done(tokens[: i + 1]) for i in range(len(tokens))]
+    assert any(fired) is complete
+    if complete:
+        first = fired.index(True)
+        assert exact_match(tokenizer.decode(tokens[: first + 1]), "565") == exact_match(text, "565")
+
+
 def test_adapter_init_reads_weights_without_changing_the_model(setup, tmp_path):
     model, _, _, _ = setup
     fresh = snapshot_lora(model)
@@ -122,6 +162,11 @@ def test_evaluate_init_rows(setup):
     # 0 shots: nothing depends on the seed, so it is scored once rather than repeated per seed
     assert [(r.n_shots, r.seed) for r in rows] == [(0, 0), (3, 0), (3, 1)]
     assert all(r.metric == "accuracy" and 0.0 <= r.value <= 1.0 and r.n_test == 4 for r in rows)
+    assert all(r.test_loss > 0 for r in rows)
+    without = evaluate_init(model, "lora", snapshot_lora(model), pools, encoder, [0, 3], 2, AdaptSettings(2, 1e-2),
+                            max_test=4, batch_size=4, with_test_loss=False)  # fmt: skip
+    assert all(math.isnan(r.test_loss) for r in without)
+    assert [r.value for r in without] == [r.value for r in rows]
 
 
 def test_match_rate_goes_through_the_evaluate_module():

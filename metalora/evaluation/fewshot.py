@@ -108,6 +108,7 @@ def evaluate_init(
     settings: AdaptSettings,
     max_test: int,
     batch_size: int,
+    with_test_loss: bool = True,
 ) -> list[EvalRow]:
     """Few-shot curves of one initialisation over the held-out tasks.
 
@@ -121,6 +122,7 @@ def evaluate_init(
         settings: adaptation steps, learning rate, optimizer, batch size.
         max_test: test examples scored per task at most.
         batch_size: rows per scoring forward pass.
+        with_test_loss: also score the test loss (else the rows' test_loss is NaN).
 
     Returns:
         One row per (task, shots, seed).
@@ -141,7 +143,7 @@ def evaluate_init(
                                 finite=False))  # fmt: skip
             continue
         metric, value = score_task(model, params, encoder, pools.task, test, batch_size)
-        loss = test_loss(model, params, encoder, pools.task, test, batch_size)
+        loss = test_loss(model, params, encoder, pools.task, test, batch_size) if with_test_loss else math.nan
         rows.append(EvalRow(method, task_name, shots_count, seed, metric, value, len(test), seconds, loss))
     return rows
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import functools
 import re
 import string
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch.func import functional_call
+from transformers import PreTrainedTokenizerBase
 
 from metalora.data.collation import Encoder
 from metalora.data.tasks import Example, Task
@@ -101,13 +103,16 @@ def rank_options(model: torch.nn.Module, params: Params, encoder: Encoder, task:
 
 @torch.no_grad()
 def greedy_generate(model: torch.nn.Module, params: Params, prompts: list[list[int]], max_new_tokens: int,
-                    pad_id: int, eos_id: int) -> list[list[int]]:  # fmt: skip
+                    pad_id: int, eos_id: int,
+                    done: Callable[[list[int]], bool] | None = None) -> list[list[int]]:  # fmt: skip
     """Greedy decoding under a parameter dict with a KV cache (left-padded batch).
 
     Args:
         prompts: prompt token ids per row.
         max_new_tokens: tokens generated at most per row.
         eos_id: end-of-sequence token id (generation of a row stops there; it is not returned).
+        done: called with a row's tokens after each new one; True stops that row (its tokens so far are
+            returned), so the batch ends once no row can change what is scored.
 
     Returns:
         The generated token ids per row.
@@ -130,10 +135,13 @@ def greedy_generate(model: torch.nn.Module, params: Params, prompts: list[list[i
         nxt = out.logits[:, -1].argmax(-1)
         # One device-to-host copy per generated token for the whole batch, not one per row.
         for i, token in enumerate(nxt.tolist()):
+            if finished[i]:
+                continue
             if token == eos_id:
                 finished[i] = True
-            elif not finished[i]:
-                out_tokens[i].append(token)
+                continue
+            out_tokens[i].append(token)
+            finished[i] = done is not None and done(out_tokens[i])
         if all(finished):
             break
         mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype, device=device)], dim=1)
@@ -147,6 +155,22 @@ def max_new_tokens_for(encoder: Encoder, task: Task) -> int:
     """Generation budget from the task's target lengths: the longest target's tokens plus a margin."""
     longest = max(len(encoder.target_ids(e.target)) for e in task.examples[:200])
     return min(longest + 4, encoder.max_target_tokens + 1)
+
+
+def first_line_complete(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[int]], bool]:
+    """A `greedy_generate` stop rule for scoring by `exact_match`: a row is done once its first line is.
+
+    `exact_match` reads the first line of the stripped prediction, so no token after a newline that follows
+    some text can change the score. A row is decoded whole only when its newest token holds a newline.
+    """
+
+    def done(tokens: list[int]) -> bool:
+        return (
+            "\n" in tokenizer.decode(tokens[-1:])
+            and "\n" in tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
+        )
+
+    return done
 
 
 @functools.cache
@@ -184,10 +208,12 @@ def score_task(model: torch.nn.Module, params: Params, encoder: Encoder, task: T
         return "accuracy", match_rate(predictions, references, "option")
     budget = max_new_tokens_for(encoder, task)
     tokenizer = encoder.tokenizer
+    done = first_line_complete(tokenizer)
     texts = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         prompts = [encoder.prompt_ids(task, e) for e in chunk]
-        outputs = greedy_generate(model, params, prompts, budget, tokenizer.pad_token_id, tokenizer.eos_token_id)
+        outputs = greedy_generate(model, params, prompts, budget, tokenizer.pad_token_id, tokenizer.eos_token_id,
+                                  done)  # fmt: skip
         texts.extend(tokenizer.decode(tokens, skip_special_tokens=True) for tokens in outputs)
     return "exact_match", match_rate(texts, references, "text")

@@ -383,7 +383,7 @@ def _evaluate_methods(
         rows = []
         for setting, pools in evaluated.items():
             scored = evaluate_init(net, method, init, pools, encoder, shots, cfg.eval.seeds, how,
-                                   cfg.eval.max_test, cfg.eval.batch_size)  # fmt: skip
+                                   cfg.eval.max_test, cfg.eval.batch_size, cfg.eval.test_loss)  # fmt: skip
             rows += [replace(row, setting=setting, train_seed=train_seed) for row in scored]
         return rows
 
