@@ -35,6 +35,7 @@ _EXPORTS = {
     "load_adapter": "metalora.modeling.lora",
     "read_metrics": "metalora.reporting.efficiency",
     "training_curves": "metalora.reporting.plots",
+    "comparison_training_curves": "metalora.reporting.plots",
     "few_shot_figure": "metalora.reporting.plots",
     "comparison_sentences": "metalora.reporting.report",
     "write_report": "metalora.reporting.report",

@@ -12,6 +12,7 @@ import pandas as pd
 import seaborn as sns
 
 from metalora.io import atomic_write_bytes
+from metalora.reporting.efficiency import read_metrics
 from metalora.training.budgets import FULL_DATA_SHOTS
 
 METHOD_LABELS = {
@@ -27,6 +28,7 @@ METHOD_LABELS = {
 
 
 PALETTE = dict(zip(METHOD_LABELS, sns.color_palette("tab10", len(METHOD_LABELS)), strict=True))
+_LABELLED_METHODS = {label: method for method, label in METHOD_LABELS.items()}
 
 
 def _method_order(methods: pd.Series) -> list[str]:
@@ -53,7 +55,9 @@ def few_shot_figure(
 
     The full-data reference is a dashed line. With `results`, each training seed of a method trained
     several times is drawn as a thin line of the method's colour (its mean over tasks): the spread
-    between training runs.
+    between training runs. With a single shot count there is no curve to draw: the methods stand side by
+    side instead, and with `results` each task's scores are joined across them (the pairs the
+    significance tests compare).
     """
     sns.set_theme(style="whitegrid")
     if "setting" not in summary:
@@ -61,7 +65,11 @@ def few_shot_figure(
     settings = sorted(summary["setting"].unique())
     fig, axes = plt.subplots(1, len(settings), figsize=(7 * len(settings), 4.5), squeeze=False)
     for ax, setting in zip(axes[0], settings, strict=True):
-        _few_shot_panel(ax, summary[summary["setting"] == setting], _seed_curves(results, setting))
+        rows = summary[summary["setting"] == setting]
+        if rows.loc[rows["n_shots"] != FULL_DATA_SHOTS, "n_shots"].nunique() == 1:
+            _methods_panel(ax, rows, _task_scores(results, setting))
+        else:
+            _few_shot_panel(ax, rows, _seed_curves(results, setting))
         ax.set_title(f"{title}: {SETTING_LABELS.get(setting, setting)}")
     return _save(fig, path)
 
@@ -103,6 +111,33 @@ def _seed_curves(results: pd.DataFrame | None, setting: str) -> pd.DataFrame:
     means = rows.groupby(["method", "train_seed", "n_shots"], as_index=False)["value"].mean()
     replicated = means.groupby("method")["train_seed"].transform("nunique") > 1
     return means[replicated]
+
+
+def _task_scores(results: pd.DataFrame | None, setting: str) -> pd.DataFrame:
+    """Mean score per task (a column) and method (a row), over evaluation and training seeds."""
+    if results is None:
+        return pd.DataFrame()
+    rows = results[results.get("setting", "heldout") == setting]
+    return rows.pivot_table(index="method", columns="task", values="value", aggfunc="mean")
+
+
+def _methods_panel(ax: plt.Axes, summary: pd.DataFrame, task_scores: pd.DataFrame) -> None:
+    order = _method_order(summary["method"])
+    places = range(len(order))
+    for task in task_scores.columns:
+        scores = task_scores[task].reindex(order)
+        ax.plot(places, scores, color="grey", alpha=0.35, linewidth=0.8, marker=".", markersize=4)
+    for place, method in zip(places, order, strict=True):
+        row = summary[summary["method"] == method].iloc[0]
+        ax.errorbar([place], [row["mean"]], yerr=[[row["mean"] - row["ci_low"]], [row["ci_high"] - row["mean"]]],
+                    marker="s", markersize=8, capsize=6, linewidth=2, color=PALETTE.get(method))  # fmt: skip
+    ax.set_xticks(list(places), [METHOD_LABELS.get(m, m) for m in order], rotation=15, fontsize=8)
+    shots = summary.loc[summary["n_shots"] != FULL_DATA_SHOTS, "n_shots"].iloc[0]
+    ax.set_xlabel(f"after adaptation on {shots} shots" if shots else "without adaptation (0 shots)")
+    ax.set_ylabel("score (accuracy / exact match)\nmean and 95 % CI over tasks")
+    if not task_scores.empty:
+        ax.plot([], [], color="grey", alpha=0.5, linewidth=0.8, marker=".", label="one task")
+        ax.legend(fontsize=8, loc="best")
 
 
 def _few_shot_panel(ax: plt.Axes, summary: pd.DataFrame, seed_curves: pd.DataFrame) -> None:
@@ -160,32 +195,63 @@ def efficiency_figure(efficiency: pd.DataFrame, path: str | Path):
     return _save(fig, path)
 
 
-def training_curves(metrics: pd.DataFrame, path: str | Path, title: str = "Meta-training"):
-    """Meta-loss (query loss after adaptation) and, where logged, the adaptation gap per step.
+def training_curves(metrics: pd.DataFrame | dict[str, pd.DataFrame], path: str | Path, title: str = "Meta-training"):
+    """Training loss per step and, where logged, the adaptation gap, for one run or several side by side.
 
     Args:
-        metrics: a run's metrics.jsonl rows.
+        metrics: a run's metrics.jsonl rows, or such rows per label (e.g. per method of a comparison).
 
     Returns:
         The figure.
     """
     sns.set_theme(style="whitegrid")
+    runs = metrics if isinstance(metrics, dict) else {"": metrics}
     # The gap is absent from runs with meta.measure_gap=false.
-    panels = [(column, label) for column, label in (("stage2/meta_loss", "query loss after adaptation"),
+    panels = [(column, label) for column, label in (("stage2/meta_loss", LOSS_LABEL),
                                                     ("adaptation_gap", "query loss - support loss"))
-              if column in metrics.columns]  # fmt: skip
+              if any(column in frame.columns for frame in runs.values())]  # fmt: skip
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-    # Each step sees a few sampled tasks, so the raw curve is noisy; the rolling mean shows the trend.
-    window = min(50, max(1, len(metrics) // 5))
     for ax, (column, label) in zip(axes[0], panels, strict=True):
-        ax.plot(metrics["step"], metrics[column], alpha=0.35, label="per step")
-        smooth = metrics[column].rolling(window, min_periods=1).mean()
-        ax.plot(metrics["step"], smooth, linewidth=2, label=f"rolling mean ({window} steps)")
+        for (run, frame), fallback in zip(runs.items(), sns.color_palette("tab10", len(runs)), strict=True):
+            color = PALETTE.get(_LABELLED_METHODS.get(run.split(", seed")[0]), fallback)
+            if column not in frame.columns:
+                continue
+            # Each step sees a few sampled tasks, so the raw curve is noisy; the rolling mean shows the trend.
+            window = min(50, max(1, len(frame) // 5))
+            name = f"{run}: " if run else ""
+            ax.plot(frame["step"], frame[column], alpha=0.3, color=color, label=f"{name}per step")
+            smooth = frame[column].rolling(window, min_periods=1).mean()
+            ax.plot(frame["step"], smooth, linewidth=2, color=color, label=f"{name}rolling mean ({window} steps)")
         ax.set_xlabel("step")
         ax.set_ylabel(label)
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="x-small")
     fig.suptitle(title)
     return _save(fig, path)
+
+
+# Meta-learners log the query loss after adaptation; the multi-task baselines, which do not adapt, their
+# training batch's loss under the same name.
+LOSS_LABEL = "training loss per step\n(meta-learners: query loss after adaptation)"
+
+
+def comparison_training_curves(eval_dir: str | Path, path: str | Path) -> plt.Figure | None:
+    """The training curves of every run an evaluation compared (its efficiency.csv), one colour per run.
+
+    Returns:
+        The figure, or None when the evaluation compared no trained run.
+    """
+    table = Path(eval_dir) / "efficiency.csv"
+    if not table.is_file():
+        return None
+    runs = pd.read_csv(table)
+    several_seeds = runs["train_seed"].nunique() > 1
+    curves = {}
+    for _, run in runs.iterrows():
+        label = METHOD_LABELS.get(run["method"], run["method"])
+        metrics = read_metrics(run["run_dir"])
+        if not metrics.empty:
+            curves[f"{label}, seed {run['train_seed']}" if several_seeds else label] = metrics
+    return training_curves(curves, path, title="Training curves") if curves else None
 
 
 def sweep_figure(summary: pd.DataFrame, key: str, path: str | Path, title: str = "Sweep"):

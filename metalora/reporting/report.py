@@ -15,7 +15,7 @@ from metalora.errors import MetaloraError
 from metalora.evaluation.stats import describe_comparison
 from metalora.io import atomic_write_text
 from metalora.reporting.efficiency import read_metrics
-from metalora.reporting.plots import METHOD_LABELS, training_curves
+from metalora.reporting.plots import METHOD_LABELS, comparison_training_curves, training_curves
 
 
 class ReportError(MetaloraError):
@@ -57,9 +57,12 @@ def run_report(run_dir: Path) -> str:
     summary_json = run_dir / "summary.json"
     if summary_json.is_file():
         parts.append(f"## Training summary\n\n```json\n{summary_json.read_text().strip()}\n```\n")
+    # The curves of every run the evaluation compared, or this run's own when nothing was compared.
+    curves = comparison_training_curves(run_dir / "eval", run_dir / "training.png")
     metrics = read_metrics(run_dir)
-    if not metrics.empty:
-        training_curves(metrics, run_dir / "training.png", title=f"Training curves: {run_dir.name}")
+    if curves is None and not metrics.empty:
+        curves = training_curves(metrics, run_dir / "training.png", title=f"Training curves: {run_dir.name}")
+    if curves is not None:
         parts.append("## Training curves\n\n" + _figure(run_dir, run_dir / "training.png", "training curves"))
     eval_dir = run_dir / "eval"
     sections = [
