@@ -45,6 +45,10 @@ def test_one_shot_count_puts_methods_side_by_side_and_joins_each_task(tmp_path):
     ]
     assert "12 shots" in ax.get_xlabel()
     assert (tmp_path / "f.png").stat().st_size > 0
+    # Older result tables have no setting column: they are held-out results.
+    older = results.drop(columns="setting")
+    fig = few_shot_figure(_summary(results).drop(columns="setting"), tmp_path / "g.png", results=older)
+    assert len([line for line in fig.axes[0].get_lines() if len(line.get_xdata()) == 3]) == 4
 
 
 def test_several_shot_counts_draw_a_curve_per_method(tmp_path):

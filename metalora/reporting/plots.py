@@ -107,7 +107,7 @@ def _seed_curves(results: pd.DataFrame | None, setting: str) -> pd.DataFrame:
     """Mean score per method x training seed x shots, for methods with several training seeds."""
     if results is None or "train_seed" not in results:
         return pd.DataFrame(columns=["method", "train_seed", "n_shots", "value"])
-    rows = results[results.get("setting", "heldout") == setting]
+    rows = results[results["setting"] == setting] if "setting" in results else results
     means = rows.groupby(["method", "train_seed", "n_shots"], as_index=False)["value"].mean()
     replicated = means.groupby("method")["train_seed"].transform("nunique") > 1
     return means[replicated]
@@ -117,7 +117,7 @@ def _task_scores(results: pd.DataFrame | None, setting: str) -> pd.DataFrame:
     """Mean score per task (a column) and method (a row), over evaluation and training seeds."""
     if results is None:
         return pd.DataFrame()
-    rows = results[results.get("setting", "heldout") == setting]
+    rows = results[results["setting"] == setting] if "setting" in results else results
     return rows.pivot_table(index="method", columns="task", values="value", aggfunc="mean")
 
 
