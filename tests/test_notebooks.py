@@ -152,6 +152,8 @@ def test_report_from_a_fixture_run_directory(tmp_path):
     report = write_report(run, html=True).read_text()
     assert re.search(r"\| metalora +\|", report) and re.search(r"\| lora +\|", report)
     assert "## Paired differences" in report and "![training curves](training.png)" in report
+    # Sentences, then every figure, then the tables, then the run's particulars.
+    assert report.index("![training curves]") < report.index("## Scores") < report.index("## Training summary")
     # The report opens with one sentence per comparison, and each says what the table says.
     opening = report.split("## What the comparison shows\n\n")[1].split("\n\n")[0].splitlines()
     table = pd.read_csv(run / "eval" / "significance.csv").set_index("method")

@@ -48,22 +48,17 @@ def run_report(run_dir: Path) -> str:
     sentences = comparison_sentences(run_dir / "eval")
     if sentences:
         parts.append("## What the comparison shows\n\n" + "\n".join(f"- {s}" for s in sentences) + "\n")
-    figures = (("few_shot.png", "scores by method and shots"), ("per_task.png", "score per task"),
-               ("efficiency.png", "efficiency"))  # fmt: skip
-    for name, caption in figures:
-        figure = _figure(run_dir, run_dir / "eval" / name, caption)
-        if figure:
-            parts.append(f"## Figure: {caption}\n\n{figure}")
-    summary_json = run_dir / "summary.json"
-    if summary_json.is_file():
-        parts.append(f"## Training summary\n\n```json\n{summary_json.read_text().strip()}\n```\n")
     # The curves of every run the evaluation compared, or this run's own when nothing was compared.
     curves = comparison_training_curves(run_dir / "eval", run_dir / "training.png")
     metrics = read_metrics(run_dir)
     if curves is None and not metrics.empty:
         curves = training_curves(metrics, run_dir / "training.png", title=f"Training curves: {run_dir.name}")
-    if curves is not None:
-        parts.append("## Training curves\n\n" + _figure(run_dir, run_dir / "training.png", "training curves"))
+    figures = (("eval/few_shot.png", "scores by method and shots"), ("eval/per_task.png", "score per task"),
+               ("training.png", "training curves"), ("eval/efficiency.png", "efficiency"))  # fmt: skip
+    for name, caption in figures:
+        figure = _figure(run_dir, run_dir / name, caption) if name != "training.png" or curves is not None else ""
+        if figure:
+            parts.append(f"## Figure: {caption}\n\n{figure}")
     eval_dir = run_dir / "eval"
     sections = [
         ("Scores (mean and 95 % CI over tasks and training seeds; n_shots -1 = whole adaptation pool)",
@@ -75,6 +70,9 @@ def run_report(run_dir: Path) -> str:
     for title, name in sections:
         if (eval_dir / name).is_file():
             parts.append(f"## {title}\n\n" + _table(eval_dir / name))
+    summary_json = run_dir / "summary.json"
+    if summary_json.is_file():
+        parts.append(f"## Training summary\n\n```json\n{summary_json.read_text().strip()}\n```\n")
     config = run_dir / "config.yaml"
     if config.is_file():
         parts.append(f"## Config\n\n```yaml\n{config.read_text().strip()}\n```\n")
