@@ -28,7 +28,6 @@ METHOD_LABELS = {
 
 
 PALETTE = dict(zip(METHOD_LABELS, sns.color_palette("tab10", len(METHOD_LABELS)), strict=True))
-_LABELLED_METHODS = {label: method for method, label in METHOD_LABELS.items()}
 
 
 def _method_order(methods: pd.Series) -> list[str]:
@@ -103,11 +102,16 @@ def per_task_figure(table: pd.DataFrame, path: str | Path, title: str = "Score p
     return _save(fig, path)
 
 
+def _in_setting(results: pd.DataFrame, setting: str) -> pd.DataFrame:
+    # Result tables from before the seen scenario have no setting column: all their rows are held-out results.
+    return results[results["setting"] == setting] if "setting" in results else results
+
+
 def _seed_curves(results: pd.DataFrame | None, setting: str) -> pd.DataFrame:
     """Mean score per method x training seed x shots, for methods with several training seeds."""
     if results is None or "train_seed" not in results:
         return pd.DataFrame(columns=["method", "train_seed", "n_shots", "value"])
-    rows = results[results["setting"] == setting] if "setting" in results else results
+    rows = _in_setting(results, setting)
     means = rows.groupby(["method", "train_seed", "n_shots"], as_index=False)["value"].mean()
     replicated = means.groupby("method")["train_seed"].transform("nunique") > 1
     return means[replicated]
@@ -117,8 +121,7 @@ def _task_scores(results: pd.DataFrame | None, setting: str) -> pd.DataFrame:
     """Mean score per task (a column) and method (a row), over evaluation and training seeds."""
     if results is None:
         return pd.DataFrame()
-    rows = results[results["setting"] == setting] if "setting" in results else results
-    return rows.pivot_table(index="method", columns="task", values="value", aggfunc="mean")
+    return _in_setting(results, setting).pivot_table(index="method", columns="task", values="value", aggfunc="mean")
 
 
 def _methods_panel(ax: plt.Axes, summary: pd.DataFrame, task_scores: pd.DataFrame) -> None:
@@ -195,11 +198,13 @@ def efficiency_figure(efficiency: pd.DataFrame, path: str | Path):
     return _save(fig, path)
 
 
-def training_curves(metrics: pd.DataFrame | dict[str, pd.DataFrame], path: str | Path, title: str = "Meta-training"):
+def training_curves(metrics: pd.DataFrame | dict[str, pd.DataFrame], path: str | Path, title: str = "Meta-training",
+                    colors: dict[str, object] | None = None):  # fmt: skip
     """Training loss per step and, where logged, the adaptation gap, for one run or several side by side.
 
     Args:
         metrics: a run's metrics.jsonl rows, or such rows per label (e.g. per method of a comparison).
+        colors: a colour per label; labels without one take seaborn's palette in order.
 
     Returns:
         The figure.
@@ -213,7 +218,7 @@ def training_curves(metrics: pd.DataFrame | dict[str, pd.DataFrame], path: str |
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, (column, label) in zip(axes[0], panels, strict=True):
         for (run, frame), fallback in zip(runs.items(), sns.color_palette("tab10", len(runs)), strict=True):
-            color = PALETTE.get(_LABELLED_METHODS.get(run.split(", seed")[0]), fallback)
+            color = (colors or {}).get(run, fallback)
             if column not in frame.columns:
                 continue
             # Each step sees a few sampled tasks, so the raw curve is noisy; the rolling mean shows the trend.
@@ -245,13 +250,15 @@ def comparison_training_curves(eval_dir: str | Path, path: str | Path) -> plt.Fi
         return None
     runs = pd.read_csv(table)
     several_seeds = runs["train_seed"].nunique() > 1
-    curves = {}
+    curves, colors = {}, {}
     for _, run in runs.iterrows():
         label = METHOD_LABELS.get(run["method"], run["method"])
+        label = f"{label}, seed {run['train_seed']}" if several_seeds else label
         metrics = read_metrics(run["run_dir"])
         if not metrics.empty:
-            curves[f"{label}, seed {run['train_seed']}" if several_seeds else label] = metrics
-    return training_curves(curves, path, title="Training curves") if curves else None
+            curves[label] = metrics
+            colors[label] = PALETTE.get(run["method"])
+    return training_curves(curves, path, title="Training curves", colors=colors) if curves else None
 
 
 def sweep_figure(summary: pd.DataFrame, key: str, path: str | Path, title: str = "Sweep"):

@@ -50,13 +50,16 @@ def run_report(run_dir: Path) -> str:
         parts.append("## What the comparison shows\n\n" + "\n".join(f"- {s}" for s in sentences) + "\n")
     # The curves of every run the evaluation compared, or this run's own when nothing was compared.
     curves = comparison_training_curves(run_dir / "eval", run_dir / "training.png")
-    metrics = read_metrics(run_dir)
-    if curves is None and not metrics.empty:
-        curves = training_curves(metrics, run_dir / "training.png", title=f"Training curves: {run_dir.name}")
-    figures = (("eval/few_shot.png", "scores by method and shots"), ("eval/per_task.png", "score per task"),
-               ("training.png", "training curves"), ("eval/efficiency.png", "efficiency"))  # fmt: skip
+    if curves is None:
+        metrics = read_metrics(run_dir)
+        if not metrics.empty:
+            curves = training_curves(metrics, run_dir / "training.png", title=f"Training curves: {run_dir.name}")
+    # A training.png left by an earlier report is not shown when no curves were drawn now.
+    figures = [("eval/few_shot.png", "scores by method and shots"), ("eval/per_task.png", "score per task"),
+               *([("training.png", "training curves")] if curves is not None else []),
+               ("eval/efficiency.png", "efficiency")]  # fmt: skip
     for name, caption in figures:
-        figure = _figure(run_dir, run_dir / name, caption) if name != "training.png" or curves is not None else ""
+        figure = _figure(run_dir, run_dir / name, caption)
         if figure:
             parts.append(f"## Figure: {caption}\n\n{figure}")
     eval_dir = run_dir / "eval"
