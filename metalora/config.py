@@ -23,7 +23,9 @@ from metalora.io import atomic_write_text
 
 ALGORITHMS = ("metalora", "reptile", "fomaml", "multitask")
 # Initialisations few-shot evaluation can compare; the trained ones are read from run directories.
-METHODS = ("base", "lora", "multitask", "multitask_full", "metalora", "reptile", "fomaml", "full_data")
+METHODS = (
+    "base", "lora", "multitask", "multitask_full", "metalora", "reptile", "fomaml", "full_data", "constant",
+)  # fmt: skip
 TRAINED_METHODS = ("multitask", "multitask_full", "metalora", "reptile", "fomaml")
 SCENARIOS = ("heldout", "seen")
 # A per-task sample budget that takes every example not set aside for testing.
@@ -174,7 +176,8 @@ class EvalConfig:
     # Also score each point's mean target loss on its test set (one more forward pass over it); NaN when off.
     test_loss: bool = True
     # Initialisations to compare: base, lora, multitask, multitask_full (multi-task LoRA on every
-    # non-test example of the training tasks), metalora, reptile, fomaml, full_data.
+    # non-test example of the training tasks), metalora, reptile, fomaml, full_data, constant (the best fixed
+    # answer on each test set: the floor of a model that ignores its input).
     methods: list[str] = field(default_factory=lambda: ["base", "lora", "multitask", "metalora"])
     # Run directory per trained method; missing ones default to <output_dir>/<run_name>-<method>
     # (and this config's own meta.algorithm to <output_dir>/<run_name>).

@@ -101,7 +101,7 @@ def test_a_run_that_trained_on_a_heldout_task_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_eval_trains_missing_runs_and_writes_every_table(tmp_path):
-    cfg = smoke_config(tmp_path, "eval.methods=[base,lora,multitask,metalora,full_data]")
+    cfg = smoke_config(tmp_path, "eval.methods=[base,lora,multitask,metalora,full_data,constant]")
     out = run_evaluation(cfg, train_missing=True)
     assert method_run_dir(cfg, "multitask") == tmp_path / "smoke-multitask"
 
@@ -113,6 +113,8 @@ def test_eval_trains_missing_runs_and_writes_every_table(tmp_path):
     assert set(results[results["method"] == "base"]["n_shots"]) == {0}
     assert set(results[results["method"] == "full_data"]["n_shots"]) == {FULL_DATA_SHOTS}
     assert len(results[results["method"] == "metalora"]) == 2 * (1 + 2)  # 0 shots once, 2 shots per seed
+    constant = results[results["method"] == "constant"]
+    assert sorted(constant["n_shots"]) == [0, 0, 2, 2] and set(constant["seed"]) == {0}
     assert results["value"].between(0, 1).all()
     # 0 shots is no adaptation: a fresh LoRA (B = 0) is the base model, so its rows are the base model's (that the
     # two score alike is checked where lora is scored on its own: test_models' no-op adapter, and the eval below).
@@ -125,7 +127,7 @@ def test_eval_trains_missing_runs_and_writes_every_table(tmp_path):
     assert (summary["ci_low"] <= summary["mean"]).all() and (summary["mean"] <= summary["ci_high"]).all()
     significance = pd.read_csv(out / "significance.csv")
     assert set(significance["reference"]) == {"metalora"}
-    assert set(significance["method"]) == {"base", "lora", "multitask"}
+    assert set(significance["method"]) == {"base", "lora", "multitask", "constant"}
     assert {"mean_diff", "ci_low", "ci_high", "p_value", "p_holm", "n_tasks"} <= set(significance.columns)
 
     efficiency = pd.read_csv(out / "efficiency.csv")

@@ -13,11 +13,13 @@ from metalora.evaluation.fewshot import (
     AdaptSettings,
     adapt_on_shots,
     adapter_init,
+    constant_answer_rows,
     draw_shots,
     evaluate_init,
     snapshot_lora,
 )
 from metalora.evaluation.scoring import (
+    best_constant_answer,
     exact_match,
     first_line_complete,
     greedy_generate,
@@ -176,3 +178,28 @@ def test_match_rate_goes_through_the_evaluate_module():
     assert match_rate(["A", "b"], ["A", "B"], "option") == 0.5
     with pytest.raises(ValueError, match="mode"):
         match_rate(["a"], ["a"], "fuzzy")
+
+
+def _examples(targets: list[str]) -> list[Example]:
+    return [Example(f"t:{i}", f"input {i}", t) for i, t in enumerate(targets)]
+
+
+def test_best_constant_answer_is_the_most_common_label_share():
+    labels = Task("t", "Label it.", "accuracy", [], options=["neg", "pos", "neutral"])
+    assert best_constant_answer(labels, _examples(["pos", "neg", "pos", "pos"])) == ("accuracy", 0.75)
+    # An option no test item has still counts as a candidate: it scores 0, never more than the others.
+    assert best_constant_answer(labels, _examples(["neg", "pos"])) == ("accuracy", 0.5)
+    # Free text is judged by the same normalised exact match as generations: "The Cat." matches "cat".
+    text = Task("t", "Name it.", "exact_match", [])
+    assert best_constant_answer(text, _examples(["The Cat.", "cat", "dog", "bird", "cat"])) == ("exact_match", 0.6)
+    assert best_constant_answer(text, []) == ("exact_match", 0.0)
+
+
+def test_constant_answer_rows_stand_at_every_shot_count_on_the_scored_items_only():
+    task = Task("t", "Label it.", "accuracy", _examples(["a"] * 6 + ["b"] * 10), options=["a", "b"])
+    pools = heldout_pools(task, n_test=8, seed=0)
+    rows = constant_answer_rows({"t": pools}, [0, 4, 16], max_test=5)
+    scored = [e.target for e in pools.test[:5]]
+    expected = max(scored.count("a"), scored.count("b")) / 5
+    assert [(r.method, r.n_shots, r.seed, r.n_test) for r in rows] == [("constant", n, 0, 5) for n in (0, 4, 16)]
+    assert all(r.value == expected and r.metric == "accuracy" and math.isnan(r.test_loss) for r in rows)

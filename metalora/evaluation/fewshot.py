@@ -19,7 +19,7 @@ from metalora.data.collation import Encoder
 from metalora.data.splits import HeldoutPools, task_seed
 from metalora.data.tasks import Example
 from metalora.errors import MetaloraError
-from metalora.evaluation.scoring import score_task, test_loss
+from metalora.evaluation.scoring import best_constant_answer, score_task, test_loss
 from metalora.method.adapt import Params, adapt
 from metalora.modeling.lora import load_adapter_into, lora_params
 from metalora.training.budgets import FULL_DATA_SHOTS
@@ -145,6 +145,20 @@ def evaluate_init(
         metric, value = score_task(model, params, encoder, pools.task, test, batch_size)
         loss = test_loss(model, params, encoder, pools.task, test, batch_size) if with_test_loss else math.nan
         rows.append(EvalRow(method, task_name, shots_count, seed, metric, value, len(test), seconds, loss))
+    return rows
+
+
+def constant_answer_rows(heldout: dict[str, HeldoutPools], n_shots: list[int], max_test: int) -> list[EvalRow]:
+    """The best constant answer on each task's scored test items (`best_constant_answer`), as method `constant`.
+
+    Nothing is adapted, so the same value stands at every shot count: each comparison at a shot count then
+    has the floor beside it.
+    """
+    rows = []
+    for task_name, pools in heldout.items():
+        test = pools.test[:max_test]
+        metric, value = best_constant_answer(pools.task, test)
+        rows += [EvalRow("constant", task_name, n, 0, metric, value, len(test), 0.0, math.nan) for n in n_shots]
     return rows
 
 

@@ -217,3 +217,20 @@ def score_task(model: torch.nn.Module, params: Params, encoder: Encoder, task: T
                                   done)  # fmt: skip
         texts.extend(tokenizer.decode(tokens, skip_special_tokens=True) for tokens in outputs)
     return "exact_match", match_rate(texts, references, "text")
+
+
+def best_constant_answer(task: Task, examples: list[Example]) -> tuple[str, float]:
+    """The highest score one fixed answer reaches on `examples` under the task's metric.
+
+    It is the floor a model that ignores its input can reach (for a label set, the most common label's
+    share of the test items), so a method near it has learned an answer preference, not the task. The
+    candidates are the task's options, or else the examples' own targets; picking the best of them with
+    the test labels makes this a ceiling on every constant answer, which is what a floor for comparison needs.
+
+    Returns:
+        (metric name, value in [0, 1]).
+    """
+    references = [e.target for e in examples]
+    metric, mode = ("accuracy", "option") if task.options else ("exact_match", "text")
+    candidates = task.options or sorted(set(references))
+    return metric, max((match_rate([c] * len(references), references, mode) for c in candidates), default=0.0)

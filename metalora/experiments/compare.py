@@ -30,6 +30,7 @@ from metalora.evaluation.fewshot import (
     AdaptSettings,
     EvalRow,
     adapter_init,
+    constant_answer_rows,
     evaluate_init,
     rows_as_dicts,
     snapshot_lora,
@@ -410,6 +411,10 @@ def _evaluate_methods(
             rows += curve(peft_model, "lora", fresh, shots, settings)
         elif method == "full_data":
             rows += curve(peft_model, "full_data", fresh, [FULL_DATA_SHOTS], full_data)
+        elif method == "constant":
+            for setting, pools in evaluated.items():
+                scored = constant_answer_rows(pools, list(cfg.eval.n_shots), cfg.eval.max_test)
+                rows += [replace(row, setting=setting) for row in scored]
         elif method != "fomaml":
             for run in (r for r in runs if r.method == method):
                 init = adapter_init(peft_model, run.weights)

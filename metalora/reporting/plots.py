@@ -24,6 +24,7 @@ METHOD_LABELS = {
     "reptile": "Reptile LoRA",
     "fomaml": "FOMAML (full weights)",
     "full_data": "full-data LoRA (whole pool)",
+    "constant": "best constant answer",
 }
 
 
