@@ -3,8 +3,10 @@
 import json
 
 import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from metalora.reporting.plots import METHOD_LABELS, comparison_training_curves, few_shot_figure
+from metalora.evaluation.stats import per_task
+from metalora.reporting.plots import METHOD_LABELS, comparison_training_curves, few_shot_figure, per_task_figure
 
 
 def _rows(methods: list[str], shots: list[int], tasks: int) -> pd.DataFrame:
@@ -79,3 +81,17 @@ def test_comparison_training_curves_draw_every_compared_run(tmp_path):
     assert lines[f"{METHOD_LABELS['multitask']}: per step"] == [3.0, 2.0, 1.5]
     assert lines[f"{METHOD_LABELS['metalora']}: per step"] == [2.5, 1.8, 1.2]
     assert len(fig.axes) == 1  # no adaptation gap logged, so no second panel
+
+
+def test_per_task_panels_keep_column_labels_clear_of_the_next_title(tmp_path):
+    methods = ["base", "lora", "multitask", "multitask_full", "metalora"]
+    held_out, seen = _rows(methods, [0, 50], tasks=4), _rows(methods, [0, 50], tasks=11).assign(setting="seen")
+    fig = per_task_figure(per_task(pd.concat([held_out, seen])), tmp_path / "p.png")
+    # The saved figure is closed; a fresh Agg canvas lays it out again as it was saved.
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    upper, lower = fig.axes
+    labels_bottom = min(t.get_window_extent(renderer).y0 for t in upper.get_xticklabels())
+    assert labels_bottom > lower.title.get_window_extent(renderer).y1
+    assert len(upper.get_xticklabels()) == len(methods) * 2

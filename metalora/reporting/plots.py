@@ -83,9 +83,11 @@ def per_task_figure(table: pd.DataFrame, path: str | Path, title: str = "Score p
     sns.set_theme(style="white")
     settings = sorted(table["setting"].unique())
     heights = [table.loc[table["setting"] == s, "task"].nunique() for s in settings]
+    # Constrained layout keeps each panel's rotated column labels clear of the next panel's title; every
+    # panel gets room for those labels on top of its rows.
     fig, axes = plt.subplots(
-        len(settings), 1, figsize=(10, 1.2 + 0.35 * sum(heights) + len(settings)), squeeze=False,
-        gridspec_kw={"height_ratios": heights},
+        len(settings), 1, figsize=(10, 1.2 + 0.35 * sum(heights) + 2.2 * len(settings)), squeeze=False,
+        gridspec_kw={"height_ratios": heights}, layout="constrained",
     )  # fmt: skip
     for ax, setting in zip(axes[:, 0], settings, strict=True):
         rows = table[table["setting"] == setting]
