@@ -53,15 +53,18 @@ def test_one_shot_count_puts_methods_side_by_side_and_joins_each_task(tmp_path):
     assert len([line for line in fig.axes[0].get_lines() if len(line.get_xdata()) == 3]) == 4
 
 
-def test_several_shot_counts_draw_a_curve_per_method(tmp_path):
-    results = _rows(["lora", "metalora"], [0, 5, 10], tasks=3)
+def test_several_shot_counts_draw_a_curve_per_method_and_the_floor_dashed(tmp_path):
+    results = _rows(["lora", "metalora", "constant"], [0, 5, 10], tasks=3)
     fig = few_shot_figure(_summary(results), tmp_path / "f.png", results=results)
     ax = fig.axes[0]
     assert ax.get_xlabel().startswith("shots")
     assert {text.get_text() for text in ax.get_legend().get_texts()} == {
         METHOD_LABELS["lora"],
         METHOD_LABELS["metalora"],
+        METHOD_LABELS["constant"],
     }
+    styles = {curve.get_label(): curve.lines[0].get_linestyle() for curve in ax.containers}
+    assert styles[METHOD_LABELS["constant"]] == "--" and styles[METHOD_LABELS["metalora"]] == "-"
 
 
 def test_comparison_training_curves_draw_every_compared_run(tmp_path):

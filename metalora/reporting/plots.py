@@ -153,8 +153,11 @@ def _few_shot_panel(ax: plt.Axes, summary: pd.DataFrame, seed_curves: pd.DataFra
         label = METHOD_LABELS.get(method, method)
         marker = "s" if len(rows) == 1 else "o"
         color = PALETTE.get(method)
+        # The best constant answer is a floor, not a learner: a dashed line without markers.
+        floor = method == "constant"
         ax.errorbar(rows["n_shots"], rows["mean"], yerr=[rows["mean"] - rows["ci_low"], rows["ci_high"] - rows["mean"]],
-                    marker=marker, label=label, color=color, capsize=3)  # fmt: skip
+                    marker=None if floor else marker, linestyle="--" if floor else "-", label=label, color=color,
+                    capsize=3)  # fmt: skip
         ax.fill_between(rows["n_shots"], rows["ci_low"], rows["ci_high"], alpha=0.12, color=color)
         for _, seed_rows in seed_curves[seed_curves["method"] == method].groupby("train_seed"):
             seed_rows = seed_rows[seed_rows["n_shots"] != FULL_DATA_SHOTS].sort_values("n_shots")
