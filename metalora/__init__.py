@@ -1,7 +1,7 @@
 """metalora: meta-learning LoRA initialisations (MeTA-LoRA) and the baselines it is compared with.
 
 The packages follow the architecture, each importing only those above it in this list:
-`speed` (how the method is computed), `method` (adapt, meta_step, loss), `data` (task suites, splits,
+`speed` (how the method is computed), `method` (adapt, meta_gradients, loss), `data` (task suites, splits,
 episodes, collation), `modeling` (model and LoRA loading), `training`, `evaluation`, `reporting`,
 `experiments` (whole `metalora eval` runs and sweeps). What a notebook needs is exported here; the names
 are imported on first use, so `import metalora` stays cheap.
@@ -22,10 +22,11 @@ _EXPORTS = {
     "run_sweep": "metalora.experiments.sweep",
     "aggregate_sweep": "metalora.experiments.sweep",
     "train": "metalora.training.train",
-    "build_trainer": "metalora.training.train",
+    "build_parts": "metalora.training.parts",
+    "training_step": "metalora.training.step",
     "latest_checkpoint": "metalora.training.checkpoints",
     "adapt": "metalora.method.adapt",
-    "meta_step": "metalora.method.meta",
+    "meta_gradients": "metalora.method.meta",
     "EpisodeSampler": "metalora.data.episodes",
     "Encoder": "metalora.data.collation",
     "build_experiment": "metalora.data.splits",

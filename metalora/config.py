@@ -31,6 +31,7 @@ SCENARIOS = ("heldout", "seen")
 # A per-task sample budget that takes every example not set aside for testing.
 ALL_SAMPLES = "all"
 INNER_OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULERS = ("constant", "linear", "cosine")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CPU_DROPOUT_MASKS = ("numpy", "torch")
 # Speed options that had their own groups before the `speed` group gathered them.
@@ -96,8 +97,13 @@ class MetaConfig:
     inner_batch_size: int = 4
     # Inner-loop optimizer: adam or sgd (functional; its state lives inside the loop).
     inner_optimizer: str = "adam"
-    # Meta-optimizer (stage 2) learning rate of metalora and fomaml (AdamW).
+    # Meta-optimizer (stage 2) learning rate of metalora and fomaml (AdamW): the peak of the schedule.
     meta_lr: float = 5e-5
+    # Schedule of the meta-learning rate (and of multitask's rate and reptile's step size) over the run:
+    # constant, linear (decay to 0 at the last step) or cosine (half a cosine to 0), after any warmup.
+    lr_scheduler: str = "constant"
+    # Meta-steps over which the rate rises linearly from 0 to its peak (0 = no warmup).
+    warmup_steps: int = 0
     # AdamW weight decay of the meta-optimizer (metalora, fomaml) and the multi-task baseline.
     weight_decay: float = 0.01
     # Clip the meta-gradient to this global L2 norm before the meta-optimizer step (0 = no clipping).
@@ -320,6 +326,8 @@ def _check_values(cfg: Config) -> None:
         ("speed.cpu_dropout_masks", cfg.speed.cpu_dropout_masks in CPU_DROPOUT_MASKS, f"one of {CPU_DROPOUT_MASKS}"),
         ("meta.inner_lr", cfg.meta.inner_lr > 0, "positive"),
         ("meta.meta_lr", cfg.meta.meta_lr > 0, "positive"),
+        ("meta.lr_scheduler", cfg.meta.lr_scheduler in LR_SCHEDULERS, f"one of {LR_SCHEDULERS}"),
+        ("meta.warmup_steps", cfg.meta.warmup_steps >= 0, ">= 0"),
         ("meta.inner_steps", cfg.meta.inner_steps >= 0, ">= 0"),
         ("meta.inner_batch_size", cfg.meta.inner_batch_size > 0, "positive"),
         ("meta.meta_batch_size", cfg.meta.meta_batch_size > 0, "positive"),

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from accelerate import Accelerator
 
 from metalora.benchmarks.meta_step import VARIANTS, markdown, naive_meta_step, variant_config
 from metalora.benchmarks.meta_step import main as bench_main
@@ -13,9 +14,9 @@ from metalora.benchmarks.saved_activations import main as saved_activations_main
 from metalora.benchmarks.saved_activations import saved_storages
 from metalora.config import load_config
 from metalora.machine import cpu_model_name
-from metalora.method.meta import meta_step
 from metalora.modeling.lora import lora_params
-from metalora.training.train import build_trainer
+from metalora.training.parts import build_parts
+from metalora.training.step import training_step
 
 SMOKE = ["params/base.yaml", "params/smoke.yaml"]
 
@@ -25,15 +26,14 @@ def test_the_naive_reference_takes_the_same_meta_step_as_the_kit(nudge_lora_b):
     updated = []
     for naive in (False, True):
         torch.manual_seed(0)
-        trainer = build_trainer(cfg)
+        trainer = build_parts(cfg)
         nudge_lora_b(trainer)
         tasks = {n: p.task for n, p in trainer.experiment.train.items()}
         episodes = trainer.sampler.sample(0)
         if naive:
             naive_meta_step(trainer.model, episodes, tasks, trainer.encoder, cfg, trainer.optimizer)
         else:
-            meta_step(trainer.model, trainer.shared, episodes, tasks, trainer.encoder, cfg.meta, trainer.optimizer,
-                      total_tasks=len(episodes))  # fmt: skip
+            training_step(trainer, 0, Accelerator(cpu=True))
         updated.append({k: v.detach().clone() for k, v in lora_params(trainer.model).items()})
     for name in updated[0]:
         torch.testing.assert_close(updated[0][name], updated[1][name], rtol=1e-4, atol=1e-6)

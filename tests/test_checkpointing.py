@@ -8,14 +8,14 @@ from metalora.method.loss import batch_loss
 from metalora.method.meta import meta_gradients
 from metalora.speed.activation_checkpointing import checkpoint_decoder_layers
 from metalora.speed.compiled_layers import decoder_layers
-from metalora.training.train import build_trainer
+from metalora.training.parts import build_parts
 
 SMOKE = ["params/base.yaml", "params/smoke.yaml"]
 
 
 def trainer_with(checkpointed: bool, *overrides: str):
     flag = f"speed.activation_checkpointing={str(checkpointed).lower()}"
-    return build_trainer(load_config(SMOKE, ["lora.dropout=0.1", flag, *overrides]))
+    return build_parts(load_config(SMOKE, ["lora.dropout=0.1", flag, *overrides]))
 
 
 def support_batch(trainer):

@@ -19,7 +19,7 @@ from metalora.method.loss import batch_loss
 from metalora.method.meta import meta_gradients
 from metalora.reporting.efficiency import EFFICIENCY_COLUMNS
 from metalora.training.budgets import FULL_DATA_SHOTS, meta_example_gradients, multitask_plan
-from metalora.training.train import build_trainer
+from metalora.training.parts import build_parts
 
 SMOKE = ["params/base.yaml", "params/smoke.yaml"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +52,7 @@ def test_multitask_budget_matches_the_meta_training_run_or_the_set_value():
 
 
 def test_multitask_gradient_is_the_pooled_loss_gradient_at_the_shared_weights():
-    trainer = build_trainer(load_config(SMOKE, ["lora.dropout=0.0", "meta.algorithm=multitask"]))
+    trainer = build_parts(load_config(SMOKE, ["lora.dropout=0.0", "meta.algorithm=multitask"]))
     with torch.no_grad():
         for name, p in trainer.shared.items():
             if "lora_B" in name:

@@ -7,13 +7,13 @@ from metalora.config import ConfigError, load_config
 from metalora.method.meta import meta_gradients
 from metalora.speed.compiled_layers import compile_decoder_layers, decoder_layers
 from metalora.speed.dropout_masks import NumpyMaskDropout
-from metalora.training.train import build_trainer
+from metalora.training.parts import build_parts
 
 SMOKE = ["params/base.yaml", "params/smoke.yaml"]
 
 
 def meta_gradients_of(nudge_lora_b, *overrides: str):
-    trainer = build_trainer(load_config(SMOKE, ["lora.dropout=0.0", *overrides]))
+    trainer = build_parts(load_config(SMOKE, ["lora.dropout=0.0", *overrides]))
     nudge_lora_b(trainer)
     episodes = trainer.sampler.sample(0)
     tasks = {name: pool.task for name, pool in trainer.experiment.train.items()}

@@ -1,7 +1,10 @@
-"""Episodes -> adapt -> meta_step on tiny-random: the properties the method's correctness rests on."""
+"""Episodes -> adapt -> meta-gradients -> training step on tiny-random: what the method's correctness rests on."""
+
+import contextlib
 
 import pytest
 import torch
+from accelerate import Accelerator
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from metalora.config import load_config
@@ -10,15 +13,16 @@ from metalora.data.episodes import EpisodeSampler
 from metalora.data.tasks import TaskError
 from metalora.method.adapt import adapt, inner_update
 from metalora.method.loss import batch_loss
-from metalora.method.meta import meta_gradients, meta_step
-from metalora.training.train import build_trainer
+from metalora.method.meta import meta_gradients
+from metalora.training.parts import build_parts
+from metalora.training.step import StepResult, training_step
 
 SMOKE = ["params/base.yaml", "params/smoke.yaml"]
 
 
 def trainer_for(*overrides: str):
     cfg = load_config(SMOKE, ["lora.dropout=0.0", *overrides])
-    return build_trainer(cfg)
+    return build_parts(cfg)
 
 
 def first_episode(trainer, step=0):
@@ -170,12 +174,9 @@ def test_second_order_matches_an_unrolled_reference_and_differs_from_first_order
 
 
 def run_steps(trainer, steps):
-    tasks = tasks_of(trainer)
+    accelerator = Accelerator(cpu=True)
     for step in range(steps):
-        meta_step(
-            trainer.model, trainer.shared, trainer.sampler.sample(step), tasks, trainer.encoder,
-            trainer.cfg.meta, trainer.optimizer, trainer.cfg.meta.meta_batch_size,
-        )  # fmt: skip
+        training_step(trainer, step, accelerator)
 
 
 def test_metalora_moves_only_lora_weights():
@@ -234,9 +235,7 @@ def test_meta_gradient_is_clipped_and_its_norm_reported():
         trainer = trainer_for("meta.algorithm=reptile", f"meta.max_grad_norm={bound}")
         nudge_lora_b(trainer)
         before = snapshot(trainer.shared)
-        cfg = trainer.cfg.meta
-        result = meta_step(trainer.model, trainer.shared, trainer.sampler.sample(0), tasks_of(trainer),
-                           trainer.encoder, cfg, trainer.optimizer, cfg.meta_batch_size)  # fmt: skip
+        result = training_step(trainer, 0, Accelerator(cpu=True))
         norms[bound] = result.grad_norm
         moved[bound] = float(torch.sqrt(sum(((v.detach() - before[k]) ** 2).sum() for k, v in trainer.shared.items())))
     assert norms[0.0] == pytest.approx(norms[1e-4], rel=1e-5) and norms[0.0] > 1e-3
@@ -330,10 +329,11 @@ def test_skipping_the_gap_check_keeps_the_gradient_and_drops_only_its_forward():
         episode = first_episode(trainer)[0]
         grads, stats = meta_gradients(trainer.model, trainer.shared, [episode], tasks_of(trainer), trainer.encoder,
                                       trainer.cfg.meta, total_tasks=1, speed=trainer.cfg.speed)  # fmt: skip
-        results[measure] = (grads, stats[0], step_metrics(0, stats, 1.0, torch.device("cpu")))
+        result = StepResult(stats, None, 1e-3)
+        results[measure] = (grads, stats[0], step_metrics(0, result, 1.0, torch.device("cpu")))
         _, support = support_batches(trainer, episode)
     (grads_on, with_gap, logged_on), (grads_off, without, logged_off) = results[True], results[False]
-    # Two trainers built in one process start from the same LoRA init (seeded in build_trainer).
+    # Two trainers built in one process start from the same LoRA init (seeded in build_parts).
     for a, b in zip(grads_on, grads_off, strict=True):
         assert torch.equal(a, b)
     assert with_gap.tokens - without.tokens == int(support[0]["attention_mask"].sum())
@@ -408,22 +408,37 @@ def test_task_batched_is_refused_where_it_does_not_apply():
             load_config(SMOKE, ["speed.task_batched=true", *overrides])
 
 
-def test_the_meta_gradient_is_reduced_in_one_flattened_call_with_the_same_result():
-    calls = []
+class SecondProcessAccelerator:
+    """Rank 0 of two processes; the other rank's flattened meta-gradient is given, and every reduce is recorded."""
 
-    def counting(tensor):
-        calls.append(tensor.shape)
-        return tensor
+    num_processes, process_index = 2, 0
 
+    def __init__(self, other: torch.Tensor):
+        self.other = other
+        self.reduced: list[torch.Size] = []
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def reduce(self, tensor, reduction):
+        assert reduction == "sum"
+        self.reduced.append(tensor.shape)
+        return tensor + self.other
+
+
+def test_two_processes_reduce_the_meta_gradient_in_one_flattened_call_to_the_one_process_step():
     updated = []
-    for reduce in (counting, None):
+    for world in (1, 2):
         trainer = trainer_for("lora.dropout=0.0")
         nudge_lora_b(trainer)
-        cfg = trainer.cfg.meta
-        kwargs = {"reduce": reduce} if reduce else {}
-        meta_step(trainer.model, trainer.shared, trainer.sampler.sample(0), tasks_of(trainer), trainer.encoder, cfg,
-                  trainer.optimizer, cfg.meta_batch_size, **kwargs)  # fmt: skip
+        if world == 1:
+            training_step(trainer, 0, Accelerator(cpu=True))
+        else:
+            other, _ = meta_gradients(trainer.model, trainer.shared, trainer.sampler.sample(0, 1, 2), tasks_of(trainer),
+                                      trainer.encoder, trainer.cfg.meta, trainer.cfg.meta.meta_batch_size)  # fmt: skip
+            accelerator = SecondProcessAccelerator(torch.cat([g.reshape(-1) for g in other]))
+            training_step(trainer, 0, accelerator)
+            assert accelerator.reduced == [(sum(v.numel() for v in trainer.shared.values()),)]
         updated.append(snapshot(trainer.shared))
-    assert len(calls) == 1 and calls[0] == (sum(v.numel() for v in updated[0].values()),)
     for name, value in updated[0].items():
-        torch.testing.assert_close(value, updated[1][name])
+        torch.testing.assert_close(value, updated[1][name], rtol=1e-5, atol=1e-7)

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+from accelerate import Accelerator
 
 from metalora.config import load_config
-from metalora.method.meta import meta_step
-from metalora.training.train import build_trainer
+from metalora.training.parts import build_parts
+from metalora.training.step import training_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")]
 SMOKE = ["params/base.yaml", "params/smoke.yaml"]
@@ -14,11 +15,9 @@ SMOKE = ["params/base.yaml", "params/smoke.yaml"]
 def test_a_bf16_meta_step_on_cuda_follows_the_fp32_cpu_step():
     moved = {}
     for device, dtype in (("cpu", "float32"), ("cuda", "auto")):
-        trainer = build_trainer(load_config(SMOKE, ["lora.dropout=0.0", f"model.dtype={dtype}"]), device)
+        trainer = build_parts(load_config(SMOKE, ["lora.dropout=0.0", f"model.dtype={dtype}"]), device)
         before = {k: v.detach().clone() for k, v in trainer.shared.items()}
-        tasks = {n: p.task for n, p in trainer.experiment.train.items()}
-        meta_step(trainer.model, trainer.shared, trainer.sampler.sample(0), tasks, trainer.encoder, trainer.cfg.meta,
-                  trainer.optimizer, trainer.cfg.meta.meta_batch_size)  # fmt: skip
+        training_step(trainer, 0, Accelerator(cpu=device == "cpu"))
         assert next(trainer.model.parameters()).dtype == (torch.bfloat16 if device == "cuda" else torch.float32)
         moved[device] = {k: (v.detach() - before[k]).float().cpu() for k, v in trainer.shared.items()}
     for name, step in moved["cpu"].items():

@@ -7,13 +7,13 @@ from metalora.config import ConfigError, load_config
 from metalora.method.batch import IGNORE_INDEX
 from metalora.method.loss import batch_loss, count_input_tokens, count_target_tokens
 from metalora.method.meta import meta_gradients
-from metalora.training.train import build_trainer
+from metalora.training.parts import build_parts
 
 SMOKE = ["params/base.yaml", "params/smoke.yaml"]
 
 
 def trainer_for(*overrides: str):
-    return build_trainer(load_config(SMOKE, ["lora.dropout=0.0", *overrides]))
+    return build_parts(load_config(SMOKE, ["lora.dropout=0.0", *overrides]))
 
 
 def support_pairs(trainer, count: int = 4):

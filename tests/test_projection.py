@@ -8,7 +8,7 @@ from metalora.config import ModelConfig, load_config
 from metalora.method.meta import meta_gradients
 from metalora.modeling.models import load_model
 from metalora.speed.weight_first_logits import WeightFirstProjection, use_weight_first_projection
-from metalora.training.train import build_trainer
+from metalora.training.parts import build_parts
 
 SMOKE = ["params/base.yaml", "params/smoke.yaml"]
 
@@ -77,7 +77,7 @@ def test_load_model_installs_it_and_keeps_the_model_as_it_was():
 def test_meta_gradients_and_statistics_equal_with_nn_linear(nudge_lora_b):
     results = []
     for weight_first in ("true", "false"):
-        trainer = build_trainer(load_config(SMOKE, [f"speed.weight_first_logits={weight_first}"]))
+        trainer = build_parts(load_config(SMOKE, [f"speed.weight_first_logits={weight_first}"]))
         assert isinstance(trainer.model.get_output_embeddings(), WeightFirstProjection) == (weight_first == "true")
         nudge_lora_b(trainer)
         tasks = {name: pool.task for name, pool in trainer.experiment.train.items()}

@@ -3,7 +3,7 @@
     metalora bench [params.yaml ...] [a.b=value ...] [--steps 5] [--warmup 1] [--repeats 1] [--meta-batches 1,2,4,8]
 
 Variants, on the same episodes (the same seed and steps) and the same model:
-- metalora: the kit's functional meta-step (`metalora.method.meta.meta_step`);
+- metalora: the kit's functional meta-step (`metalora.training.step.training_step`);
 - metalora-batched: the same with `speed.task_batched` (all tasks of a meta-batch adapted in one
   vmapped forward pass and one backward);
 - metalora-packed: the kit's meta-step with short batches packed into one unpadded row
@@ -44,6 +44,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -55,12 +56,12 @@ from metalora.data.tasks import Task
 from metalora.io import atomic_write_json, atomic_write_text
 from metalora.machine import cpu_model_name, describe_machine, machine_line
 from metalora.method.loss import count_input_tokens
-from metalora.method.meta import meta_step
 from metalora.modeling.lora import lora_params, save_adapter
 from metalora.modeling.models import pick_device
 from metalora.speed.dropout_masks import PROFILE_LABEL
 from metalora.training.checkpoints import directory_bytes
-from metalora.training.train import build_trainer
+from metalora.training.parts import build_parts
+from metalora.training.step import training_step
 
 RESULT_TAG = "BENCH-RESULT "
 VARIANTS = (
@@ -269,21 +270,22 @@ def run_variant(
     device = pick_device(cfg.train.cpu)
     cfg = variant_config(cfg, variant)
     torch.manual_seed(cfg.train.seed)
-    trainer = build_trainer(cfg, device)
-    tasks = {name: pool.task for name, pool in trainer.experiment.train.items()}
+    trainer = build_parts(cfg, device)
+    tasks = trainer.tasks
+    # One process; its autocast is off, so the `autocast` below decides the precision for every variant alike.
+    accelerator = Accelerator(cpu=device.type != "cuda", mixed_precision="no")
     # Before any step: on CPU the base weights are memory-mapped and become resident as the first step reads them.
     setup_memory = _current_memory_mb(device)
     parameter_bytes = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def one_step(step: int) -> None:
-        episodes = trainer.sampler.sample(step)
         with autocast:
             if variant == "naive":
-                naive_meta_step(trainer.model, episodes, tasks, trainer.encoder, cfg, trainer.optimizer)
+                naive_meta_step(trainer.model, trainer.sampler.sample(step), tasks, trainer.encoder, cfg,
+                                trainer.optimizer)  # fmt: skip
             else:
-                meta_step(trainer.model, trainer.shared, episodes, tasks, trainer.encoder, cfg.meta,
-                          trainer.optimizer, total_tasks=len(episodes), speed=cfg.speed)  # fmt: skip
+                training_step(trainer, step, accelerator)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 

@@ -24,7 +24,7 @@ from metalora.config import load_config, split_args
 from metalora.machine import describe_machine, machine_line
 from metalora.method.meta import meta_gradients
 from metalora.modeling.models import pick_device
-from metalora.training.train import build_trainer
+from metalora.training.parts import build_parts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     files, overrides = split_args(args.config)
     cfg = load_config(files or ["params/base.yaml", "params/demo.yaml"], ["meta.measure_gap=false", *overrides])
     torch.manual_seed(cfg.train.seed)
-    trainer = build_trainer(cfg, pick_device(cfg.train.cpu))
+    trainer = build_parts(cfg, pick_device(cfg.train.cpu))
     tasks = {name: pool.task for name, pool in trainer.experiment.train.items()}
     settings = {"padded": dataclasses.replace(cfg.speed, pack_tokens=0),
                 "packed": dataclasses.replace(cfg.speed, pack_tokens=args.pack_tokens)}  # fmt: skip

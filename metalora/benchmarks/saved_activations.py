@@ -27,7 +27,7 @@ from metalora.config import load_config, split_args
 from metalora.machine import describe_machine, machine_line
 from metalora.method.loss import batch_loss
 from metalora.speed.dropout_masks import torch_dropout_masks
-from metalora.training.train import build_trainer
+from metalora.training.parts import build_parts
 
 
 def saved_storages(forward: Callable[[], torch.Tensor], leave_out: set[int]) -> dict[int, tuple[int, str]]:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     files, overrides = split_args(args.config)
     cfg = load_config(files or ["params/base.yaml", "params/demo.yaml"], overrides)
     torch.manual_seed(cfg.train.seed)
-    trainer = build_trainer(cfg)
+    trainer = build_parts(cfg)
     model = trainer.model
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     episode = trainer.sampler.sample(0)[0]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from metalora.config import ConfigError
+from metalora.config import ConfigError, DataConfig
 from metalora.data.tasks import Example, Task, TaskError
 from metalora.method.batch import IGNORE_INDEX, window_positions
 
@@ -56,6 +56,14 @@ class Encoder:
         self.max_target_tokens = max_target_tokens
         self.device = torch.device(device)
         self._cache: dict[str, tuple[list[int], list[int]]] = {}
+
+    @classmethod
+    def from_config(
+        cls, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, device: torch.device | str = "cpu"
+    ) -> Encoder:
+        """The encoder the `data` group of a config describes."""
+        return cls(tokenizer, cfg.prompt_template, cfg.use_instruction, cfg.max_prompt_tokens, cfg.max_target_tokens,
+                   device=device, chat_template=cfg.chat_template)  # fmt: skip
 
     def prompt(self, task: Task, example: Example) -> str:
         """Return the prompt text of `example` (as a chat-template user turn when asked)."""

@@ -1,7 +1,7 @@
-"""One meta-step for MeTA-LoRA, FOMAML and Reptile.
+"""The meta-gradient of one meta-batch for MeTA-LoRA, FOMAML, Reptile and multi-task training.
 
-Every algorithm turns a meta-batch into a gradient on the shared weights and lets the meta-optimizer
-step on it:
+Every algorithm turns a meta-batch into a gradient on the shared weights; the training step
+(`metalora/training/step.py`) reduces it, clips it and hands it to the meta-optimizer:
 - metalora / fomaml: the mean over tasks of the query-loss gradient (at the adapted weights when
   first-order; differentiated back through the inner loop otherwise). fomaml is the same code over
   all base weights instead of the LoRA weights.
@@ -9,13 +9,11 @@ step on it:
   together at the shared weights (plain multi-task training, the multi-task LoRA baseline).
 - reptile: minus the mean displacement (adapted - shared), so an SGD meta-optimizer with lr =
   reptile_step_size moves the shared weights by that fraction of the mean displacement.
-The meta-gradient's global norm is measured every step and clipped to `max_grad_norm` when that is set.
 Each task's graph is freed before the next task starts, so memory does not grow with the meta-batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,15 +24,6 @@ from metalora.method.adapt import Params, adapt
 from metalora.method.batch import BatchMaker, EpisodeLike
 from metalora.method.batched import adapt_batched, batched_loss, batched_loss_and_grad, can_batch
 from metalora.method.loss import batch_loss, count_input_tokens, count_target_tokens
-
-
-@dataclass
-class MetaStepResult:
-    """What one meta-step reported: the per-task statistics of this process and the meta-gradient's norm."""
-
-    tasks: list[TaskStats]
-    # Global L2 norm of the summed meta-gradient before clipping (None when the step was skipped).
-    grad_norm: float | None
 
 
 @dataclass
@@ -210,46 +199,3 @@ def _task_batched_gradients(
 def _mean_loss(model: torch.nn.Module, params: Params, batches: list[dict[str, torch.Tensor]]) -> float:
     total_tokens = sum(count_target_tokens(b) for b in batches)
     return sum(float(batch_loss(model, params, b)) * count_target_tokens(b) / total_tokens for b in batches)
-
-
-def meta_step(
-    model: torch.nn.Module,
-    shared: Params,
-    episodes: list[EpisodeLike],
-    tasks: dict[str, Any],
-    encoder: BatchMaker,
-    cfg: MetaConfig,
-    optimizer: torch.optim.Optimizer,
-    total_tasks: int,
-    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-    can_step: Callable[[list[TaskStats]], bool] = lambda stats: True,
-    speed: SpeedConfig | None = None,
-) -> MetaStepResult:
-    """Compute the meta-gradient of a meta-batch and take one meta-optimizer step.
-
-    Args:
-        shared: the shared weights (the optimizer's parameters), by name.
-        episodes: this process's episodes of the meta-batch.
-        optimizer: the meta-optimizer over `shared`'s tensors.
-        total_tasks: tasks in the whole meta-batch (all processes).
-        reduce: sums a tensor over processes (identity for one process); called once per step, on all the
-            meta-gradients flattened into one vector.
-        can_step: called with the statistics before the update; False skips it (e.g. a NaN loss).
-        speed: how to compute the meta-gradient (`metalora.config.SpeedConfig`); the defaults when None.
-
-    Returns:
-        The per-task statistics of this process and the meta-gradient's norm.
-    """
-    grads, stats = meta_gradients(model, shared, episodes, tasks, encoder, cfg, total_tasks, speed)
-    if not can_step(stats):
-        return MetaStepResult(stats, None)
-    # One flattened reduction for all shared tensors: one collective per step instead of one per LoRA tensor.
-    flat = reduce(torch.cat([g.reshape(-1) for g in grads])) if len(grads) > 1 else reduce(grads[0]).reshape(-1)
-    for tensor, grad in zip(shared.values(), flat.split([g.numel() for g in grads]), strict=True):
-        tensor.grad = grad.view_as(tensor)
-    # An infinite bound measures the norm without changing the gradient.
-    bound = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    norm = torch.nn.utils.clip_grad_norm_(list(shared.values()), bound)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return MetaStepResult(stats, float(norm))

@@ -1,7 +1,9 @@
 """Headless meta-training: `accelerate launch -m metalora.training.train params/base.yaml [more.yaml] [a.b=value ...]`.
 
-The same entry point runs as `python -m metalora.training.train` and `metalora train`. Loop order follows the
-accelerate examples: Accelerator -> seed -> data -> model -> optimizer -> loop. The frozen base is not
+The same entry point runs as `python -m metalora.training.train` and `metalora train`. A run reads in three
+parts: `prepare_run` (resume policy, parts, run records, trackers), `run_loop` (each step of `training/step.py`,
+its log line, checkpoints) and `finish_run` (final weights, summary). Order follows the accelerate examples:
+Accelerator -> seed -> data -> model -> optimizer -> loop. The frozen base is not
 wrapped in DDP (function transforms and DDP hooks do not mix): each process adapts its own tasks of
 the meta-batch and the meta-gradients are summed explicitly with `accelerator.reduce`, so every
 process holds the same shared weights.
@@ -12,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import resource
 import sys
 import time
@@ -22,21 +23,16 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from metalora.config import Config, ConfigError, load_config, save_config, split_args
-from metalora.data.collation import Encoder
-from metalora.data.episodes import EpisodeSampler
-from metalora.data.splits import Experiment, build_experiment, save_splits
+from metalora.data.splits import save_splits
 from metalora.errors import MetaloraError, exit_status
 from metalora.io import atomic_write_json, atomic_write_text
-from metalora.method.meta import TaskStats, meta_step
-from metalora.modeling.lora import attach_lora, lora_params, save_adapter
-from metalora.modeling.models import count_parameters, load_model, pick_device
-from metalora.speed.activation_checkpointing import checkpoint_decoder_layers
-from metalora.speed.compiled_layers import compile_decoder_layers
+from metalora.modeling.lora import save_adapter
+from metalora.modeling.models import count_parameters, pick_device
 from metalora.training.budgets import example_gradients, multitask_plan, planned_steps
 from metalora.training.checkpoints import (
     CheckpointError,
@@ -45,69 +41,15 @@ from metalora.training.checkpoints import (
     prune_checkpoints,
     save_checkpoint,
 )
+from metalora.training.parts import TrainingParts, build_parts, position_scheduler
 from metalora.training.rundir import locked, record_resume, refuse_used, resume_changes
+from metalora.training.step import StepResult, losses_finite, training_step
 
 LOGGER = logging.getLogger("metalora")
 
 
 class TrainingDivergedError(MetaloraError):
     """A loss became NaN or infinite; the last good state was saved first."""
-
-
-@dataclass
-class Trainer:
-    """Everything a meta-training loop needs, built once (also usable step by step from a notebook)."""
-
-    cfg: Config
-    model: torch.nn.Module
-    encoder: Encoder
-    experiment: Experiment
-    shared: dict[str, torch.Tensor]
-    optimizer: torch.optim.Optimizer
-    sampler: EpisodeSampler
-
-
-def build_trainer(cfg: Config, device: torch.device | str = "cpu") -> Trainer:
-    """Load data and model, attach LoRA (unless fomaml) and create the meta-optimizer.
-
-    Returns:
-        The trainer's parts.
-    """
-    experiment = build_experiment(cfg.data, cfg.eval.scenario)
-    model, tokenizer = load_model(
-        cfg.model, force_cpu=torch.device(device).type != "cuda", weight_first_logits=cfg.speed.weight_first_logits
-    )
-    model.to(device)
-    if not cfg.meta.first_order and cfg.meta.algorithm == "metalora":
-        # Second order needs a double backward, which fused SDPA attention kernels do not implement.
-        model.set_attn_implementation("eager")
-    if cfg.meta.algorithm == "fomaml":
-        shared = dict(model.named_parameters())
-    else:
-        model = attach_lora(model, cfg.lora, seed=cfg.train.seed, cpu_dropout_masks=cfg.speed.cpu_dropout_masks)
-        shared = lora_params(model)
-    model.train()  # LoRA dropout is part of the inner loop
-    if cfg.speed.activation_checkpointing:
-        checkpoint_decoder_layers(model)
-    if cfg.speed.compile_layers:
-        compile_decoder_layers(model)
-    if cfg.meta.algorithm == "reptile":
-        optimizer: torch.optim.Optimizer = torch.optim.SGD(shared.values(), **optimizer_settings(cfg))
-    else:
-        optimizer = torch.optim.AdamW(shared.values(), **optimizer_settings(cfg))
-    encoder = Encoder(
-        tokenizer,
-        cfg.data.prompt_template,
-        cfg.data.use_instruction,
-        cfg.data.max_prompt_tokens,
-        cfg.data.max_target_tokens,
-        device=device,
-        chat_template=cfg.data.chat_template,
-    )
-    sampler = EpisodeSampler(
-        experiment.train, cfg.meta.n_support, cfg.meta.n_query, cfg.meta.meta_batch_size, cfg.train.seed
-    )
-    return Trainer(cfg, model, encoder, experiment, shared, optimizer, sampler)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -126,13 +68,12 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, the fallback elsewhere
 
 
-def step_metrics(
-    step: int, stats: list[TaskStats], seconds: float, device: torch.device, grad_norm: float | None = None
-) -> dict[str, float]:
-    """Flatten one meta-step's task statistics into the logged metrics."""
-    metrics: dict[str, float] = {"step": step}
-    if grad_norm is not None:
-        metrics["stage2/grad_norm"] = grad_norm
+def step_metrics(step: int, result: StepResult, seconds: float, device: torch.device) -> dict[str, float]:
+    """Flatten one meta-step's result into the logged metrics."""
+    metrics: dict[str, float] = {"step": step, "stage2/lr": result.lr}
+    if result.grad_norm is not None:
+        metrics["stage2/grad_norm"] = result.grad_norm
+    stats = result.tasks
     for s in stats:
         if s.first_inner_loss is not None:
             metrics[f"stage1/{s.task}/loss_first"] = s.first_inner_loss
@@ -147,12 +88,12 @@ def step_metrics(
     return metrics
 
 
-def base_parameter_count(trainer: Trainer) -> int:
+def base_parameter_count(parts: TrainingParts) -> int:
     """Parameters of the frozen base model alone (the LoRA weights are not part of it; FOMAML has none)."""
-    total = count_parameters(trainer.model)["total"]
-    if trainer.cfg.meta.algorithm == "fomaml":
+    total = count_parameters(parts.model)["total"]
+    if parts.cfg.meta.algorithm == "fomaml":
         return total
-    return total - sum(t.numel() for t in trainer.shared.values())
+    return total - sum(t.numel() for t in parts.shared.values())
 
 
 def tracker_config(cfg: Config) -> dict[str, object]:
@@ -165,10 +106,6 @@ def tracker_config(cfg: Config) -> dict[str, object]:
             scalar = isinstance(value, bool | int | float | str)
             hparams[f"{group}.{key}"] = value if scalar else json.dumps(value)
     return hparams
-
-
-def _losses_finite(stats: TaskStats) -> bool:
-    return all(math.isfinite(v) for v in (stats.query_loss, stats.last_inner_loss) if v is not None)
 
 
 def _truncate_metrics(path: Path, start: int) -> None:
@@ -188,26 +125,11 @@ def _truncate_metrics(path: Path, start: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def optimizer_settings(cfg: Config) -> dict[str, float]:
-    """The meta-optimizer's hyperparameters for `cfg` (what a resumed run applies over the restored ones)."""
-    if cfg.meta.algorithm == "reptile":
-        return {"lr": cfg.meta.reptile_step_size}
-    lr = cfg.baseline.multitask_lr if cfg.meta.algorithm == "multitask" else cfg.meta.meta_lr
-    return {"lr": lr, "weight_decay": cfg.meta.weight_decay}
-
-
-def apply_optimizer_settings(trainer: Trainer) -> None:
-    """Set the configured learning rate and weight decay on every parameter group (a checkpoint restores the
-    values it was saved with)."""
-    for group in trainer.optimizer.param_groups:
-        group.update(optimizer_settings(trainer.cfg))
-
-
-def warn_long_targets(trainer: Trainer) -> None:
+def warn_long_targets(parts: TrainingParts) -> None:
     """Log, per task, how many targets `data.max_target_tokens` cuts (exact match cannot reach them)."""
-    limit = trainer.cfg.data.max_target_tokens
-    for name, pools in trainer.experiment.train.items():
-        lengths = [len(trainer.encoder.tokenizer(" " + e.target, add_special_tokens=False)["input_ids"])
+    limit = parts.cfg.data.max_target_tokens
+    for name, pools in parts.experiment.train.items():
+        lengths = [len(parts.encoder.tokenizer(" " + e.target, add_special_tokens=False)["input_ids"])
                    for e in pools.support + pools.query]  # fmt: skip
         cut = [n for n in lengths if n > limit]
         if cut:
@@ -217,12 +139,12 @@ def warn_long_targets(trainer: Trainer) -> None:
             )  # fmt: skip
 
 
-def _export_final(trainer: Trainer, run_dir: Path) -> Path:
-    if trainer.cfg.meta.algorithm == "fomaml":
+def _export_final(parts: TrainingParts, run_dir: Path) -> Path:
+    if parts.cfg.meta.algorithm == "fomaml":
         target = run_dir / "model"
-        trainer.model.save_pretrained(target)
+        parts.model.save_pretrained(target)
         return target
-    return save_adapter(trainer.model, run_dir / "adapter")
+    return save_adapter(parts.model, run_dir / "adapter")
 
 
 def train(cfg: Config, resume: bool = False) -> Path:
@@ -254,7 +176,10 @@ def train(cfg: Config, resume: bool = False) -> Path:
     with ExitStack() as stack:
         if accelerator.is_main_process:
             stack.enter_context(locked(run_dir))
-        return _train_locked(cfg, resume, accelerator, log_with)
+        run = prepare_run(cfg, resume, accelerator, log_with)
+        run_loop(run, accelerator)
+        finish_run(run, accelerator)
+        return run.run_dir
 
 
 # What `accelerate launch` may ask for that the kit honours: it splits a meta-batch's tasks over processes and
@@ -278,7 +203,30 @@ def check_distributed(cfg: Config, accelerator: Accelerator) -> None:
         )
 
 
-def _train_locked(cfg: Config, resume: bool, accelerator: Accelerator, log_with: list[str] | None) -> Path:
+@dataclass
+class PreparedRun:
+    """A run ready for its loop: its parts (restored from the latest checkpoint on resume) and its steps."""
+
+    parts: TrainingParts
+    run_dir: Path
+    start: int
+    total_steps: int
+
+    @property
+    def metrics_path(self) -> Path:
+        """The run's metrics log, one JSON line per meta-step."""
+        return self.run_dir / "metrics.jsonl"
+
+    def save_checkpoint(self, step: int) -> None:
+        """Checkpoint the shared weights and the meta-optimizer after `step` meta-steps (main process only)."""
+        cfg = self.parts.cfg
+        save_checkpoint(self.run_dir, step, self.parts.model, self.parts.optimizer, cfg.meta.algorithm, cfg.train.seed)
+        prune_checkpoints(self.run_dir, cfg.train.keep_checkpoints)
+
+
+def prepare_run(cfg: Config, resume: bool, accelerator: Accelerator, log_with: list[str] | None) -> PreparedRun:
+    """Apply the resume policy, build the parts (restored from the latest checkpoint on resume), write the
+    run's config and splits, cut the metrics log back to the checkpoint, and start the trackers."""
     run_dir = cfg.run_dir
     set_seed(cfg.train.seed)
     checkpoint = latest_checkpoint(run_dir)
@@ -289,89 +237,80 @@ def _train_locked(cfg: Config, resume: bool, accelerator: Accelerator, log_with:
     changed = resume_changes(run_dir, cfg) if resume else {}
     # The first process converts the embedded model and builds the data; the others then read the cache.
     with accelerator.main_process_first():
-        trainer = build_trainer(cfg, accelerator.device)
+        parts = build_parts(cfg, accelerator.device)
     start = 0
     if checkpoint is not None:
-        start = load_checkpoint(checkpoint, trainer.model, trainer.optimizer, cfg.meta.algorithm, cfg.train.seed)
-        apply_optimizer_settings(trainer)
-    metrics_path = run_dir / "metrics.jsonl"
+        start = load_checkpoint(checkpoint, parts.model, parts.optimizer, cfg.meta.algorithm, cfg.train.seed)
+        position_scheduler(parts, start)
+    run = PreparedRun(parts, run_dir, start, planned_steps(cfg))
     if accelerator.is_main_process:
         if changed:
             record_resume(run_dir, start, changed)
             accelerator.print(f"resuming at step {start} with changed settings: {changed}")
-        warn_long_targets(trainer)
+        warn_long_targets(parts)
         save_config(cfg, run_dir)
-        save_splits(trainer.experiment, run_dir)
-        _truncate_metrics(metrics_path, start)
+        save_splits(parts.experiment, run_dir)
+        _truncate_metrics(run.metrics_path, start)
     if log_with:
         accelerator.init_trackers(cfg.train.run_name, config=tracker_config(cfg))
+    return run
 
-    tasks = {name: pool.task for name, pool in trainer.experiment.train.items()}
-    world, rank = accelerator.num_processes, accelerator.process_index
 
-    def reduce(t: torch.Tensor) -> torch.Tensor:
-        return accelerator.reduce(t, reduction="sum") if world > 1 else t
+def run_loop(run: PreparedRun, accelerator: Accelerator) -> None:
+    """The meta-training loop: each step (`training_step`), its metrics line, and a checkpoint when one is due.
 
-    def all_finite(stats: list[TaskStats]) -> bool:
-        local = all(_losses_finite(s) for s in stats)
-        bad = reduce(torch.tensor(0.0 if local else 1.0, device=accelerator.device))
-        return float(bad) == 0.0
-
-    total_steps = planned_steps(cfg)
-    bar = tqdm(range(start, total_steps), disable=not accelerator.is_main_process, desc=cfg.meta.algorithm)
-    last_saved = start
+    Raises:
+        TrainingDivergedError: a loss or the meta-gradient was not finite (the state before that step is saved).
+    """
+    cfg = run.parts.cfg
+    bar = tqdm(range(run.start, run.total_steps), disable=not accelerator.is_main_process, desc=cfg.meta.algorithm)
     for step in bar:
         began = time.perf_counter()
-        episodes = trainer.sampler.sample(step, rank, world)
-        with accelerator.autocast():
-            result = meta_step(
-                trainer.model, trainer.shared, episodes, tasks, trainer.encoder, cfg.meta, trainer.optimizer,
-                total_tasks=cfg.meta.meta_batch_size, reduce=reduce, can_step=all_finite, speed=cfg.speed,
-            )  # fmt: skip
-        stats = result.tasks
-        all_stats = gather_object(stats) if world > 1 else stats
-        if not all(_losses_finite(s) for s in all_stats):
+        result = training_step(run.parts, step, accelerator)
+        if not result.stepped:
             if accelerator.is_main_process:
-                save_checkpoint(run_dir, step, trainer.model, trainer.optimizer, cfg.meta.algorithm, cfg.train.seed)
-            bad = sorted({s.task for s in all_stats if not math.isfinite(s.query_loss)})
+                run.save_checkpoint(step)
+            bad = sorted({s.task for s in result.tasks if not losses_finite(s)})
             raise TrainingDivergedError(
-                f"non-finite loss at step {step} (tasks {bad}); the state after {step} steps is saved in "
-                f"{run_dir}/checkpoints/step_{step}. Lower meta.inner_lr or meta.meta_lr."
+                f"non-finite {'loss' if bad else 'meta-gradient'} at step {step}{f' (tasks {bad})' if bad else ''}; "
+                f"the state after {step} steps is saved in {run.run_dir}/checkpoints/step_{step}. "
+                "Lower meta.inner_lr or meta.meta_lr."
             )
-        metrics = step_metrics(step, all_stats, time.perf_counter() - began, accelerator.device, result.grad_norm)
+        metrics = step_metrics(step, result, time.perf_counter() - began, accelerator.device)
         if accelerator.is_main_process:
-            with metrics_path.open("a") as handle:
+            with run.metrics_path.open("a") as handle:
                 handle.write(json.dumps(metrics) + "\n")
             bar.set_postfix(meta_loss=f"{metrics['stage2/meta_loss']:.4f}")
         accelerator.log(metrics, step=step)
         done = step + 1
         if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and accelerator.is_main_process:
-            save_checkpoint(run_dir, done, trainer.model, trainer.optimizer, cfg.meta.algorithm, cfg.train.seed)
-            prune_checkpoints(run_dir, cfg.train.keep_checkpoints)
-            last_saved = done
+            run.save_checkpoint(done)
     accelerator.wait_for_everyone()
+
+
+def finish_run(run: PreparedRun, accelerator: Accelerator) -> None:
+    """Checkpoint the last step when the cadence did not, export the final weights and write summary.json."""
+    cfg, parts = run.parts.cfg, run.parts
     if accelerator.is_main_process:
-        if last_saved != total_steps:
-            save_checkpoint(run_dir, total_steps, trainer.model, trainer.optimizer, cfg.meta.algorithm, cfg.train.seed)
-            prune_checkpoints(run_dir, cfg.train.keep_checkpoints)
-        exported = _export_final(trainer, run_dir)
+        if not (run.run_dir / "checkpoints" / f"step_{run.total_steps}").is_dir():
+            run.save_checkpoint(run.total_steps)
+        exported = _export_final(parts, run.run_dir)
         atomic_write_json(
-            run_dir / "summary.json",
+            run.run_dir / "summary.json",
             {
                 "algorithm": cfg.meta.algorithm,
-                "steps": total_steps,
+                "steps": run.total_steps,
                 "example_gradients": example_gradients(cfg),
-                "processes": world,
+                "processes": accelerator.num_processes,
                 "device": str(accelerator.device),
-                "trainable_parameters": sum(t.numel() for t in trainer.shared.values()),
-                "base_parameters": base_parameter_count(trainer),
-                "final_weights": str(exported.relative_to(run_dir)),
+                "trainable_parameters": sum(t.numel() for t in parts.shared.values()),
+                "base_parameters": base_parameter_count(parts),
+                "final_weights": str(exported.relative_to(run.run_dir)),
                 "final_weights_bytes": sum(f.stat().st_size for f in exported.rglob("*") if f.is_file()),
                 **({"budget": multitask_plan(cfg).budget} if cfg.meta.algorithm == "multitask" else {}),
             },
         )
     accelerator.end_training()
-    return run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
