@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,33 @@ def test_stop_and_resume_equals_one_uninterrupted_run(tmp_path):
     assert_same(adapter(whole), adapter(parts))
     steps = [json.loads(line)["step"] for line in (parts / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(6))
+
+
+def logged(run_dir: Path, key: str) -> list[float]:
+    return [json.loads(line)[key] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_meta_learning_rate_warms_up_then_follows_its_schedule(tmp_path):
+    linear = run(tmp_path, "linear", "train.steps=6", "meta.lr_scheduler=linear", "meta.warmup_steps=2")
+    assert logged(linear, "stage2/lr") == pytest.approx([0.0, 5e-4, 1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    cosine = logged(run(tmp_path, "cosine", "train.steps=6", "meta.lr_scheduler=cosine"), "stage2/lr")
+    assert cosine[0] == pytest.approx(1e-3) and cosine[3] == pytest.approx(5e-4)
+    assert all(a > b for a, b in zip(cosine, cosine[1:]))
+    assert logged(run(tmp_path, "constant", "train.steps=3"), "stage2/lr") == [1e-3] * 3
+
+
+def test_a_scheduled_run_stopped_after_a_checkpoint_resumes_bit_exactly(tmp_path):
+    settings = ["train.steps=6", "train.checkpoint_every=3", "meta.lr_scheduler=cosine", "meta.warmup_steps=2"]
+    whole = run(tmp_path, "whole", *settings)
+    # The same run killed between its checkpoints at steps 3 and 6: only step 3 and the first lines remain.
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut)
+    for later in ("checkpoints/step_6", "adapter"):
+        shutil.rmtree(cut / later)
+    (cut / "summary.json").unlink()
+    resumed = run(tmp_path, "cut", *settings, resume=True)
+    assert_same(adapter(whole), adapter(resumed))
+    assert logged(resumed, "stage2/lr") == logged(whole, "stage2/lr")
 
 
 def test_resume_errors_are_named(tmp_path):
