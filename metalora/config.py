@@ -120,6 +120,11 @@ class MetaConfig:
     n_query: int = 20
     # Query examples per forward pass (memory bound, not a statistical choice).
     query_batch_size: int = 8
+    # Rows per forward/backward pass (0 = whole batches): an inner step's support batch is split into
+    # micro-batches whose gradients are accumulated with target-token weights, and query batches are capped at
+    # this many rows; the same gradients as whole batches (up to float rounding), at the memory of the
+    # micro-batch. Evaluation's adaptation on the shots uses it too. A memory bound, not a statistical choice.
+    micro_batch_size: int = 0
     # Forward the first support batch again at the adapted weights to log the adaptation gap: one
     # extra no-grad forward per task. False skips it, and the gap is then not logged.
     measure_gap: bool = True
@@ -334,11 +339,18 @@ def _check_values(cfg: Config) -> None:
         ("meta.n_support", cfg.meta.n_support > 0, "positive"),
         ("meta.n_query", cfg.meta.n_query > 0, "positive"),
         ("meta.query_batch_size", cfg.meta.query_batch_size > 0, "positive"),
+        ("meta.micro_batch_size", cfg.meta.micro_batch_size >= 0, ">= 0 (0 = whole batches)"),
         ("speed.pack_tokens", cfg.speed.pack_tokens >= 0, ">= 0"),
         (
             "speed.task_batched",
             not cfg.speed.task_batched or (cfg.meta.algorithm == "metalora" and cfg.meta.first_order),
             "false unless meta.algorithm is metalora with meta.first_order true",
+        ),
+        (
+            "speed.task_batched",
+            not cfg.speed.task_batched or not 0 < cfg.meta.micro_batch_size < cfg.meta.inner_batch_size,
+            "false with meta.micro_batch_size below meta.inner_batch_size (the task-batched path forwards whole "
+            "batches)",
         ),
         (
             "speed.compile_layers",

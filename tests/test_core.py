@@ -442,3 +442,39 @@ def test_two_processes_reduce_the_meta_gradient_in_one_flattened_call_to_the_one
         updated.append(snapshot(trainer.shared))
     for name, value in updated[0].items():
         torch.testing.assert_close(value, updated[1][name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("first_order", [True, False])
+def test_micro_batches_give_the_meta_gradient_of_whole_batches(first_order):
+    algorithm = ["meta.first_order=true"] if first_order else ["meta.first_order=false"]
+    grads, losses = {}, {}
+    for micro in (0, 1):
+        trainer = trainer_for("meta.inner_steps=3", "meta.query_batch_size=4", f"meta.micro_batch_size={micro}",
+                              *algorithm)  # fmt: skip
+        nudge_lora_b(trainer)
+        grads[micro], stats = meta_gradients(trainer.model, trainer.shared, trainer.sampler.sample(0),
+                                             tasks_of(trainer), trainer.encoder, trainer.cfg.meta, 2)  # fmt: skip
+        losses[micro] = [v for s in stats for v in (s.first_inner_loss, s.last_inner_loss, s.support_loss_after,
+                                                     s.query_loss)]  # fmt: skip
+    for whole, micro in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(micro, whole, rtol=1e-4, atol=1e-7)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_step_batches_split_each_inner_batch_into_micro_batches_in_order():
+    trainer = trainer_for()
+    episode = first_episode(trainer)[0]
+    task = trainer.tasks[episode.task]
+    steps = trainer.encoder.step_batches(task, episode.support[:4], batch_size=3, micro_batch_size=2)
+    assert [[len(b["input_ids"]) for b in step] for step in steps] == [[2, 1], [1]]
+    whole = trainer.encoder.step_batches(task, episode.support[:4], batch_size=3)
+    assert [[len(b["input_ids"]) for b in step] for step in whole] == [[3], [1]]
+    first = trainer.encoder.encode(task, episode.support[0])
+    assert steps[0][0]["input_ids"][0, -len(first[0]) - len(first[1]) :].tolist() == first[0] + first[1]
+
+
+def test_a_micro_batch_size_the_task_batched_path_cannot_honour_is_refused():
+    from metalora.config import ConfigError
+
+    with pytest.raises(ConfigError, match="meta.micro_batch_size below meta.inner_batch_size"):
+        load_config(SMOKE, ["speed.task_batched=true", "meta.micro_batch_size=1"])

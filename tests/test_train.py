@@ -1,5 +1,6 @@
 """The training entry point: outputs, determinism, resume, errors and multi-process equivalence."""
 
+import itertools
 import json
 import os
 import shutil
@@ -113,7 +114,7 @@ def test_the_meta_learning_rate_warms_up_then_follows_its_schedule(tmp_path):
     assert logged(linear, "stage2/lr") == pytest.approx([0.0, 5e-4, 1e-3, 7.5e-4, 5e-4, 2.5e-4])
     cosine = logged(run(tmp_path, "cosine", "train.steps=6", "meta.lr_scheduler=cosine"), "stage2/lr")
     assert cosine[0] == pytest.approx(1e-3) and cosine[3] == pytest.approx(5e-4)
-    assert all(a > b for a, b in zip(cosine, cosine[1:]))
+    assert all(a > b for a, b in itertools.pairwise(cosine))
     assert logged(run(tmp_path, "constant", "train.steps=3"), "stage2/lr") == [1e-3] * 3
 
 

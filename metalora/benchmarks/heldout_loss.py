@@ -41,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     fresh = snapshot_lora(model)
     meta = adapter_init(model, run_dir / "adapter")
-    encoder = Encoder(tokenizer, cfg.data.prompt_template, cfg.data.use_instruction,
-                      cfg.data.max_prompt_tokens, cfg.data.max_target_tokens)  # fmt: skip
+    encoder = Encoder.from_config(tokenizer, cfg.data)
     settings = AdaptSettings(cfg.meta.inner_steps, cfg.meta.inner_lr, cfg.meta.inner_optimizer,
                              cfg.meta.inner_batch_size)  # fmt: skip
     n_shots = cfg.eval.n_shots[-1]

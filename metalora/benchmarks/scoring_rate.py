@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.task or sorted(experiment.heldout)[0]
     pools = experiment.heldout[name]
     examples = pools.test[: cfg.eval.max_test]
-    encoder = Encoder(tokenizer, cfg.data.prompt_template, cfg.data.use_instruction, cfg.data.max_prompt_tokens,
-                      cfg.data.max_target_tokens, device, chat_template=cfg.data.chat_template)  # fmt: skip
+    encoder = Encoder.from_config(tokenizer, cfg.data, device)
     score_task(model, params, encoder, pools.task, examples[:2], 2)  # warm-up: kernels, caches
     batched_s, batched_value = _timed(lambda: score_task(model, params, encoder, pools.task, examples,
                                                          cfg.eval.batch_size))  # fmt: skip

@@ -34,8 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     experiment = build_experiment(cfg.data, cfg.eval.scenario)
     model, tokenizer = load_model(cfg.model, weight_first_logits=cfg.speed.weight_first_logits)
     model = attach_lora(model, cfg.lora, cpu_dropout_masks=cfg.speed.cpu_dropout_masks)
-    encoder = Encoder(tokenizer, cfg.data.prompt_template, cfg.data.use_instruction,
-                      cfg.data.max_prompt_tokens, cfg.data.max_target_tokens)  # fmt: skip
+    encoder = Encoder.from_config(tokenizer, cfg.data)
     settings = AdaptSettings(cfg.eval.adapt_steps, cfg.eval.adapt_lr, cfg.meta.inner_optimizer, 4)
     rows = evaluate_init(model, "lora", snapshot_lora(model), experiment.heldout, encoder, cfg.eval.n_shots,
                          cfg.eval.seeds, settings, cfg.eval.max_test, cfg.eval.batch_size)  # fmt: skip

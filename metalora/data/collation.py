@@ -204,3 +204,25 @@ class Encoder:
             self.pack(chunk) if sum(len(p) + len(t) for p, t in chunk) <= pack_tokens else self.collate(chunk)
             for chunk in chunks
         ]
+
+    def step_batches(
+        self,
+        task: Task,
+        examples: list[Example],
+        batch_size: int,
+        micro_batch_size: int = 0,
+        pack_tokens: int = 0,
+    ) -> list[list[dict[str, torch.Tensor]]]:
+        """`examples` in batches of `batch_size` (in order, one per inner step), each collated as micro-batches of
+        at most `micro_batch_size` rows (0 = the whole batch in one pass).
+
+        A step's micro-batches are forwarded one at a time and their gradients accumulated with target-token
+        weights, which equals one pass over the whole batch: the memory of a long-sequence batch is bounded by
+        the micro-batch, not by `batch_size`.
+        """
+        rows = micro_batch_size or batch_size
+        return [
+            self.batches(task, examples[i : i + batch_size], rows, pack_tokens=pack_tokens)
+            for i in range(0, len(examples), batch_size)
+        ]
+

@@ -33,6 +33,8 @@ class AdaptSettings:
     lr: float
     optimizer: str = "adam"
     batch_size: int = 4
+    # Rows per forward/backward pass within a batch (`meta.micro_batch_size`; 0 = whole batches).
+    micro_batch_size: int = 0
 
 
 @dataclass
@@ -90,7 +92,7 @@ def adapt_on_shots(
     """Adapt `init` on `shots` (0 shots or 0 steps: `init` itself, unadapted)."""
     if not shots or settings.steps == 0:
         return init
-    batches = encoder.batches(pools.task, shots, settings.batch_size)
+    batches = encoder.step_batches(pools.task, shots, settings.batch_size, settings.micro_batch_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(task_seed(seed, "adapt", pools.task.name, len(shots)))
         adapted, _ = adapt(model, init, batches, settings.steps, settings.lr, optimizer=settings.optimizer)

@@ -23,7 +23,6 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 
 from metalora.config import ALL_SAMPLES, TRAINED_METHODS, Config, load_config, save_config
-from metalora.data.collation import Encoder
 from metalora.data.splits import Experiment, HeldoutPools, build_experiment
 from metalora.errors import MetaloraError
 from metalora.evaluation.fewshot import (
@@ -37,8 +36,9 @@ from metalora.evaluation.fewshot import (
 )
 from metalora.evaluation.stats import SINGLE_TRAINING_SEED, per_task, significance, summarise
 from metalora.io import atomic_directory, atomic_write_text
+from metalora.modeling.build import load_base
 from metalora.modeling.lora import attach_lora
-from metalora.modeling.models import load_model, pick_device
+from metalora.modeling.models import pick_device
 from metalora.reporting.efficiency import efficiency_table
 from metalora.reporting.plots import efficiency_figure, few_shot_figure, per_task_figure
 from metalora.training.budgets import FULL_DATA_SHOTS, multitask_plan
@@ -372,12 +372,9 @@ def _check_shots(cfg: Config, evaluated: dict[str, dict[str, HeldoutPools]]) -> 
 def _evaluate_methods(
     cfg: Config, evaluated: dict[str, dict[str, HeldoutPools]], runs: list[TrainedRun], device: torch.device
 ) -> list[EvalRow]:
-    model, tokenizer = load_model(cfg.model, device.type != "cuda", cfg.speed.weight_first_logits)
-    model.to(device)
-    encoder = Encoder(tokenizer, cfg.data.prompt_template, cfg.data.use_instruction, cfg.data.max_prompt_tokens,
-                      cfg.data.max_target_tokens, device, chat_template=cfg.data.chat_template)  # fmt: skip
+    model, encoder = load_base(cfg, device)
     settings = AdaptSettings(cfg.eval.adapt_steps, cfg.eval.adapt_lr, cfg.meta.inner_optimizer,
-                             cfg.meta.inner_batch_size)  # fmt: skip
+                             cfg.meta.inner_batch_size, cfg.meta.micro_batch_size)  # fmt: skip
 
     def curve(net: torch.nn.Module, method: str, init: dict, shots: list[int], how: AdaptSettings,
               train_seed: int = SINGLE_TRAINING_SEED) -> list[EvalRow]:  # fmt: skip
@@ -391,9 +388,8 @@ def _evaluate_methods(
     methods = list(cfg.eval.methods)
     rows: list[EvalRow] = []
     for run in (r for r in runs if r.method == "fomaml"):
-        full_model, _ = load_model(cfg.model, device.type != "cuda", cfg.speed.weight_first_logits)
+        full_model, _ = load_base(cfg, device)
         load_full_weights(full_model, run.weights)
-        full_model.to(device)
         full_model.eval()
         init = {k: v.detach() for k, v in full_model.named_parameters()}
         rows += curve(full_model, "fomaml", init, list(cfg.eval.n_shots), settings, run.train_seed)
@@ -402,7 +398,7 @@ def _evaluate_methods(
     peft_model = attach_lora(model, cfg.lora, cfg.train.seed, cfg.speed.cpu_dropout_masks)
     fresh = snapshot_lora(peft_model)
     full_data = AdaptSettings(cfg.baseline.full_data_steps, cfg.baseline.full_data_lr, cfg.meta.inner_optimizer,
-                              cfg.meta.inner_batch_size)  # fmt: skip
+                              cfg.meta.inner_batch_size, cfg.meta.micro_batch_size)  # fmt: skip
     for method in methods:
         if method == "base":  # the base model has nothing to adapt: its zero-shot score only
             rows += curve(peft_model, "base", fresh, [0], settings)

@@ -10,7 +10,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from metalora.method.loss import batch_loss
+from metalora.method.batch import Batch
+from metalora.method.loss import batch_loss, count_target_tokens
 
 Params = dict[str, torch.Tensor]
 # Adam's first and second moments, one tensor per weight in the weights' order.
@@ -24,7 +25,7 @@ ADAM_EPS = 1e-8
 def adapt(
     model: torch.nn.Module,
     params: Params,
-    batches: Sequence[dict[str, torch.Tensor]],
+    batches: Sequence[Batch | Sequence[Batch]],
     steps: int,
     lr: float,
     optimizer: str = "sgd",
@@ -36,7 +37,9 @@ def adapt(
     Args:
         model: the model whose forward pass is used (its own tensors fill names not in `params`).
         params: starting weights by name; never modified.
-        batches: collated batches; step i uses batches[i % len(batches)].
+        batches: collated batches, or per step the micro-batches of one batch (`Encoder.step_batches`); step i
+            uses batches[i % len(batches)]. A step's micro-batches are forwarded one by one and their gradients
+            summed with target-token weights (the loss of the whole batch, whatever `loss_fn` is per batch).
         steps: number of inner steps (0 returns the input weights).
         optimizer: "sgd" or "adam" (functional; its moments live only inside this call).
         first_order: True detaches every step (no graph back to `params`); False keeps the graph
@@ -54,9 +57,8 @@ def adapt(
     # Kept on the device and read once at the end: a read per step would wait for the device each step.
     losses: list[torch.Tensor] = []
     for step in range(steps):
-        loss = loss_fn(model, current, batches[step % len(batches)])
-        losses.append(loss.detach())
-        grads = torch.autograd.grad(loss, list(current.values()), create_graph=not first_order)
+        loss, grads = _loss_and_grads(model, current, batches[step % len(batches)], loss_fn, not first_order)
+        losses.append(loss)
         # First order detaches every step, so the update itself needs no graph.
         with torch.set_grad_enabled(not first_order):
             values, moments = inner_update(
@@ -65,6 +67,31 @@ def adapt(
         updated = dict(zip(names, values, strict=True))
         current = _fresh_leaves(updated) if first_order else updated
     return current, torch.stack(losses).tolist() if losses else []
+
+
+def _loss_and_grads(
+    model: torch.nn.Module, params: Params, batch: Batch | Sequence[Batch], loss_fn: LossFn, create_graph: bool
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The (detached) loss of one step's batch and its gradient, accumulated over micro-batches when it has them.
+
+    Each micro-batch's graph is released after its backward pass (unless `create_graph` keeps it for a second
+    order), so only one micro-batch's activations are alive at a time.
+    """
+    values = list(params.values())
+    micro = [batch] if isinstance(batch, dict) else list(batch)
+    if len(micro) == 1:
+        loss = loss_fn(model, params, micro[0])
+        return loss.detach(), list(torch.autograd.grad(loss, values, create_graph=create_graph))
+    total_tokens = sum(count_target_tokens(b) for b in micro)
+    total = torch.zeros((), device=values[0].device)
+    grads: list[torch.Tensor] = []
+    for part in micro:
+        loss = loss_fn(model, params, part) * (count_target_tokens(part) / total_tokens)
+        found = torch.autograd.grad(loss, values, create_graph=create_graph)
+        # Out of place, so that a second-order graph runs through the sum.
+        grads = list(found) if not grads else torch._foreach_add(grads, list(found))
+        total = total + loss.detach()
+    return total, grads
 
 
 def _fresh_leaves(params: Params) -> Params:

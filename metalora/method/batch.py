@@ -47,3 +47,7 @@ class BatchMaker(Protocol):
     def batches(
         self, task: Any, examples: list[Any], batch_size: int, group_by_length: bool = False, pack_tokens: int = 0
     ) -> list[Batch]: ...
+
+    def step_batches(
+        self, task: Any, examples: list[Any], batch_size: int, micro_batch_size: int = 0, pack_tokens: int = 0
+    ) -> list[list[Batch]]: ...

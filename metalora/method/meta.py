@@ -21,7 +21,7 @@ import torch
 
 from metalora.config import MetaConfig, SpeedConfig
 from metalora.method.adapt import Params, adapt
-from metalora.method.batch import BatchMaker, EpisodeLike
+from metalora.method.batch import Batch, BatchMaker, EpisodeLike
 from metalora.method.batched import adapt_batched, batched_loss, batched_loss_and_grad, can_batch
 from metalora.method.loss import batch_loss, count_input_tokens, count_target_tokens
 
@@ -111,9 +111,10 @@ def meta_gradients(
     inner_steps = 0 if multitask else cfg.inner_steps
     for episode in episodes:
         task = tasks[episode.task]
-        support = encoder.batches(task, episode.support, cfg.inner_batch_size, pack_tokens=speed.pack_tokens)
+        support = encoder.step_batches(task, episode.support, cfg.inner_batch_size, cfg.micro_batch_size,
+                                       pack_tokens=speed.pack_tokens)  # fmt: skip
         loss_examples = episode.support + episode.query if multitask else episode.query
-        query = encoder.batches(task, loss_examples, cfg.query_batch_size, group_by_length=True,
+        query = encoder.batches(task, loss_examples, query_rows(cfg), group_by_length=True,
                                 pack_tokens=speed.pack_tokens)  # fmt: skip
         # Dropout masks come from the episode's own seed, so a task's result does not depend on
         # which process adapts it or what ran before it.
@@ -140,7 +141,7 @@ def meta_gradients(
             support_after = None
             if cfg.measure_gap:
                 with torch.no_grad():
-                    support_after = float(batch_loss(model, adapted, support[0]))
+                    support_after = _mean_loss(model, adapted, support[0])
         tokens = _forwarded_tokens(support, query, inner_steps, cfg.measure_gap)
         first = inner[0] if inner else support_after
         stats.append(TaskStats(episode.task, first, inner[-1] if inner else first, support_after, q_loss, tokens))
@@ -148,12 +149,22 @@ def meta_gradients(
     return grads, stats
 
 
+def query_rows(cfg: MetaConfig) -> int:
+    """Rows per query forward pass: `query_batch_size`, capped by `micro_batch_size` when that is set (the query
+    loss is a token-weighted mean over all its batches, so how the rows are grouped does not change it)."""
+    return min(cfg.query_batch_size, cfg.micro_batch_size or cfg.query_batch_size)
+
+
 def _forwarded_tokens(
-    support: list[dict[str, torch.Tensor]], query: list[dict[str, torch.Tensor]], inner_steps: int, gap: bool
+    support: list[list[Batch]] | list[Batch], query: list[Batch], inner_steps: int, gap: bool
 ) -> int:
-    # Tokens actually forwarded: one support batch per inner step, every query batch, the support check.
-    inner_tokens = sum(count_input_tokens(support[i % len(support)]) for i in range(inner_steps))
-    return inner_tokens + sum(count_input_tokens(b) for b in query) + (count_input_tokens(support[0]) if gap else 0)
+    # Tokens actually forwarded: one support batch (all its micro-batches) per inner step, every query batch,
+    # the support check.
+    def tokens(step_batch: Batch | list[Batch]) -> int:
+        return sum(count_input_tokens(b) for b in ([step_batch] if isinstance(step_batch, dict) else step_batch))
+
+    inner_tokens = sum(tokens(support[i % len(support)]) for i in range(inner_steps))
+    return inner_tokens + sum(count_input_tokens(b) for b in query) + (tokens(support[0]) if gap else 0)
 
 
 def _task_batched_gradients(
@@ -167,7 +178,7 @@ def _task_batched_gradients(
 ) -> tuple[list[torch.Tensor], list[TaskStats]] | None:
     """First-order metalora with every task of `episodes` adapted at once (None when not batchable)."""
     support = [encoder.batches(tasks[e.task], e.support, cfg.inner_batch_size) for e in episodes]
-    query = [encoder.batches(tasks[e.task], e.query, cfg.query_batch_size, group_by_length=True) for e in episodes]
+    query = [encoder.batches(tasks[e.task], e.query, query_rows(cfg), group_by_length=True) for e in episodes]
     if not (can_batch(support) and can_batch(query)):
         return None
     device = next(iter(shared.values())).device
