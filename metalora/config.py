@@ -78,7 +78,8 @@ class LoraConfig:
     alpha: int = 32
     # Dropout on the LoRA input.
     dropout: float = 0.05
-    # Module names that receive LoRA adapters.
+    # Module names that receive LoRA adapters, or [all-linear] (every linear layer but the output projection).
+    # Families that fuse projections (Phi-3's qkv_proj, gate_up_proj) adapt the fused module for its parts.
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
@@ -114,8 +115,9 @@ class MetaConfig:
     reptile_step_size: float = 0.5
     # Tasks per meta-batch.
     meta_batch_size: int = 4
-    # Support examples drawn per task and episode.
-    n_support: int = 100
+    # Support examples drawn per task and episode (at most the support pool: data.samples_per_task x
+    # data.support_fraction).
+    n_support: int = 50
     # Query examples drawn per task and episode.
     n_query: int = 20
     # Query examples per forward pass (memory bound, not a statistical choice).
@@ -327,7 +329,12 @@ def _check_values(cfg: Config) -> None:
         ("lora.r", cfg.lora.r > 0, "a positive integer"),
         ("lora.alpha", cfg.lora.alpha > 0, "a positive integer"),
         ("lora.dropout", 0.0 <= cfg.lora.dropout < 1.0, "in [0, 1)"),
-        ("lora.target_modules", len(cfg.lora.target_modules) > 0, "a non-empty list"),
+        (
+            "lora.target_modules",
+            len(cfg.lora.target_modules) > 0
+            and ("all-linear" not in cfg.lora.target_modules or len(cfg.lora.target_modules) == 1),
+            "a non-empty list of module names, or [all-linear] alone",
+        ),
         ("speed.cpu_dropout_masks", cfg.speed.cpu_dropout_masks in CPU_DROPOUT_MASKS, f"one of {CPU_DROPOUT_MASKS}"),
         ("meta.inner_lr", cfg.meta.inner_lr > 0, "positive"),
         ("meta.meta_lr", cfg.meta.meta_lr > 0, "positive"),
@@ -407,6 +414,7 @@ def _check_values(cfg: Config) -> None:
         if not ok:
             raise ConfigError(f"bad value for '{key}': expected {expected}")
     _check_budget(cfg.data.samples_per_task)
+    _check_episode_sizes(cfg)
     for placeholder in ("{input}",):
         if placeholder not in cfg.data.prompt_template:
             raise ConfigError(f"bad value for 'data.prompt_template': it must contain {placeholder}")
@@ -419,6 +427,43 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(
             f"bad value for 'data.prompt_template': unknown placeholder(s) {', '.join('{' + u + '}' for u in unknown)}"
             " (it may use {instruction} and {input})"
+        )
+
+
+def support_query_sizes(examples: int, support_fraction: float) -> tuple[int, int]:
+    """How a training task's `examples` (its budget) split into support and query pools: the support pool takes
+    `support_fraction` of them, rounded, and each pool keeps at least one."""
+    support = min(max(1, round(examples * support_fraction)), examples - 1)
+    return support, examples - support
+
+
+def _check_episode_sizes(cfg: Config) -> None:
+    """Refuse episode and shot sizes that no task's budget can give, naming the numbers: what the first training
+    step or the first evaluated point would otherwise find. Budgets of "all" depend on the data and are
+    checked when the tasks are split."""
+    budget = cfg.data.samples_per_task
+    numeric = {k: v for k, v in (budget.items() if isinstance(budget, dict) else [("", budget)]) if v != ALL_SAMPLES}
+    for pattern, examples in numeric.items():
+        support, query = support_query_sizes(examples, cfg.data.support_fraction)
+        if support < cfg.meta.n_support or query < cfg.meta.n_query:
+            key = f"data.samples_per_task.{pattern}" if pattern else "data.samples_per_task"
+            raise ConfigError(
+                f"{key}={examples} with data.support_fraction={cfg.data.support_fraction} gives a task "
+                f"{support} support / {query} query examples, but an episode draws meta.n_support="
+                f"{cfg.meta.n_support} and meta.n_query={cfg.meta.n_query}: lower them, raise the budget, or "
+                f"set data.support_fraction to {cfg.meta.n_support / (cfg.meta.n_support + cfg.meta.n_query):g}"
+            )
+        shots = max(cfg.eval.n_shots, default=0)
+        if cfg.eval.scenario == "seen" and shots > examples:
+            raise ConfigError(
+                f"eval.n_shots asks for {shots} shots, but in the seen scenario shots come from a task's budget "
+                f"and data.samples_per_task{'.' + pattern if pattern else ''} gives {examples}"
+            )
+    shots = max(cfg.eval.n_shots, default=0)
+    if cfg.data.max_adapt_pool and shots > cfg.data.max_adapt_pool:
+        raise ConfigError(
+            f"eval.n_shots asks for {shots} shots, but data.max_adapt_pool={cfg.data.max_adapt_pool} caps every "
+            "held-out task's adaptation pool below that"
         )
 
 

@@ -18,7 +18,7 @@ def test_defaults_are_the_reference_settings():
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (16, 32, 0.05)
     assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert (cfg.meta.inner_lr, cfg.meta.inner_steps, cfg.meta.inner_batch_size) == (1e-4, 10, 4)
-    assert (cfg.meta.meta_lr, cfg.meta.meta_batch_size, cfg.meta.n_support) == (5e-5, 4, 100)
+    assert (cfg.meta.meta_lr, cfg.meta.meta_batch_size, cfg.meta.n_support) == (5e-5, 4, 50)
 
 
 def test_layers_merge_in_order_and_overrides_win(tmp_path):
@@ -120,3 +120,23 @@ def test_scenario_budget_and_algorithm_settings_are_checked():
     for algorithm in ("fomaml", "reptile"):
         with pytest.raises(ConfigError, match=r"meta.first_order.*fomaml and reptile are first-order"):
             load_config(overrides=[f"meta.algorithm={algorithm}", "meta.first_order=false"])
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (["meta.n_support=60", "meta.n_query=40"], r"data.samples_per_task=100 with data.support_fraction=0.5 gives a "
+         r"task 50 support / 50 query examples, but an episode draws meta.n_support=60 and meta.n_query=40.*0.6"),
+        (["data.samples_per_task={xl: all, '*': 30}", "meta.n_query=16"], r"data.samples_per_task.\*=30 .* 15 query"),
+        (["eval.scenario=seen", "eval.n_shots=[0,120]"], r"120 shots.*data.samples_per_task gives 100"),
+        (["data.max_adapt_pool=20", "eval.n_shots=[0,25]"], r"25 shots.*data.max_adapt_pool=20"),
+    ],
+)  # fmt: skip
+def test_episode_and_shot_sizes_no_budget_can_give_are_refused_when_the_config_loads(overrides, named):
+    with pytest.raises(ConfigError, match=named):
+        load_config([ROOT / "params" / "base.yaml"], overrides)
+
+
+def test_a_budget_of_all_is_left_to_the_split_which_knows_the_data():
+    cfg = load_config([ROOT / "params" / "base.yaml"], ["data.samples_per_task=all", "meta.n_support=500"])
+    assert cfg.meta.n_support == 500

@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from metalora.config import ALL_SAMPLES, DataConfig
+from metalora.config import ALL_SAMPLES, DataConfig, support_query_sizes
 from metalora.data.embedded_suite import embedded_suite
 from metalora.data.tasks import (
     Example,
@@ -121,7 +121,7 @@ def _groups(examples: list[Example]) -> set[str]:
 def _split_meta(task: Task, used: list[Example], support_fraction: float) -> MetaPools:
     if len(used) < 2:
         raise TaskError(f"task '{task.name}' has {len(used)} example(s); a support/query split needs at least 2")
-    n_support = min(max(1, round(len(used) * support_fraction)), len(used) - 1)
+    n_support, _ = support_query_sizes(len(used), support_fraction)
     return MetaPools(task=task, support=used[:n_support], query=used[n_support:])
 
 

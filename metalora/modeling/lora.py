@@ -21,6 +21,9 @@ from metalora.io import atomic_directory, verify_checksums, write_checksums
 from metalora.speed.dropout_masks import use_numpy_dropout
 
 LORA_MARKER = "lora_"
+ALL_LINEAR = "all-linear"
+# Fused projection -> the separate projections it holds, in families that fuse them (Phi-3).
+FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 class AdapterError(MetaloraError):
@@ -42,17 +45,11 @@ def attach_lora(
     Returns:
         The peft model. Its LoRA B matrices start at zero, so its outputs equal the base model's.
     """
-    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-    unknown = [t for t in cfg.target_modules if t not in linear]
-    if unknown:
-        raise ConfigError(
-            f"bad value for 'lora.target_modules': {unknown} name no linear layer of this model (it has {linear})"
-        )
     peft_config = PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=list(cfg.target_modules),
+        target_modules=target_modules(model, cfg.target_modules),
         task_type="CAUSAL_LM",
     )
     if seed is not None:
@@ -61,6 +58,37 @@ def attach_lora(
     if cpu_dropout_masks == "numpy":
         use_numpy_dropout(peft_model)
     return peft_model
+
+
+def target_modules(model: torch.nn.Module, names: list[str]) -> list[str] | str:
+    """The module names LoRA attaches to in `model` for `lora.target_modules`.
+
+    `all-linear` is peft's own spelling for every linear layer but the output projection. A name the model
+    has is kept; a projection that this family fuses with its siblings (Phi-3's `qkv_proj` holds q, k and v,
+    its `gate_up_proj` gate and up) becomes the fused module, so the same setting adapts the same
+    projections in every family.
+
+    Raises:
+        ConfigError: a name that matches no linear layer of the model (the ones it has are listed).
+    """
+    if list(names) == [ALL_LINEAR]:
+        return ALL_LINEAR
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    resolved: list[str] = []
+    unknown = []
+    for name in names:
+        fused = next((f for f, parts in FUSED_PROJECTIONS.items() if name in parts and f in linear), None)
+        found = name if name in linear else fused
+        if found is None:
+            unknown.append(name)
+        elif found not in resolved:
+            resolved.append(found)
+    if unknown:
+        raise ConfigError(
+            f"bad value for 'lora.target_modules': {unknown} name no linear layer of this model (it has {linear}; "
+            f"or use [{ALL_LINEAR}])"
+        )
+    return resolved
 
 
 def lora_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:

