@@ -13,7 +13,7 @@ TORCH_CHOICE := $(VENV)/.torch-spec
 
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup demo test test-fast lint clean gpu-check FORCE
+.PHONY: setup demo test test-fast rehearsal lint clean gpu-check FORCE
 
 setup: $(STAMP)
 
@@ -42,7 +42,11 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
 test-fast: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow and not multiprocess"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow and not multiprocess and not rehearsal"
+
+# The paper's params/paper/*.yaml end to end at their shapes on tiny models of the same families (CI runs it too).
+rehearsal: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m rehearsal
 
 # The prepared GPU check (metalora/benchmarks/gpu_check.py). Without CUDA it runs the CPU-side proxy and exits 0.
 # On a GPU machine whose Python already has torch, transformers, peft and accelerate: make gpu-check PY=python3

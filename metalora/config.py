@@ -446,12 +446,15 @@ def _check_episode_sizes(cfg: Config) -> None:
     for pattern, examples in numeric.items():
         support, query = support_query_sizes(examples, cfg.data.support_fraction)
         if support < cfg.meta.n_support or query < cfg.meta.n_query:
+            episode = cfg.meta.n_support + cfg.meta.n_query
+            remedy = "lower them or raise the budget"
+            if episode <= examples:
+                remedy += f", or set data.support_fraction to {cfg.meta.n_support / episode:g}"
             key = f"data.samples_per_task.{pattern}" if pattern else "data.samples_per_task"
             raise ConfigError(
                 f"{key}={examples} with data.support_fraction={cfg.data.support_fraction} gives a task "
                 f"{support} support / {query} query examples, but an episode draws meta.n_support="
-                f"{cfg.meta.n_support} and meta.n_query={cfg.meta.n_query}: lower them, raise the budget, or "
-                f"set data.support_fraction to {cfg.meta.n_support / (cfg.meta.n_support + cfg.meta.n_query):g}"
+                f"{cfg.meta.n_support} and meta.n_query={cfg.meta.n_query}: {remedy}"
             )
         shots = max(cfg.eval.n_shots, default=0)
         if cfg.eval.scenario == "seen" and shots > examples:

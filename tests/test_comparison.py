@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from metalora.config import load_config
+from metalora.config import ConfigError, load_config
 from metalora.data.splits import build_experiment
 from metalora.evaluation.fewshot import draw_shots
 from metalora.evaluation.stats import SUMMARY_COLUMNS
@@ -194,8 +194,13 @@ def test_eval_refuses_another_budget_and_accepts_an_intermediate_checkpoint(tmp_
 
 
 def test_shot_counts_beyond_a_pool_are_refused_before_any_training(tmp_path):
-    cfg = smoke_config(tmp_path, "eval.scenario=seen", "data.samples_per_task=6", "eval.n_shots=[0,8]")
-    with pytest.raises(EvaluationError, match=r"eval.n_shots \[8\] exceed the 6 examples seen task"):
+    with pytest.raises(ConfigError, match=r"eval.n_shots asks for 8 shots.*data.samples_per_task gives 6"):
+        smoke_config(tmp_path, "eval.scenario=seen", "data.samples_per_task=6", "eval.n_shots=[0,8]",
+                     "meta.n_support=3", "meta.n_query=3")  # fmt: skip
+    # A budget of "all" is known only once the data is split: the evaluation refuses it before training.
+    cfg = smoke_config(tmp_path, "eval.scenario=seen", "data.samples_per_task=all", "data.n_test=296",
+                       "eval.n_shots=[0,8]")  # fmt: skip
+    with pytest.raises(EvaluationError, match=r"eval.n_shots \[8\] exceed the 4 examples seen task"):
         run_evaluation(cfg, train_missing=True)
     assert not list(tmp_path.iterdir())
 

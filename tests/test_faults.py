@@ -145,7 +145,7 @@ def test_identical_examples_never_sit_in_two_pools(tmp_path):
         lines = [json.dumps({"input": f"{name}{i % 10}", "target": "x"}) for i in range(40)]  # each line 4 times
         (suite / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
     cfg = load_config(overrides=[f"data.suites=[{suite}]", "data.heldout_tasks=[b]", "data.n_test=4",
-                                 "data.samples_per_task=6"])  # fmt: skip
+                                 "data.samples_per_task=6", "meta.n_support=3", "meta.n_query=3"])  # fmt: skip
     experiment = build_experiment(cfg.data)
     pools = experiment.heldout["b"]
     assert not {e.input for e in pools.test} & {e.input for e in pools.adapt}
@@ -168,11 +168,11 @@ def test_a_flipped_byte_in_a_checkpoint_is_detected(tmp_path):
 # -- sweeps ---------------------------------------------------------------------------------------------------------
 
 
-def _sweep(tmp_path: Path, values: list[int]) -> Path:
+def _sweep(tmp_path: Path, values: list[int], key: str = "meta.n_support") -> Path:
     path = tmp_path / "grid.yaml"
     path.write_text(json.dumps({
         "notebook": "notebooks/02_few_shot_eval.ipynb", "config_files": [str(p) for p in SMOKE],
-        "overrides": [*FAST, "eval.methods=[metalora]"], "grid": {"meta.n_support": values},
+        "overrides": [*FAST, "eval.methods=[metalora]"], "grid": {key: values},
         "output_dir": str(tmp_path / "sweeps"),
     }))  # fmt: skip
     return path
@@ -189,12 +189,14 @@ def test_an_edited_sweep_reruns_points_whose_config_changed_and_failures_exit_no
     run_sweep(path)
     again = json.loads((root / "meta.n_support=4" / "point.json").read_text())
     assert again["config"] != first["config"] and "r: 2" in again["config"]
-    # Two points side by side, one per device, each in its own process with its own output log.
-    assert cli_main(["sweep", str(_sweep(tmp_path, [4, 500])), "--devices", "0,1"]) == 1
-    records = {p: json.loads((root / p / "point.json").read_text()) for p in ("meta.n_support=4", "meta.n_support=500")}
+    # Two points side by side, one per device, each in its own process with its own output log; the second
+    # asks for more tasks per meta-batch than the suite has, which only the data can tell.
+    assert cli_main(["sweep", str(_sweep(tmp_path, [2, 999], "meta.meta_batch_size")), "--devices", "0,1"]) == 1
+    names = ("meta.meta_batch_size=2", "meta.meta_batch_size=999")
+    records = {p: json.loads((root / p / "point.json").read_text()) for p in names}
     assert {r["device"] for r in records.values()} == {"0", "1"}
-    assert records["meta.n_support=4"]["status"] == "ok" and records["meta.n_support=500"]["status"] == "failed"
-    assert "run directory:" in (root / "meta.n_support=4" / "output.log").read_text()
+    assert records[names[0]]["status"] == "ok" and records[names[1]]["status"] == "failed"
+    assert "run directory:" in (root / names[0] / "output.log").read_text()
 
 
 # -- task data and suites -------------------------------------------------------------------------------------------

@@ -95,8 +95,8 @@ def write_sweep(tmp_path):
         "notebook": "notebooks/02_few_shot_eval.ipynb",
         "config_files": SMOKE_FILES,
         "overrides": [*FAST, "eval.methods=[metalora]"],
-        # n_support=500 loads as a config but fails at run time (the smoke tasks are too small)
-        "grid": {"meta.n_support": [4, 500]},
+        # meta_batch_size=999 loads as a config but fails at run time (the suite has fewer training tasks)
+        "grid": {"meta.meta_batch_size": [2, 999]},
         "output_dir": str(tmp_path / "sweeps"),
     }
     path = tmp_path / "tiny.yaml"
@@ -121,14 +121,14 @@ def test_sweep_skips_finished_points_records_failures_and_aggregates(tmp_path, c
     root = run_sweep(write_sweep(tmp_path))
     assert "run directory:" in capsys.readouterr().out, "the points' output did not stream"
     points = pd.read_csv(root / "points.csv").set_index("point")
-    assert points.loc["meta.n_support=4", "status"] == "ok"
-    assert points.loc["meta.n_support=500", "status"] == "failed"
-    assert "an episode needs n_support=500" in points.loc["meta.n_support=500", "error"]
+    assert points.loc["meta.meta_batch_size=2", "status"] == "ok"
+    assert points.loc["meta.meta_batch_size=999", "status"] == "failed"
+    assert "meta.meta_batch_size=999 is larger than the" in points.loc["meta.meta_batch_size=999", "error"]
     results = pd.read_csv(root / "results.csv")
-    assert set(results["point"]) == {"meta.n_support=4"} and set(results["method"]) == {"metalora"}
+    assert set(results["point"]) == {"meta.meta_batch_size=2"} and set(results["method"]) == {"metalora"}
     summary = pd.read_csv(root / "summary.csv")
-    assert list(summary.columns[:3]) == ["meta.n_support", "setting", "method"] and (root / "sweep.png").is_file()
-    finished = root / "meta.n_support=4" / "notebook.ipynb"
+    assert list(summary.columns[:3]) == ["meta.meta_batch_size", "setting", "method"] and (root / "sweep.png").is_file()
+    finished = root / "meta.meta_batch_size=2" / "notebook.ipynb"
     stamp = finished.stat().st_mtime_ns
     run_sweep(write_sweep(tmp_path))
     assert finished.stat().st_mtime_ns == stamp, "a finished point ran again"

@@ -52,10 +52,13 @@ def test_scienceqa_per_subject_with_choices_in_the_input(tmp_path):
     rows = [
         {"question": "Which is a metal?", "choices": ["iron", "wood"], "answer": 0, "subject": "natural science"},
         {"question": "Which is a gas?", "choices": ["rock", "air", "milk"], "answer": 1, "subject": "natural science"},
-    ]
+        {"question": "Which is warmer?", "choices": ["A", "B"], "answer": 1, "subject": "natural science",
+         "hint": "A is 3 C, B is 30 C."},
+    ]  # fmt: skip
     task = run(tmp_path, "scienceqa", rows).tasks["scienceqa_natural_science"]
     targets = {e.input: e.target for e in task.examples}
     assert targets["Which is a gas? Options: (A) rock (B) air (C) milk"] == "air"
+    assert targets["Context: A is 3 C, B is 30 C. Which is warmer? Options: (A) A (B) B"] == "B"
 
 
 def test_natural_instructions_one_task_per_task_file(tmp_path):

@@ -10,6 +10,9 @@ from metalora.data.embedded_suite import FAMILIES, embedded_suite
 from metalora.data.splits import build_experiment, heldout_pools, meta_pools
 from metalora.data.tasks import Example, Task, TaskError, TaskSuite, load_suite_dir, merge_suites, select_tasks
 
+# Episode and shot sizes any tiny budget can give: these tests look at the splits alone.
+SPLIT_ONLY = ["meta.n_support=1", "meta.n_query=1", "eval.n_shots=[0,1]"]
+
 
 def make_suite(tmp_path: Path, manifest: dict, files: dict[str, str]) -> Path:
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -184,8 +187,8 @@ def test_groups_stay_on_one_side_across_tasks(tmp_path):
     suite = _grouped_suite(tmp_path)
     assert load_suite_dir(suite).tasks["lang_it"].examples[3].group == "item:3"
     for scenario in ("heldout", "seen"):
-        cfg = load_config(overrides=[f"data.suites=[{suite}]", "data.heldout_tasks=[lang_sw]", "data.n_test=8",
-                                     "data.max_adapt_pool=10", "data.samples_per_task=12",
+        cfg = load_config(overrides=[*SPLIT_ONLY, f"data.suites=[{suite}]", "data.heldout_tasks=[lang_sw]",
+                                     "data.n_test=8", "data.max_adapt_pool=10", "data.samples_per_task=12",
                                      f"eval.scenario={scenario}"])  # fmt: skip
         experiment = build_experiment(cfg.data, cfg.eval.scenario)
         _assert_no_group_straddles(experiment)
@@ -200,7 +203,7 @@ def test_groups_stay_on_one_side_across_tasks(tmp_path):
 def test_ungrouped_splits_are_what_they_were(tmp_path):
     suite = make_suite(tmp_path, {"a": {}, "b": {}}, {n: "".join(
         json.dumps({"input": f"{n}{i}", "target": "x"}) + "\n" for i in range(30)) for n in "ab"})  # fmt: skip
-    cfg = load_config(overrides=[f"data.suites=[{suite}]", "data.heldout_tasks=[b]", "data.n_test=5",
+    cfg = load_config(overrides=[*SPLIT_ONLY, f"data.suites=[{suite}]", "data.heldout_tasks=[b]", "data.n_test=5",
                                  "data.samples_per_task=20"])  # fmt: skip
     experiment = build_experiment(cfg.data)
     task_a, task_b = (load_suite_dir(suite).tasks[n] for n in "ab")
@@ -211,7 +214,7 @@ def test_ungrouped_splits_are_what_they_were(tmp_path):
 
 def test_the_seen_scenario_carves_the_test_set_before_the_budget(tmp_path):
     suite = _grouped_suite(tmp_path, languages=("en", "it"))
-    overrides = [f"data.suites=[{suite}]", "data.n_test=10", "eval.scenario=seen"]
+    overrides = [*SPLIT_ONLY, f"data.suites=[{suite}]", "data.n_test=10", "eval.scenario=seen"]
     budgets = '{"lang_en": all, "*": 6}'
     experiment = build_experiment(load_config(overrides=[*overrides, f"data.samples_per_task={budgets}"]).data, "seen")
     assert {n: len(p.support) + len(p.query) for n, p in experiment.train.items()} == {"lang_en": 30, "lang_it": 6}
@@ -234,7 +237,8 @@ def test_the_seen_scenario_carves_the_test_set_before_the_budget(tmp_path):
 )
 def test_bad_budgets_name_the_task_or_key(tmp_path, overrides, message):
     suite = _grouped_suite(tmp_path, languages=("en", "it"))
-    cfg = load_config(overrides=[f"data.suites=[{suite}]", "data.n_test=10", "eval.scenario=seen", *overrides])
+    cfg = load_config(overrides=[*SPLIT_ONLY, f"data.suites=[{suite}]", "data.n_test=10", "eval.scenario=seen",
+                                 *overrides])  # fmt: skip
     with pytest.raises(TaskError, match=message):
         build_experiment(cfg.data, cfg.eval.scenario)
 

@@ -87,9 +87,11 @@ def _gsm8k(row: dict, _: argparse.Namespace) -> Row | None:
 def _scienceqa(row: dict, _: argparse.Namespace) -> Row | None:
     choices = [str(c) for c in row["choices"]]
     listed = " ".join(f"({chr(65 + i)}) {c}" for i, c in enumerate(choices))
+    # The hint is the question's context (a passage, a table as text); many questions cannot be answered without it.
+    context = f"Context: {row['hint']} " if str(row.get("hint") or "").strip() else ""
     return Row(
         f"scienceqa_{slug(row.get('subject', 'all'))}",
-        f"{row['question']} Options: {listed}",
+        f"{context}{row['question']} Options: {listed}",
         choices[int(row["answer"])],
         "Answer the science question with one of the options.",
         choices,

@@ -7,6 +7,7 @@ being written into the model.
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 import string
 from collections.abc import Callable
@@ -101,6 +102,13 @@ def rank_options(model: torch.nn.Module, params: Params, encoder: Encoder, task:
     return [task.options[i] for i in per_example.argmax(-1).tolist()]
 
 
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name under which this transformers version passes the KV cache into a forward pass and returns it:
+    `cache` in transformers 5 (where `past_key_values` is deprecated), `past_key_values` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def greedy_generate(model: torch.nn.Module, params: Params, prompts: list[list[int]], max_new_tokens: int,
                     pad_id: int, eos_id: int,
@@ -128,6 +136,7 @@ def greedy_generate(model: torch.nn.Module, params: Params, prompts: list[list[i
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": True,
               "logits_to_keep": 1}  # fmt: skip
+    cache = cache_argument(model)
     out_tokens: list[list[int]] = [[] for _ in prompts]
     finished = [False] * len(prompts)
     for _ in range(max_new_tokens):
@@ -147,7 +156,7 @@ def greedy_generate(model: torch.nn.Module, params: Params, prompts: list[list[i
         mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype, device=device)], dim=1)
         positions = positions[:, -1:] + 1
         kwargs = {"input_ids": nxt.unsqueeze(-1), "attention_mask": mask, "position_ids": positions,
-                  "past_key_values": out.past_key_values, "use_cache": True}  # fmt: skip
+                  cache: getattr(out, cache), "use_cache": True}  # fmt: skip
     return out_tokens
 
 

@@ -6,6 +6,9 @@ so `peft.PeftModel.from_pretrained(base, directory)` loads them unchanged.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -54,10 +57,21 @@ def attach_lora(
     )
     if seed is not None:
         torch.manual_seed(seed)
-    peft_model = get_peft_model(model, peft_config)
+    with peft_reads_deprecated_checkpointing_flag():
+        peft_model = get_peft_model(model, peft_config)
     if cpu_dropout_masks == "numpy":
         use_numpy_dropout(peft_model)
     return peft_model
+
+
+@contextmanager
+def peft_reads_deprecated_checkpointing_flag() -> Iterator[None]:
+    """Silence the one FutureWarning that peft's own model wrapping raises in transformers 5: peft reads the
+    deprecated `is_gradient_checkpointing` property (transformers renamed it `is_activation_checkpointing`).
+    The kit never reads it; every other warning passes."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def target_modules(model: torch.nn.Module, names: list[str]) -> list[str] | str:
@@ -163,4 +177,5 @@ def load_adapter(base: PreTrainedModel, directory: str | Path, trainable: bool =
     """
     if not (Path(directory) / CONFIG_NAME).is_file():
         raise AdapterError(f"{directory}: not an adapter directory (no {CONFIG_NAME})")
-    return PeftModel.from_pretrained(base, str(directory), is_trainable=trainable)
+    with peft_reads_deprecated_checkpointing_flag():
+        return PeftModel.from_pretrained(base, str(directory), is_trainable=trainable)
