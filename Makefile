@@ -31,11 +31,12 @@ $(STAMP): pyproject.toml $(TORCH_CHOICE)
 	touch $(STAMP)
 
 # The quickstart notebook on the embedded model and suite; leaves outputs/demo/ with the executed
-# notebook, report.md and the figures. Finished training runs are reused on a second call.
+# notebook, report.md and the figures. Finished training runs are reused on a second call. --log-output shows the
+# cells' output as it comes: the training bars and the evaluation's points with their ETA.
 demo: $(STAMP)
 	mkdir -p outputs/demo
 	HF_HUB_OFFLINE=1 $(VENV)/bin/papermill notebooks/00_quickstart.ipynb outputs/demo/00_quickstart.ipynb \
-		--cwd . -k python3
+		--cwd . -k python3 --log-output
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/ruff check .

@@ -14,7 +14,9 @@ from metalora.config import ConfigError, load_config
 from metalora.data.splits import build_experiment
 from metalora.evaluation.fewshot import draw_shots
 from metalora.evaluation.stats import SUMMARY_COLUMNS
-from metalora.experiments.compare import EvaluationError, check_no_leak, method_run_dir, run_evaluation, shard
+from metalora.experiments.compare import run_evaluation, shard
+from metalora.experiments.integrity import check_no_leak
+from metalora.experiments.runs import EvaluationError, method_run_dir
 from metalora.method.loss import batch_loss
 from metalora.method.meta import meta_gradients
 from metalora.reporting.efficiency import EFFICIENCY_COLUMNS

@@ -19,7 +19,8 @@ from metalora.cli import main as cli_main
 from metalora.config import ConfigError, load_config
 from metalora.data.splits import build_experiment
 from metalora.data.tasks import TaskError, load_suite_dir
-from metalora.experiments.compare import EvaluationError, run_evaluation
+from metalora.experiments.compare import run_evaluation
+from metalora.experiments.runs import EvaluationError
 from metalora.experiments.sweep import run_sweep
 from metalora.training.checkpoints import CheckpointError
 from metalora.training.train import main as train_main

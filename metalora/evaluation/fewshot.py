@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -111,6 +112,8 @@ def evaluate_init(
     max_test: int,
     batch_size: int,
     with_test_loss: bool = True,
+    finished: Callable[[str, int, int], EvalRow | None] | None = None,
+    on_scored: Callable[[EvalRow], None] | None = None,
 ) -> list[EvalRow]:
     """Few-shot curves of one initialisation over the held-out tasks.
 
@@ -125,14 +128,21 @@ def evaluate_init(
         max_test: test examples scored per task at most.
         batch_size: rows per scoring forward pass.
         with_test_loss: also score the test loss (else the rows' test_loss is NaN).
+        finished: called with (task, shots, seed) before a point; a row it returns is taken as that point's,
+            unscored (a resumed evaluation).
+        on_scored: called with each newly scored row as soon as it is done (the caller then shows the progress).
 
     Returns:
         One row per (task, shots, seed).
     """
     rows = []
-    points = [(t, n, s) for t in heldout for n in n_shots for s in range(1 if n == 0 else seeds)]
+    points = evaluation_points(list(heldout), n_shots, seeds)
     model.eval()
-    for task_name, shots_count, seed in tqdm(points, desc=f"eval {method}", leave=False):
+    for task_name, shots_count, seed in tqdm(points, desc=f"eval {method}", leave=False, disable=on_scored is not None):
+        earlier = finished(task_name, shots_count, seed) if finished is not None else None
+        if earlier is not None:
+            rows.append(earlier)
+            continue
         pools = heldout[task_name]
         test = pools.test[:max_test]
         shots = draw_shots(pools, shots_count, seed)
@@ -141,13 +151,22 @@ def evaluate_init(
         seconds = time.perf_counter() - began
         if not all(bool(torch.isfinite(v).all()) for v in params.values()):
             metric = pools.task.metric if pools.task.options else "exact_match"
-            rows.append(EvalRow(method, task_name, shots_count, seed, metric, math.nan, len(test), seconds, math.nan,
-                                finite=False))  # fmt: skip
-            continue
-        metric, value = score_task(model, params, encoder, pools.task, test, batch_size)
-        loss = test_loss(model, params, encoder, pools.task, test, batch_size) if with_test_loss else math.nan
-        rows.append(EvalRow(method, task_name, shots_count, seed, metric, value, len(test), seconds, loss))
+            row = EvalRow(method, task_name, shots_count, seed, metric, math.nan, len(test), seconds, math.nan,
+                          finite=False)  # fmt: skip
+        else:
+            metric, value = score_task(model, params, encoder, pools.task, test, batch_size)
+            loss = test_loss(model, params, encoder, pools.task, test, batch_size) if with_test_loss else math.nan
+            row = EvalRow(method, task_name, shots_count, seed, metric, value, len(test), seconds, loss)
+        rows.append(row)
+        if on_scored is not None:
+            on_scored(row)
     return rows
+
+
+def evaluation_points(tasks: list[str], n_shots: list[int], seeds: int) -> list[tuple[str, int, int]]:
+    """The (task, shots, seed) points of one few-shot curve, in scoring order: 0 shots once (nothing there depends
+    on the seed), every other shot count once per seed."""
+    return [(t, n, s) for t in tasks for n in n_shots for s in range(1 if n == 0 else seeds)]
 
 
 def constant_answer_rows(heldout: dict[str, HeldoutPools], n_shots: list[int], max_test: int) -> list[EvalRow]:

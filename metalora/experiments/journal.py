@@ -1,0 +1,135 @@
+"""Evaluation points written the moment they are scored, so that a killed `metalora eval` resumes where it stopped.
+
+`<run_dir>/eval.points/` sits beside `eval/` (which is replaced whole at the end): `fingerprint.json` says which
+evaluation the points belong to (the resolved config and the trained weights it reads), and each process appends
+its points to `points-<rank>.jsonl`, one line per point, flushed to disk before the next point starts. A line torn
+by a kill is cut off on the next start. Points of another evaluation (a changed config, retrained weights) are set
+aside under a new name, never deleted, and the evaluation starts over. Once the final tables are written the
+journal is removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import TextIO
+
+from tqdm import tqdm
+
+from metalora.evaluation.fewshot import EvalRow
+from metalora.io import atomic_write_json
+
+LOGGER = logging.getLogger("metalora")
+JOURNAL = "eval.points"
+PointKey = tuple[str, str, int, str, int, int]
+
+
+def point_key(row: EvalRow) -> PointKey:
+    """What identifies a scored point: setting, method, training seed, task, shots, evaluation seed."""
+    return (row.setting, row.method, row.train_seed, row.task, row.n_shots, row.seed)
+
+
+def fingerprint(config_text: str, weight_files: list[Path]) -> str:
+    """A digest of the resolved evaluation config and the bytes of every trained weight file it evaluates."""
+    digest = hashlib.sha256(config_text.encode())
+    for path in sorted(weight_files):
+        digest.update(str(path).encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_points(path: Path) -> list[EvalRow]:
+    names = {f.name for f in fields(EvalRow)}
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            rows.append(EvalRow(**{k: v for k, v in record.items() if k in names}))
+        except (json.JSONDecodeError, TypeError):
+            LOGGER.warning("%s: skipped a line torn by an interrupted write: %.60s", path, line)
+    return rows
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Drop a last line without its newline (a write cut short), so that the next point starts on its own line."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as handle:
+            handle.truncate(data.rfind(b"\n") + 1)
+
+
+class PointJournal:
+    """The finished points of one evaluation, and the progress bar over all of this process's points.
+
+    Args:
+        run_dir: the run directory that receives `eval/`.
+        digest: `fingerprint` of this evaluation.
+        rank: this process's index (its own points file).
+        planned: how many points this process scores in all (the progress bar's total).
+        show: draw the progress bar (the main process).
+    """
+
+    def __init__(self, run_dir: Path, digest: str, rank: int, planned: int, show: bool):
+        self.directory = Path(run_dir) / JOURNAL
+        self._set_aside_other_evaluations(digest)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.directory / "fingerprint.json", {"fingerprint": digest})
+        files = sorted(self.directory.glob("points-*.jsonl"))
+        self.finished = {point_key(row): row for path in files for row in _read_points(path)}
+        path = self.directory / f"points-{rank}.jsonl"
+        _cut_torn_tail(path)
+        self._file: TextIO = path.open("a")
+        # Off a terminal (papermill's log, CI) a line every 30 s instead of a redraw every 0.1 s.
+        interactive = sys.stderr.isatty()
+        self.bar = tqdm(total=planned, desc="evaluation points", unit="point", disable=not show, dynamic_ncols=True,
+                        mininterval=0.1 if interactive else 30.0, file=sys.stderr)  # fmt: skip
+
+    def _set_aside_other_evaluations(self, digest: str) -> None:
+        record = self.directory / "fingerprint.json"
+        if not self.directory.is_dir():
+            return
+        try:
+            same = json.loads(record.read_text())["fingerprint"] == digest
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            same = False
+        if not same:
+            aside = self.directory.with_name(f"{JOURNAL}.other-{time.strftime('%Y%m%d-%H%M%S')}")
+            shutil.move(self.directory, aside)
+            LOGGER.warning("%s held points of another evaluation (config or weights changed); kept as %s, starting "
+                           "over", self.directory, aside.name)  # fmt: skip
+
+    def done(self, key: PointKey) -> EvalRow | None:
+        """The row of a point scored before this start, or None; counted on the progress bar when found."""
+        row = self.finished.get(key)
+        if row is not None:
+            self.bar.update(1)
+        return row
+
+    def record(self, row: EvalRow) -> None:
+        """Append a newly scored point and force it to disk before the next point starts."""
+        self._file.write(json.dumps(asdict(row), allow_nan=True) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"{row.method} {row.task} {row.n_shots} shots", refresh=False)
+
+    def close(self) -> None:
+        """Close the points file and the progress bar (the points stay for a later resume)."""
+        self.bar.close()
+        self._file.close()
+
+    def remove(self) -> None:
+        """Delete the journal: the evaluation's tables now hold every point."""
+        self.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
