@@ -50,6 +50,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print the training runs and evaluation points an evaluation will need, and with --calibrate their wall time."""
+    from metalora.experiments.plan import build_plan, calibrate, describe
+
+    cfg = config_from_args(args.config)
+    plan = build_plan(cfg)
+    if args.calibrate:
+        calibrate(cfg, plan)
+    print(describe(plan))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Few-shot evaluation of the configured methods; writes <run_dir>/eval/."""
     from metalora.experiments.compare import run_evaluation
@@ -111,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="meta-train (metalora, reptile or fomaml)", add_help=False)
     train.add_argument("args", nargs=argparse.REMAINDER, help="params files, a.b=value overrides, --resume")
     train.set_defaults(func=cmd_train)
+    plan = commands.add_parser("plan", help="training steps, evaluation points and (--calibrate) wall time of a run")
+    plan.add_argument("config", nargs="*", help="YAML parameter files, then a.b=value overrides")
+    plan.add_argument("--calibrate", action="store_true", help="time a few steps and points on this machine")
+    plan.set_defaults(func=cmd_plan)
     evaluate = commands.add_parser("eval", help="few-shot evaluation, baselines, statistics and figures")
     evaluate.add_argument("config", nargs="*", help="YAML parameter files, then a.b=value overrides")
     evaluate.add_argument("--train-missing", action="store_true", help="train methods that have no finished run")

@@ -33,7 +33,7 @@ from metalora.reporting.plots import efficiency_figure, few_shot_figure, per_tas
 WEIGHT_FILES = {False: "adapter_model.safetensors", True: "model.safetensors"}
 
 
-def _evaluated_pools(experiment: Experiment) -> dict[str, dict[str, HeldoutPools]]:
+def evaluated_pools(experiment: Experiment) -> dict[str, dict[str, HeldoutPools]]:
     """The pools scored per setting: held-out tasks always, training tasks' test sets in the seen scenario."""
     settings = {"heldout": experiment.heldout, "seen": experiment.seen}
     return {setting: pools for setting, pools in settings.items() if pools}
@@ -69,7 +69,7 @@ def run_evaluation(cfg: Config, train_missing: bool = False) -> Path:
             "or train first (accelerate launch -m metalora.training.train) and launch the evaluation alone"
         )
     experiment = build_experiment(cfg.data, cfg.eval.scenario)
-    evaluated = _evaluated_pools(experiment)
+    evaluated = evaluated_pools(experiment)
     if not evaluated:
         raise EvaluationError("no tasks to evaluate on: set data.heldout_tasks (glob patterns) or eval.scenario=seen")
     check_shots(cfg, evaluated)

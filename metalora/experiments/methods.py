@@ -49,13 +49,19 @@ class Curve:
         return self.run.train_seed if self.run is not None else SINGLE_TRAINING_SEED
 
 
+def adapt_settings(cfg: Config, full_data: bool = False) -> AdaptSettings:
+    """How an initialisation adapts to its shots (`eval.adapt_*`), or the full-data reference to its whole pool."""
+    meta = cfg.meta
+    if full_data:
+        steps, lr = cfg.baseline.full_data_steps, cfg.baseline.full_data_lr
+    else:
+        steps, lr = cfg.eval.adapt_steps, cfg.eval.adapt_lr
+    return AdaptSettings(steps, lr, meta.inner_optimizer, meta.inner_batch_size, meta.micro_batch_size)
+
+
 def planned_curves(cfg: Config, runs: list[TrainedRun]) -> list[Curve]:
     """The curves `cfg.eval.methods` asks for (`constant` has none: it adapts nothing and costs no scoring)."""
-    meta = cfg.meta
-    settings = AdaptSettings(cfg.eval.adapt_steps, cfg.eval.adapt_lr, meta.inner_optimizer, meta.inner_batch_size,
-                             meta.micro_batch_size)  # fmt: skip
-    full_data = AdaptSettings(cfg.baseline.full_data_steps, cfg.baseline.full_data_lr, meta.inner_optimizer,
-                              meta.inner_batch_size, meta.micro_batch_size)  # fmt: skip
+    settings, full_data = adapt_settings(cfg), adapt_settings(cfg, full_data=True)
     methods = list(cfg.eval.methods)
     curves = []
     for method in methods:
