@@ -98,3 +98,14 @@ def test_per_task_panels_keep_column_labels_clear_of_the_next_title(tmp_path):
     labels_bottom = min(t.get_window_extent(renderer).y0 for t in upper.get_xticklabels())
     assert labels_bottom > lower.title.get_window_extent(renderer).y1
     assert len(upper.get_xticklabels()) == len(methods) * 2
+
+
+def test_drawing_a_figure_leaves_the_callers_matplotlib_style_alone(tmp_path):
+    import matplotlib
+
+    with matplotlib.rc_context({"axes.facecolor": "#123456", "axes.grid": False, "font.size": 13.0}):
+        results = _rows(["metalora", "lora"], [0, 4], tasks=3)
+        fig = few_shot_figure(_summary(results), tmp_path / "f.png", results=results)
+        assert fig.axes[0].get_facecolor()[:3] == (1.0, 1.0, 1.0), "the figure itself is drawn in its own style"
+        after = {k: matplotlib.rcParams[k] for k in ("axes.facecolor", "axes.grid", "font.size")}
+    assert after == {"axes.facecolor": "#123456", "axes.grid": False, "font.size": 13.0}

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import io
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 # No backend is chosen here: matplotlib falls back to Agg where there is no display, and Jupyter keeps
 # its inline backend, so the user's own plots and the returned figures render there.
@@ -28,6 +31,20 @@ METHOD_LABELS = {
 }
 
 
+def _styled(style: str) -> Callable:
+    """Draw a figure in a seaborn style for that figure only: the caller's global matplotlib settings stay theirs."""
+
+    def wrap(draw: Callable) -> Callable:
+        @functools.wraps(draw)
+        def styled(*args: Any, **kwargs: Any) -> Any:
+            with sns.axes_style(style):
+                return draw(*args, **kwargs)
+
+        return styled
+
+    return wrap
+
+
 PALETTE = dict(zip(METHOD_LABELS, sns.color_palette("tab10", len(METHOD_LABELS)), strict=True))
 
 
@@ -45,6 +62,7 @@ def _save(fig: plt.Figure, path: str | Path) -> plt.Figure:
     return fig
 
 
+@_styled("whitegrid")
 def few_shot_figure(
     summary: pd.DataFrame,
     path: str | Path,
@@ -59,7 +77,6 @@ def few_shot_figure(
     side instead, and with `results` each task's scores are joined across them (the pairs the
     significance tests compare).
     """
-    sns.set_theme(style="whitegrid")
     if "setting" not in summary:
         summary = summary.assign(setting="heldout")
     settings = sorted(summary["setting"].unique())
@@ -77,10 +94,10 @@ def few_shot_figure(
 SETTING_LABELS = {"heldout": "held-out tasks", "seen": "training tasks' own test sets"}
 
 
+@_styled("white")
 def per_task_figure(table: pd.DataFrame, path: str | Path, title: str = "Score per task"):
     """One heatmap per setting: a row per task (a language, in a multilingual suite), a column per method and
     shot count, each cell the task's mean score (`evaluation.stats.per_task`)."""
-    sns.set_theme(style="white")
     settings = sorted(table["setting"].unique())
     heights = [table.loc[table["setting"] == s, "task"].nunique() for s in settings]
     # Constrained layout keeps each panel's rotated column labels clear of the next panel's title; every
@@ -173,6 +190,7 @@ def _few_shot_panel(ax: plt.Axes, summary: pd.DataFrame, seed_curves: pd.DataFra
     ax.legend(fontsize=8, loc="best")
 
 
+@_styled("whitegrid")
 def efficiency_figure(efficiency: pd.DataFrame, path: str | Path):
     """Bars per trained method: seconds per step, tokens/s, peak memory and final weights on disk.
 
@@ -182,7 +200,6 @@ def efficiency_figure(efficiency: pd.DataFrame, path: str | Path):
     Returns:
         The figure.
     """
-    sns.set_theme(style="whitegrid")
     panels = [
         ("time_per_step_s", "seconds per step (median)", False),
         ("tokens_per_s", "tokens per second (median)", False),
@@ -204,6 +221,7 @@ def efficiency_figure(efficiency: pd.DataFrame, path: str | Path):
     return _save(fig, path)
 
 
+@_styled("whitegrid")
 def training_curves(metrics: pd.DataFrame | dict[str, pd.DataFrame], path: str | Path, title: str = "Meta-training",
                     colors: dict[str, object] | None = None):  # fmt: skip
     """Training loss per step and, where logged, the adaptation gap, for one run or several side by side.
@@ -215,7 +233,6 @@ def training_curves(metrics: pd.DataFrame | dict[str, pd.DataFrame], path: str |
     Returns:
         The figure.
     """
-    sns.set_theme(style="whitegrid")
     runs = metrics if isinstance(metrics, dict) else {"": metrics}
     # The gap is absent from runs with meta.measure_gap=false.
     panels = [(column, label) for column, label in (("stage2/meta_loss", LOSS_LABEL),
@@ -267,6 +284,7 @@ def comparison_training_curves(eval_dir: str | Path, path: str | Path) -> plt.Fi
     return training_curves(curves, path, title="Training curves", colors=colors) if curves else None
 
 
+@_styled("whitegrid")
 def sweep_figure(summary: pd.DataFrame, key: str, path: str | Path, title: str = "Sweep"):
     """Score vs one swept value, a line (with 95 % CI band) per shot count.
 
@@ -277,7 +295,6 @@ def sweep_figure(summary: pd.DataFrame, key: str, path: str | Path, title: str =
     Returns:
         The figure.
     """
-    sns.set_theme(style="whitegrid")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     numeric = pd.api.types.is_numeric_dtype(summary[key]) and not pd.api.types.is_bool_dtype(summary[key])
     positions = summary[key] if numeric else summary[key].astype(str)
@@ -296,6 +313,7 @@ def sweep_figure(summary: pd.DataFrame, key: str, path: str | Path, title: str =
     return _save(fig, path)
 
 
+@_styled("white")
 def sweep_heatmap(summary: pd.DataFrame, rows_key: str, columns_key: str, path: str | Path, title: str = "Sweep"):
     """Mean score over a 2-D sweep at its largest shot count.
 
@@ -307,7 +325,6 @@ def sweep_heatmap(summary: pd.DataFrame, rows_key: str, columns_key: str, path: 
     Returns:
         The figure.
     """
-    sns.set_theme(style="white")
     shots = summary["n_shots"].max()
     table = summary[summary["n_shots"] == shots].pivot_table(index=rows_key, columns=columns_key, values="mean")
     fig, ax = plt.subplots(figsize=(1.6 * table.shape[1] + 3, 0.8 * table.shape[0] + 2))
