@@ -52,3 +52,11 @@ def test_every_exported_name_resolves():
 def test_a_speed_option_under_its_old_group_names_the_new_key(old, new):
     with pytest.raises(ConfigError, match=f"is now '{new}'"):
         load_config(SMOKE, [old])
+
+
+def test_the_readme_meta_step_by_hand_runs_and_moves_the_shared_lora():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the README's own example, run as a user would
+    assert scope["result"].stepped and len(scope["stats"]) == scope["cfg"].meta.meta_batch_size
