@@ -67,11 +67,19 @@ def test_quickstart_writes_results_figures_and_report(tmp_path):
 
 
 @pytest.mark.slow
-def test_meta_train_notebook_trains_in_process_and_shows_the_launch_command(tmp_path):
+def test_meta_train_notebook_walks_through_one_step_then_trains_in_process(tmp_path):
     notebook = execute("01_meta_train", tmp_path, **smoke_parameters(tmp_path))
     printed = "".join("".join(o.get("text", "")) for c in notebook["cells"] for o in c.get("outputs", []))
     assert "accelerate launch --config_file params/accelerate/multi_gpu.yaml -m metalora.training.train" in printed
     assert json.loads((tmp_path / "smoke" / "summary.json").read_text())["steps"] == 3
+    # The walk-through: the meta-batch's table, the support loss falling, the meta-gradient, what moved.
+    def outputs_of(call: str) -> list[dict]:
+        return next(c for c in notebook["cells"] if call in "".join(c["source"]))["outputs"]
+
+    assert any("text/html" in o.get("data", {}) for o in outputs_of("episode_table("))
+    for call in ("adapt(", "meta_gradients(", "training_step("):
+        assert any("image/png" in o.get("data", {}) for o in outputs_of(call)), f"no figure after {call}"
+    assert "meta-gradient norm" in printed
 
 
 @pytest.mark.slow

@@ -7,8 +7,15 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+import torch
+
 from metalora.config import Config, load_config
+from metalora.data.episodes import Episode
+from metalora.data.tasks import Task
 from metalora.errors import MetaloraError
+from metalora.modeling.lora import LORA_MARKER
+from metalora.reporting.report import comparison_sentences
 
 
 def project_root(start: str | Path | None = None) -> Path:
@@ -63,3 +70,40 @@ def launch_command(config_files: list[str], overrides: list[str], accelerate_con
     """
     words = ["accelerate", "launch", "--config_file", accelerate_config, "-m", "metalora.training.train"]
     return shlex.join([*words, *config_files, *overrides])
+
+
+def episode_table(episodes: list[Episode], tasks: dict[str, Task]) -> pd.DataFrame:
+    """One row per episode of a meta-batch: its slot, task, support and query sizes, and its first support example."""
+    return pd.DataFrame(
+        [{"slot": e.slot, "task": e.task, "instruction": tasks[e.task].instruction, "support": len(e.support),
+          "query": len(e.query), "first support input": e.support[0].input, "its target": e.support[0].target}
+         for e in episodes]  # fmt: skip
+    )
+
+
+def _module_of(name: str) -> tuple[str, str, str]:
+    """(layer, projection, factor) of a LoRA weight name, e.g. `...layers.3.self_attn.q_proj.lora_A.default.weight`."""
+    parts = name.split(".")
+    marker = next(i for i, p in enumerate(parts) if p.startswith(LORA_MARKER))
+    layer = next((parts[i + 1] for i in range(marker) if parts[i] == "layers"), "?")
+    return layer, parts[marker - 1], parts[marker].removeprefix(LORA_MARKER)
+
+
+def norms_by_module(tensors: dict[str, torch.Tensor]) -> pd.DataFrame:
+    """The L2 norm of each LoRA weight's tensor (a gradient, a change) by layer, projection and factor (A or B)."""
+    rows = [dict(zip(("layer", "projection", "factor"), _module_of(name), strict=True), norm=float(t.norm()))
+            for name, t in tensors.items()]  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def show_comparison(eval_dir: Path, figures: tuple[str, ...] = ("few_shot.png",),
+                    tables: tuple[str, ...] = ("summary.csv", "significance.csv")) -> None:  # fmt: skip
+    """Print an evaluation's comparison sentences, then display its figures and tables (the notebooks' shared view)."""
+    from IPython.display import Image, display
+
+    for sentence in comparison_sentences(eval_dir):
+        print(sentence)
+    for figure in figures:
+        display(Image(str(eval_dir / figure)))
+    for table in tables:
+        display(pd.read_csv(eval_dir / table))
