@@ -183,11 +183,12 @@ def test_the_crossed_estimators_power_rises_with_training_runs():
 
 def test_intervals_of_rates_stay_inside_their_range():
     rows = [{"method": m, "task": f"t{t}", "n_shots": 5, "seed": 0, "metric": "exact_match",
-             "value": 1.0 if (m, t) == ("lora", 0) else 0.0} for m in ("lora", "metalora") for t in range(5)]  # fmt: skip
+             "value": 1.0 if (m, t) == ("lora", 0) else 0.0}
+            for m in ("lora", "metalora") for t in range(5)]  # fmt: skip
     summary = summarise(pd.DataFrame(rows)).set_index("method")
     assert summary.loc["lora", "ci_low"] == 0.0 and summary.loc["lora", "ci_high"] <= 1.0
     wide = pd.DataFrame(rows).assign(value=lambda f: np.where(f["task"] == "t0", f["value"], 1.0 - f["value"]))
-    diff = significance(pd.concat([wide]), reference="metalora").iloc[0]
-    assert -1.0 <= diff["ci_low"] and diff["ci_high"] <= 1.0
+    diff = significance(wide, reference="metalora").iloc[0]
+    assert diff["ci_low"] >= -1.0 and diff["ci_high"] <= 1.0
     unbounded = summarise(pd.DataFrame(rows).assign(metric="loss")).set_index("method")
     assert unbounded.loc["lora", "ci_low"] < 0.0
