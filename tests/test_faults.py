@@ -309,3 +309,25 @@ def test_outputs_keep_the_users_umask(tmp_path):
     for path in (run_dir / "config.yaml", run_dir / "summary.json", run_dir / "checkpoints" / "step_1"):
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode & 0o044 == 0o044, f"{path} is {oct(mode)}: unreadable to collaborators"
+
+
+def test_an_unknown_attention_kernel_is_named_without_a_traceback():
+    from metalora.config import ModelConfig
+    from metalora.modeling.models import ModelLoadError, load_model
+
+    with pytest.raises(ModelLoadError, match="bad value for 'model.attn_implementation': 'flashy'"):
+        load_model(ModelConfig(name="tiny-random", attn_implementation="flashy"))
+
+
+@pytest.mark.parametrize("devices", ["a,b", "0,0", "1,-1"])
+def test_sweep_devices_must_be_distinct_gpu_indices(tmp_path, devices, capsys):
+    assert cli_main(["sweep", str(_sweep(tmp_path, [4])), "--devices", devices]) == 2
+    assert f"--devices {devices}: expected distinct GPU indices" in capsys.readouterr().err
+    assert not (tmp_path / "sweeps").exists()
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "many"])
+def test_prepare_data_sample_counts_must_be_positive(tmp_path, value, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        cli_main(["prepare-data", "gsm8k", "--dataset", "json", "--max-samples", value, "--out", str(tmp_path / "o")])
+    assert stopped.value.code == 2 and f"expected an integer > 0, got '{value}'" in capsys.readouterr().err

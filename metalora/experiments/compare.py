@@ -105,7 +105,7 @@ def run_evaluation(cfg: Config, train_missing: bool = False) -> Path:
     # replaces it entirely, so no file of an older evaluation survives beside newer results.
     with atomic_directory(out) as tmp:
         save_config(cfg, tmp)
-        write_statistics(results, tmp, cfg.eval.reference)
+        write_statistics(results, tmp, cfg.eval.reference_method)
         if runs:
             efficiency = efficiency_table([(r.method, r.train_seed, r.run_dir) for r in runs])
             _write_csv(efficiency, tmp / "efficiency.csv")

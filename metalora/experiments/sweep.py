@@ -209,6 +209,8 @@ def run_sweep(path: str | Path, kernel: str | None = None, devices: list[str] | 
     """
     from tqdm.auto import tqdm
 
+    if devices:
+        _check_devices(devices)
     spec = load_sweep(path)
     root = sweep_dir(spec)
     root.mkdir(parents=True, exist_ok=True)
@@ -230,6 +232,12 @@ def run_sweep(path: str | Path, kernel: str | None = None, devices: list[str] | 
             tqdm.write(f"point {record['name']} failed: {record['error'].splitlines()[0]}")
     aggregate_sweep(root)
     return root
+
+
+def _check_devices(devices: list[str]) -> None:
+    """GPU indices, each once: a name CUDA cannot parse or a GPU listed twice would put two points on one GPU."""
+    if not all(d.isdigit() for d in devices) or len(set(devices)) != len(devices):
+        raise ConfigError(f"--devices {','.join(devices)}: expected distinct GPU indices such as 0,1,2,3")
 
 
 def _run_on_devices(

@@ -97,7 +97,12 @@ def load_model(
     else:
         model, tokenizer = _load_pretrained(cfg.name, dtype, cfg.random_init, _hub_options(cfg))
     if cfg.attn_implementation:
-        model.set_attn_implementation(cfg.attn_implementation)
+        try:
+            model.set_attn_implementation(cfg.attn_implementation)
+        except (ValueError, ImportError) as err:  # an unknown name, or a kernel whose package is not installed
+            reason = str(err).strip().splitlines()[0]
+            name = cfg.attn_implementation
+            raise ModelLoadError(f"bad value for 'model.attn_implementation': '{name}': {reason}") from err
     if weight_first_logits:
         use_weight_first_projection(model)
     tokenizer.padding_side = "left"
