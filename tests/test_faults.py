@@ -331,3 +331,36 @@ def test_prepare_data_sample_counts_must_be_positive(tmp_path, value, capsys):
     with pytest.raises(SystemExit) as stopped:
         cli_main(["prepare-data", "gsm8k", "--dataset", "json", "--max-samples", value, "--out", str(tmp_path / "o")])
     assert stopped.value.code == 2 and f"expected an integer > 0, got '{value}'" in capsys.readouterr().err
+
+
+# -- a run is judged by its own record ------------------------------------------------------------------------------
+
+
+def test_a_run_is_labelled_and_checked_by_its_own_record(tmp_path):
+    run_dir = train(config(tmp_path, "run"))
+    reptile = train(config(tmp_path, "rep", "meta.algorithm=reptile"))
+    # Evaluated under another train.seed, the seed-0 run keeps its own label; its steps and seed are recorded.
+    out = run_evaluation(config(tmp_path, "run", "train.seed=7"))
+    assert set(pd.read_csv(out / "results.csv").query("method == 'metalora'")["train_seed"]) == {0}
+    assert json.loads((out / "runs.json").read_text()) == [
+        {"method": "metalora", "train_seed": 0, "steps": 3, "run_dir": str(run_dir), "weights": str(run_dir / "adapter")}
+    ]
+    with pytest.raises(EvaluationError, match="was trained with meta.algorithm=reptile, not metalora"):
+        run_evaluation(config(tmp_path, "run", f"eval.runs={{metalora: {reptile}}}"))
+    with pytest.raises(EvaluationError, match="trained 3 steps, but this config plans 50"):
+        run_evaluation(config(tmp_path, "run", "train.steps=50"))
+    (run_dir / "adapter" / "checksums.json").unlink()
+    with pytest.raises(EvaluationError, match="has no checksums.json, so its weights cannot be verified"):
+        run_evaluation(config(tmp_path, "run"))
+    (run_dir / "config.yaml").unlink()
+    with pytest.raises(EvaluationError, match="has no config.yaml: without the run's own record"):
+        run_evaluation(config(tmp_path, "run"))
+
+
+def test_a_fomaml_model_is_written_with_checksums_and_verified_before_evaluation(tmp_path):
+    run_dir = train(config(tmp_path, "run", "meta.algorithm=fomaml", "train.steps=1"))
+    assert (run_dir / "model" / "checksums.json").is_file()
+    weights = run_dir / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(EvaluationError, match="model.safetensors: content does not match its checksum"):
+        run_evaluation(config(tmp_path, "run", "meta.algorithm=fomaml", "train.steps=1", "eval.methods=[base,fomaml]"))

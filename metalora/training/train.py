@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from metalora.config import Config, ConfigError, load_config, save_config, split_args
 from metalora.data.splits import save_splits
 from metalora.errors import MetaloraError, exit_status
-from metalora.io import atomic_write_json, atomic_write_text
+from metalora.io import atomic_directory, atomic_write_json, atomic_write_text, write_checksums
 from metalora.modeling.lora import save_adapter
 from metalora.modeling.models import count_parameters, pick_device
 from metalora.training.budgets import example_gradients, multitask_plan, planned_steps
@@ -142,7 +142,9 @@ def warn_long_targets(parts: TrainingParts) -> None:
 def _export_final(parts: TrainingParts, run_dir: Path) -> Path:
     if parts.cfg.meta.algorithm == "fomaml":
         target = run_dir / "model"
-        parts.model.save_pretrained(target)
+        with atomic_directory(target) as tmp:
+            parts.model.save_pretrained(tmp)
+            write_checksums(tmp)  # verified before an evaluation loads it, as adapters and checkpoints are
         return target
     return save_adapter(parts.model, run_dir / "adapter")
 
