@@ -342,9 +342,9 @@ def test_a_run_is_labelled_and_checked_by_its_own_record(tmp_path):
     # Evaluated under another train.seed, the seed-0 run keeps its own label; its steps and seed are recorded.
     out = run_evaluation(config(tmp_path, "run", "train.seed=7"))
     assert set(pd.read_csv(out / "results.csv").query("method == 'metalora'")["train_seed"]) == {0}
-    assert json.loads((out / "runs.json").read_text()) == [
-        {"method": "metalora", "train_seed": 0, "steps": 3, "run_dir": str(run_dir), "weights": str(run_dir / "adapter")}
-    ]
+    recorded = {"method": "metalora", "train_seed": 0, "steps": 3, "run_dir": str(run_dir),
+                "weights": str(run_dir / "adapter")}  # fmt: skip
+    assert json.loads((out / "runs.json").read_text()) == [recorded]
     with pytest.raises(EvaluationError, match="was trained with meta.algorithm=reptile, not metalora"):
         run_evaluation(config(tmp_path, "run", f"eval.runs={{metalora: {reptile}}}"))
     with pytest.raises(EvaluationError, match="trained 3 steps, but this config plans 50"):
