@@ -213,6 +213,14 @@ def test_an_edited_sweep_reruns_points_whose_config_changed_and_failures_exit_no
     run_sweep(path)
     again = json.loads((root / "meta.n_support=4" / "point.json").read_text())
     assert again["config"] != first["config"] and "r: 2" in again["config"]
+    # Edited a second time: both earlier versions are kept.
+    spec["overrides"].append("lora.alpha=4")
+    path.write_text(json.dumps(spec))
+    run_sweep(path)
+    kept = sorted(p.name for p in root.glob(".meta.n_support=4.replaced-*"))
+    assert kept == [".meta.n_support=4.replaced-1", ".meta.n_support=4.replaced-2"]
+    versions = [json.loads((root / name / "point.json").read_text())["config"] for name in kept]
+    assert versions == [first["config"], again["config"]]
     # Two points side by side, one per device, each in its own process with its own output log; the second
     # asks for more tasks per meta-batch than the suite has, which only the data can tell.
     assert cli_main(["sweep", str(_sweep(tmp_path, [2, 999], "meta.meta_batch_size")), "--devices", "0,1"]) == 1

@@ -194,6 +194,10 @@ def prepare(args: argparse.Namespace) -> Path:
     tasks = build_tasks(rows, args.max_samples, args.min_samples, args.seed)
     if not tasks:
         raise PrepareError(f"no task with at least {args.min_samples} usable examples in '{args.dataset}'")
+    outputs = {(Path(args.out) / name).resolve() for name in ["tasks.json", *(f"{t.name}.jsonl" for t in tasks)]}
+    clobbered = sorted(str(f) for f in outputs & {Path(f).resolve() for f in data_files or []})
+    if clobbered:
+        raise PrepareError(f"--out {args.out} would overwrite the input file(s) {clobbered}: choose another directory")
     return write_suite_dir(tasks, args.out)
 
 

@@ -19,7 +19,6 @@ import itertools
 import json
 import os
 import queue
-import shutil
 import subprocess
 import sys
 import traceback
@@ -155,9 +154,10 @@ def is_finished(point_dir: Path, config: str | None = None) -> bool:
 
 def _set_aside(point_dir: Path) -> Path:
     """Move a point directory that ran with another config out of the way (kept, not deleted)."""
-    stale = point_dir.with_name(f".{point_dir.name}.replaced")
-    if stale.exists():
-        shutil.rmtree(stale)
+    # Numbered, so that a point replaced twice keeps both earlier versions.
+    number = 1
+    while (stale := point_dir.with_name(f".{point_dir.name}.replaced-{number}")).exists():
+        number += 1
     point_dir.rename(stale)
     return stale
 
