@@ -563,7 +563,10 @@ def load_config(
             reason = " ".join(str(err).split())
             raise ConfigError(f"override '{item}': cannot parse the value: {reason}") from err
         merged = _merge(merged, layer, f"override '{item}'")
-    cfg: Config = OmegaConf.to_object(merged)
+    try:
+        cfg: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:  # an ${...} interpolation that resolves to nothing, named by its key
+        raise _explain(err, "parameters") from err
     _check_values(cfg)
     return cfg
 

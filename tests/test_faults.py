@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from metalora.cli import main as cli_main
 from metalora.config import ConfigError, load_config
@@ -395,3 +396,50 @@ def test_a_fomaml_model_is_written_with_checksums_and_verified_before_evaluation
     weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
     with pytest.raises(EvaluationError, match="model.safetensors: content does not match its checksum"):
         run_evaluation(config(tmp_path, "run", "meta.algorithm=fomaml", "train.steps=1", "eval.methods=[base,fomaml]"))
+
+
+# -- one-line errors where tracebacks were --------------------------------------------------------------------------
+
+
+def test_an_interpolation_that_resolves_to_nothing_is_named(tmp_path):
+    from metalora.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"parameters: bad value for 'lora.r'.*nothing"):
+        load_config(SMOKE, ["lora.r=${nothing}"])
+
+
+def test_a_task_manifest_that_is_not_utf8_is_named(tmp_path):
+    from metalora.data.tasks import TaskError, load_suite_dir
+
+    (tmp_path / "tasks.json").write_bytes(b'{"tasks": {"t\\xff": {}}}'.replace(b"\\xff", b"\xff"))
+    with pytest.raises(TaskError, match=r"tasks.json: not UTF-8"):
+        load_suite_dir(tmp_path)
+
+
+def test_a_truncated_splits_record_is_an_evaluation_error(tmp_path):
+    run_dir = train(config(tmp_path, "run"))
+    (run_dir / "splits.json").write_text('{"train": {"add')
+    with pytest.raises(EvaluationError, match="splits.json is missing or unreadable"):
+        run_evaluation(config(tmp_path, "run"))
+
+
+def test_a_sweep_file_with_a_yaml_error_is_named(tmp_path):
+    from metalora.config import ConfigError
+    from metalora.experiments.sweep import load_sweep
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("notebook: x.ipynb\ngrid: {lora.r: [2, 4\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: cannot parse YAML"):
+        load_sweep(path)
+
+
+def test_a_model_folder_with_pickle_weights_only_is_refused(tmp_path):
+    from metalora.config import ModelConfig
+    from metalora.modeling.models import ModelLoadError, load_model, tiny_tokenizer
+
+    model, _ = load_model(ModelConfig(name="tiny-random"), weight_first_logits=False)
+    model.config.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="pickle weights only .*pytorch_model.bin.*safetensors only"):
+        load_model(ModelConfig(name=str(tmp_path)))

@@ -15,6 +15,25 @@ from metalora.io import CHECKSUMS, ChecksumError, verify_checksums
 from metalora.training.budgets import planned_steps
 
 
+def recorded_splits(method: str, run_dir: Path) -> dict:
+    """A run's splits.json, the record of which example it trained on.
+
+    Raises:
+        EvaluationError: the file is missing or unreadable (a run without it cannot be checked for leaks).
+    """
+    path = run_dir / "splits.json"
+    try:
+        splits = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        splits, reason = None, str(err)
+    else:
+        reason = "it lists no training pools"
+    if not isinstance(splits, dict) or not isinstance(splits.get("train"), dict):
+        raise EvaluationError(f"{method} run {run_dir}: {path.name} is missing or unreadable ({reason}): without "
+                              "it the run cannot be checked for leaks, so it is not evaluated")  # fmt: skip
+    return splits
+
+
 def check_no_leak(experiment: Experiment, method: str, run_dir: Path) -> None:
     """Refuse a trained run that saw a held-out task, any evaluated example, or any group of one.
 
@@ -25,7 +44,7 @@ def check_no_leak(experiment: Experiment, method: str, run_dir: Path) -> None:
     Raises:
         EvaluationError: naming the method, the run and the overlapping tasks, examples or groups.
     """
-    splits = json.loads((run_dir / "splits.json").read_text())
+    splits = recorded_splits(method, run_dir)
     seen_tasks = set(splits["train"]) & set(experiment.heldout)
     if seen_tasks:
         raise EvaluationError(f"{method} run {run_dir} meta-trained on held-out task(s) {sorted(seen_tasks)}")
@@ -120,7 +139,7 @@ def check_same_split(expected: Experiment, method: str, run_dir: Path) -> None:
     Raises:
         EvaluationError: another scenario, split seed, task set or sample budget than expected.
     """
-    splits = json.loads((run_dir / "splits.json").read_text())
+    splits = recorded_splits(method, run_dir)
 
     def describe(scenario: object, seed: object, budgets: dict) -> str:
         values = sorted({str(b) for b in budgets.values()})

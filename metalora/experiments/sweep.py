@@ -87,7 +87,10 @@ def load_sweep(path: str | Path) -> SweepSpec:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: sweep file not found")
-    raw = OmegaConf.to_container(OmegaConf.load(path))
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as err:  # yaml's scanner/parser errors carry the line and column
+        raise ConfigError(f"{path}: cannot parse YAML: {' '.join(str(err).split())}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with notebook, config_files and grid or cases")
     known = {"notebook", "config_files", "overrides", "grid", "cases", "output_dir"}
