@@ -195,8 +195,16 @@ class EvalConfig:
     # Run directory per trained method; missing ones default to <output_dir>/<run_name>-<method>
     # (and this config's own meta.algorithm to <output_dir>/<run_name>).
     runs: dict[str, str] = field(default_factory=dict)
-    # The method every other is compared with in significance.csv.
-    reference: str = "metalora"
+    # The method every other is compared with in significance.csv; empty means metalora when it is evaluated,
+    # else the first of eval.methods.
+    reference: str = ""
+
+    @property
+    def reference_method(self) -> str:
+        """The method every comparison is against (`reference`, or its default)."""
+        if self.reference:
+            return self.reference
+        return "metalora" if "metalora" in self.methods else self.methods[0]
 
 
 @dataclass
@@ -384,6 +392,29 @@ def _check_values(cfg: Config) -> None:
             "and multitask has no inner loop",
         ),
         ("train.seeds", cfg.train.seeds > 0, "a positive integer"),
+        ("train.seed", cfg.train.seed >= 0, ">= 0 (seeds derive from it by hashing; a negative one is a typo)"),
+        ("data.max_prompt_tokens", cfg.data.max_prompt_tokens > 0, "positive (prompts are cut to this many tokens)"),
+        ("data.max_target_tokens", cfg.data.max_target_tokens > 0, "positive (targets are cut to this many tokens)"),
+        ("eval.adapt_lr", cfg.eval.adapt_lr > 0, "positive"),
+        ("eval.max_test", cfg.eval.max_test > 0, "positive (test items scored per task)"),
+        ("eval.batch_size", cfg.eval.batch_size > 0, "positive"),
+        ("eval.n_shots", len(cfg.eval.n_shots) > 0, "a non-empty list of shot counts"),
+        (
+            "eval.n_shots",
+            len(set(cfg.eval.n_shots)) == len(cfg.eval.n_shots),
+            f"distinct shot counts, got {cfg.eval.n_shots} (a repeated one would score the same points twice)",
+        ),
+        (
+            "eval.methods",
+            len(set(cfg.eval.methods)) == len(cfg.eval.methods),
+            f"distinct methods, got {cfg.eval.methods} (a repeated one would score the same points twice)",
+        ),
+        (
+            "eval.reference",
+            not cfg.eval.reference or cfg.eval.reference in cfg.eval.methods,
+            f"one of eval.methods {cfg.eval.methods} or empty, got '{cfg.eval.reference}' (every comparison is "
+            "against it)",
+        ),
         ("baseline.multitask_full_epochs", cfg.baseline.multitask_full_epochs > 0, "positive"),
         ("data.n_test", cfg.data.n_test > 0, "positive"),
         ("eval.n_shots", all(n >= 0 for n in cfg.eval.n_shots), "non-negative integers"),
@@ -391,7 +422,6 @@ def _check_values(cfg: Config) -> None:
         ("eval.adapt_steps", cfg.eval.adapt_steps >= 0, ">= 0"),
         ("eval.methods", set(cfg.eval.methods) <= set(METHODS) and bool(cfg.eval.methods), f"a list from {METHODS}"),
         ("eval.runs", set(cfg.eval.runs) <= set(TRAINED_METHODS), f"keys from {TRAINED_METHODS}"),
-        ("eval.reference", cfg.eval.reference in METHODS, f"one of {METHODS}"),
         ("baseline.multitask_lr", cfg.baseline.multitask_lr > 0, "positive"),
         ("baseline.multitask_example_gradients", cfg.baseline.multitask_example_gradients >= 0, ">= 0"),
         ("baseline.full_data_steps", cfg.baseline.full_data_steps >= 0, ">= 0"),
@@ -533,7 +563,10 @@ def load_config(
             reason = " ".join(str(err).split())
             raise ConfigError(f"override '{item}': cannot parse the value: {reason}") from err
         merged = _merge(merged, layer, f"override '{item}'")
-    cfg: Config = OmegaConf.to_object(merged)
+    try:
+        cfg: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:  # an ${...} interpolation that resolves to nothing, named by its key
+        raise _explain(err, "parameters") from err
     _check_values(cfg)
     return cfg
 

@@ -140,3 +140,26 @@ def test_episode_and_shot_sizes_no_budget_can_give_are_refused_when_the_config_l
 def test_a_budget_of_all_is_left_to_the_split_which_knows_the_data():
     cfg = load_config([ROOT / "params" / "base.yaml"], ["data.samples_per_task=all", "meta.n_support=500"])
     assert cfg.meta.n_support == 500
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("data.max_prompt_tokens=0", "data.max_prompt_tokens"), ("data.max_target_tokens=0", "data.max_target_tokens"),
+        ("eval.adapt_lr=-1e-4", "eval.adapt_lr"), ("eval.n_shots=[]", "eval.n_shots.*non-empty"),
+        ("eval.n_shots=[0,5,5]", r"eval.n_shots.*distinct shot counts"),
+        ("eval.methods=[lora,metalora,lora]", r"eval.methods.*distinct methods"),
+        ("eval.reference=reptile", r"eval.reference.*one of eval.methods"), ("eval.max_test=0", "eval.max_test"),
+        ("eval.batch_size=0", "eval.batch_size"), ("train.seed=-1", "train.seed"),
+    ],
+)  # fmt: skip
+def test_numbers_that_make_no_sense_are_refused_with_their_key(override, named):
+    with pytest.raises(ConfigError, match=named):
+        load_config([ROOT / "params" / "base.yaml"], [override])
+
+
+def test_the_reference_defaults_to_metalora_or_else_the_first_method():
+    assert load_config([ROOT / "params" / "base.yaml"]).eval.reference_method == "metalora"
+    assert load_config([ROOT / "params" / "base.yaml"], ["eval.methods=[base,lora]"]).eval.reference_method == "base"
+    chosen = load_config([ROOT / "params" / "base.yaml"], ["eval.methods=[base,lora]", "eval.reference=lora"])
+    assert chosen.eval.reference_method == "lora"

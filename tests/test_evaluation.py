@@ -203,3 +203,14 @@ def test_constant_answer_rows_stand_at_every_shot_count_on_the_scored_items_only
     expected = max(scored.count("a"), scored.count("b")) / 5
     assert [(r.method, r.n_shots, r.seed, r.n_test) for r in rows] == [("constant", n, 0, 5) for n in (0, 4, 16)]
     assert all(r.value == expected and r.metric == "accuracy" and math.isnan(r.test_loss) for r in rows)
+
+
+def test_finite_weights_whose_forward_pass_overflows_are_flagged_not_scored(setup):
+    model, _, encoder, task = setup
+    pools = {"t": heldout_pools(task, n_test=6, seed=0)}
+    # Finite, but large enough that the activations overflow to inf and the logits to NaN.
+    huge = {k: torch.full_like(v, 3e38) for k, v in snapshot_lora(model).items()}
+    rows = evaluate_init(model, "lora", huge, pools, encoder, [0], 1, AdaptSettings(0, 1e-2), max_test=4,
+                         batch_size=4)  # fmt: skip
+    assert all(torch.isfinite(v).all() for v in huge.values())
+    assert [(r.finite, math.isnan(r.value), math.isnan(r.test_loss)) for r in rows] == [(False, True, True)]

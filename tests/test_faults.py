@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from metalora.cli import main as cli_main
 from metalora.config import ConfigError, load_config
@@ -153,6 +154,29 @@ def test_identical_examples_never_sit_in_two_pools(tmp_path):
     assert len(pools.test) + len(pools.adapt) == 10 and experiment.duplicates_dropped == {"a": 30, "b": 30}
 
 
+
+def test_an_input_with_another_target_never_sits_beside_its_twin_in_the_test_set(tmp_path, caplog):
+    suite = tmp_path / "twins"
+    suite.mkdir()
+    (suite / "tasks.json").write_text(json.dumps({"tasks": {"a": {}, "b": {}, "c": {}}}))
+    # Each input twice in a and c, with two targets (a one-to-many relation); c copies a's first ten lines.
+    rows = {name: [{"input": f"x{i % 10}", "target": f"y{i}"} for i in range(20)] for name in "ac"}
+    rows["b"] = [{"input": f"b{i}", "target": "z"} for i in range(20)]
+    for name, lines in rows.items():
+        (suite / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    cfg = load_config(overrides=[f"data.suites=[{suite}]", "data.heldout_tasks=[c]", "data.n_test=4",
+                                 "data.samples_per_task=all", "meta.n_support=1", "meta.n_query=1",
+                                 "eval.scenario=seen", "eval.n_shots=[0,1]"])  # fmt: skip
+    with caplog.at_level("WARNING", logger="metalora"):
+        experiment = build_experiment(cfg.data, cfg.eval.scenario)
+    for pools in [*experiment.heldout.values(), *experiment.seen.values()]:
+        assert not {e.input for e in pools.test} & {e.input for e in pools.adapt}, pools.task.name
+    train_a = experiment.train["a"]
+    assert not {e.input for e in experiment.seen["a"].test} & {e.input for e in train_a.support + train_a.query}
+    assert "task 'c':" in caplog.text and "training examples of task 'a'" in caplog.text
+    assert "task 'b':" not in caplog.text
+
+
 # -- checkpoints ----------------------------------------------------------------------------------------------------
 
 
@@ -190,6 +214,14 @@ def test_an_edited_sweep_reruns_points_whose_config_changed_and_failures_exit_no
     run_sweep(path)
     again = json.loads((root / "meta.n_support=4" / "point.json").read_text())
     assert again["config"] != first["config"] and "r: 2" in again["config"]
+    # Edited a second time: both earlier versions are kept.
+    spec["overrides"].append("lora.alpha=4")
+    path.write_text(json.dumps(spec))
+    run_sweep(path)
+    kept = sorted(p.name for p in root.glob(".meta.n_support=4.replaced-*"))
+    assert kept == [".meta.n_support=4.replaced-1", ".meta.n_support=4.replaced-2"]
+    versions = [json.loads((root / name / "point.json").read_text())["config"] for name in kept]
+    assert versions == [first["config"], again["config"]]
     # Two points side by side, one per device, each in its own process with its own output log; the second
     # asks for more tasks per meta-batch than the suite has, which only the data can tell.
     assert cli_main(["sweep", str(_sweep(tmp_path, [2, 999], "meta.meta_batch_size")), "--devices", "0,1"]) == 1
@@ -309,3 +341,105 @@ def test_outputs_keep_the_users_umask(tmp_path):
     for path in (run_dir / "config.yaml", run_dir / "summary.json", run_dir / "checkpoints" / "step_1"):
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode & 0o044 == 0o044, f"{path} is {oct(mode)}: unreadable to collaborators"
+
+
+def test_an_unknown_attention_kernel_is_named_without_a_traceback():
+    from metalora.config import ModelConfig
+    from metalora.modeling.models import ModelLoadError, load_model
+
+    with pytest.raises(ModelLoadError, match="bad value for 'model.attn_implementation': 'flashy'"):
+        load_model(ModelConfig(name="tiny-random", attn_implementation="flashy"))
+
+
+@pytest.mark.parametrize("devices", ["a,b", "0,0", "1,-1"])
+def test_sweep_devices_must_be_distinct_gpu_indices(tmp_path, devices, capsys):
+    assert cli_main(["sweep", str(_sweep(tmp_path, [4])), "--devices", devices]) == 2
+    assert f"--devices {devices}: expected distinct GPU indices" in capsys.readouterr().err
+    assert not (tmp_path / "sweeps").exists()
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "many"])
+def test_prepare_data_sample_counts_must_be_positive(tmp_path, value, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        cli_main(["prepare-data", "gsm8k", "--dataset", "json", "--max-samples", value, "--out", str(tmp_path / "o")])
+    assert stopped.value.code == 2 and f"expected an integer > 0, got '{value}'" in capsys.readouterr().err
+
+
+# -- a run is judged by its own record ------------------------------------------------------------------------------
+
+
+def test_a_run_is_labelled_and_checked_by_its_own_record(tmp_path):
+    run_dir = train(config(tmp_path, "run"))
+    reptile = train(config(tmp_path, "rep", "meta.algorithm=reptile"))
+    # Evaluated under another train.seed, the seed-0 run keeps its own label; its steps and seed are recorded.
+    out = run_evaluation(config(tmp_path, "run", "train.seed=7"))
+    assert set(pd.read_csv(out / "results.csv").query("method == 'metalora'")["train_seed"]) == {0}
+    recorded = {"method": "metalora", "train_seed": 0, "steps": 3, "run_dir": str(run_dir),
+                "weights": str(run_dir / "adapter")}  # fmt: skip
+    assert json.loads((out / "runs.json").read_text()) == [recorded]
+    with pytest.raises(EvaluationError, match="was trained with meta.algorithm=reptile, not metalora"):
+        run_evaluation(config(tmp_path, "run", f"eval.runs={{metalora: {reptile}}}"))
+    with pytest.raises(EvaluationError, match="trained 3 steps, but this config plans 50"):
+        run_evaluation(config(tmp_path, "run", "train.steps=50"))
+    (run_dir / "adapter" / "checksums.json").unlink()
+    with pytest.raises(EvaluationError, match="has no checksums.json, so its weights cannot be verified"):
+        run_evaluation(config(tmp_path, "run"))
+    (run_dir / "config.yaml").unlink()
+    with pytest.raises(EvaluationError, match="has no config.yaml: without the run's own record"):
+        run_evaluation(config(tmp_path, "run"))
+
+
+def test_a_fomaml_model_is_written_with_checksums_and_verified_before_evaluation(tmp_path):
+    run_dir = train(config(tmp_path, "run", "meta.algorithm=fomaml", "train.steps=1"))
+    assert (run_dir / "model" / "checksums.json").is_file()
+    weights = run_dir / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(EvaluationError, match="model.safetensors: content does not match its checksum"):
+        run_evaluation(config(tmp_path, "run", "meta.algorithm=fomaml", "train.steps=1", "eval.methods=[base,fomaml]"))
+
+
+# -- one-line errors where tracebacks were --------------------------------------------------------------------------
+
+
+def test_an_interpolation_that_resolves_to_nothing_is_named(tmp_path):
+    from metalora.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"parameters: bad value for 'lora.r'.*nothing"):
+        load_config(SMOKE, ["lora.r=${nothing}"])
+
+
+def test_a_task_manifest_that_is_not_utf8_is_named(tmp_path):
+    from metalora.data.tasks import TaskError, load_suite_dir
+
+    (tmp_path / "tasks.json").write_bytes(b'{"tasks": {"t\\xff": {}}}'.replace(b"\\xff", b"\xff"))
+    with pytest.raises(TaskError, match=r"tasks.json: not UTF-8"):
+        load_suite_dir(tmp_path)
+
+
+def test_a_truncated_splits_record_is_an_evaluation_error(tmp_path):
+    run_dir = train(config(tmp_path, "run"))
+    (run_dir / "splits.json").write_text('{"train": {"add')
+    with pytest.raises(EvaluationError, match="splits.json is missing or unreadable"):
+        run_evaluation(config(tmp_path, "run"))
+
+
+def test_a_sweep_file_with_a_yaml_error_is_named(tmp_path):
+    from metalora.config import ConfigError
+    from metalora.experiments.sweep import load_sweep
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("notebook: x.ipynb\ngrid: {lora.r: [2, 4\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: cannot parse YAML"):
+        load_sweep(path)
+
+
+def test_a_model_folder_with_pickle_weights_only_is_refused(tmp_path):
+    from metalora.config import ModelConfig
+    from metalora.modeling.models import ModelLoadError, load_model, tiny_tokenizer
+
+    model, _ = load_model(ModelConfig(name="tiny-random"), weight_first_logits=False)
+    model.config.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="pickle weights only .*pytorch_model.bin.*safetensors only"):
+        load_model(ModelConfig(name=str(tmp_path)))

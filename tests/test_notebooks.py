@@ -170,7 +170,9 @@ def test_report_from_a_fixture_run_directory(tmp_path):
     lead = -table.loc["lora", "mean_diff"]
     assert lora_line.startswith(f"- At 5 shots on held-out tasks, MeTA-LoRA is ahead of standard LoRA (fresh init) "
                                 f"by {lead:.3f} (95 % CI {-table.loc['lora', 'ci_high']:.3f} to")  # fmt: skip
-    assert "; 5 tasks): a clear difference." in lora_line
+    # One training run (the fixture has no training seeds): beyond the noise it covers, but not a finding.
+    assert "; 5 tasks): beyond task and evaluation noise, but one training run per method" in lora_line
+    assert "a clear difference" not in report
     multitask_line = next(line for line in opening if "multi-task" in line)
     assert "multi-task LoRA is ahead of MeTA-LoRA" in multitask_line
     assert "not a significant difference" in multitask_line and "80 % power" in multitask_line

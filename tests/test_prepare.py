@@ -104,3 +104,12 @@ def test_generic_needs_its_fields(tmp_path, capsys):
     args = ["prepare-data", "generic", "--dataset", "json", "--data-files", str(data), "--out", str(tmp_path)]
     assert main(args) == 2
     assert "--input-field and --target-field" in capsys.readouterr().err
+
+
+def test_prepare_data_never_writes_over_its_input(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(3)])
+    before = data.read_bytes()
+    code = main(["prepare-data", "gsm8k", "--dataset", "json", "--data-files", str(data), "--out", str(tmp_path),
+                 "--min-samples", "2"])  # fmt: skip
+    assert code == 2 and "would overwrite the input file(s)" in capsys.readouterr().err
+    assert data.read_bytes() == before

@@ -208,3 +208,25 @@ def test_two_processes_match_one_process(tmp_path):
     one, two = adapter(single), adapter(tmp_path / "double")
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-7)
+
+
+def test_history_is_never_rewritten(tmp_path, capsys):
+    run_dir = run(tmp_path, "done", "train.steps=4", "train.checkpoint_every=2")
+    # A resume that plans fewer steps than the latest checkpoint would save step-4 weights as step_2.
+    with pytest.raises(CheckpointError, match=r"latest checkpoint is at step 4, but this config plans 2 steps"):
+        run(tmp_path, "done", "train.steps=2", "train.checkpoint_every=2", resume=True)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_2", "step_4"]
+    # Resuming a finished run changes no file.
+    files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()}
+    run(tmp_path, "done", "train.steps=4", "train.checkpoint_every=2", resume=True)
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()} == files
+    assert "already finished its 4 steps: nothing to do, nothing rewritten" in capsys.readouterr().out
+
+
+def test_a_run_stopped_before_its_first_checkpoint_says_how_to_start_over(tmp_path):
+    run_dir = run(tmp_path, "early", "train.steps=1")
+    shutil.rmtree(run_dir / "checkpoints")
+    with pytest.raises(CheckpointError, match="stopped before its first checkpoint.*to start over, remove the dir"):
+        run(tmp_path, "early")
+    with pytest.raises(CheckpointError, match="no checkpoint.*to start over, remove the directory"):
+        run(tmp_path, "early", resume=True)

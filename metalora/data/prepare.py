@@ -194,7 +194,22 @@ def prepare(args: argparse.Namespace) -> Path:
     tasks = build_tasks(rows, args.max_samples, args.min_samples, args.seed)
     if not tasks:
         raise PrepareError(f"no task with at least {args.min_samples} usable examples in '{args.dataset}'")
+    outputs = {(Path(args.out) / name).resolve() for name in ["tasks.json", *(f"{t.name}.jsonl" for t in tasks)]}
+    clobbered = sorted(str(f) for f in outputs & {Path(f).resolve() for f in data_files or []})
+    if clobbered:
+        raise PrepareError(f"--out {args.out} would overwrite the input file(s) {clobbered}: choose another directory")
     return write_suite_dir(tasks, args.out)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -205,8 +220,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="train", help="dataset split")
     parser.add_argument("--data-files", nargs="*", default=None, help="local files for json/parquet builders")
     parser.add_argument("--out", required=True, help="output suite directory")
-    parser.add_argument("--max-samples", type=int, default=600, help="examples kept per task at most")
-    parser.add_argument("--min-samples", type=int, default=10, help="tasks with fewer examples are dropped")
+    parser.add_argument("--max-samples", type=positive_int, default=600, help="examples kept per task at most")
+    parser.add_argument("--min-samples", type=positive_int, default=10, help="tasks with fewer examples are dropped")
     parser.add_argument("--seed", type=int, default=0, help="shuffle seed")
     parser.add_argument("--input-field", default=None, help="generic: the input column")
     parser.add_argument("--target-field", default=None, help="generic: the target column")

@@ -110,6 +110,25 @@ def _unique(task: Task) -> Task:
     return task if len(kept) == len(task.examples) else replace(task, examples=kept)
 
 
+def _without_inputs(examples: list[Example], taken: set[str]) -> list[Example]:
+    """Examples whose input is not in a test set: the same input with another target (a one-to-many relation)
+    would otherwise be trained or adapted on while its twin is scored."""
+    return [e for e in examples if e.input not in taken]
+
+
+def _warn_copied_examples(pools: dict[str, MetaPools], evaluated: dict[str, list[Example]]) -> None:
+    """Warn about each evaluated task holding examples a training task trains on: its score would measure recall."""
+    trained = {name: {(e.input, e.target) for e in p.support + p.query} for name, p in pools.items()}
+    for name, examples in evaluated.items():
+        pairs = {(e.input, e.target) for e in examples}
+        for source, seen in trained.items():
+            shared = len(pairs & seen)
+            if shared and source != name:
+                LOGGER.warning("task '%s': %d of its %d evaluated examples are training examples of task '%s' (the "
+                               "same input and target; a copy scores recall, not transfer)", name, shared, len(pairs),
+                               source)  # fmt: skip
+
+
 def _without_groups(examples: list[Example], taken: set[str]) -> list[Example]:
     return [e for e in examples if e.group is None or e.group not in taken]
 
@@ -228,7 +247,9 @@ def build_experiment(cfg: DataConfig, scenario: str = "heldout") -> Experiment:
                 )
             tests[name] = ordered[name][: cfg.n_test]
     taken = set().union(*(_groups(t) for t in tests.values()))
-    rest = {name: _without_groups(ordered[name][len(tests.get(name, [])) :], taken) for name in ordered}
+    test_inputs = {name: {e.input for e in test} for name, test in tests.items()}
+    rest = {name: _without_inputs(_without_groups(ordered[name][len(tests.get(name, [])) :], taken),
+                                  test_inputs.get(name, set())) for name in ordered}  # fmt: skip
     adapt = {name: rest[name][: cfg.max_adapt_pool or None] for name in heldout}
     taken |= set().union(*(_groups(a) for a in adapt.values()))
     budgets = resolve_budgets(train, cfg.samples_per_task)
@@ -243,6 +264,7 @@ def build_experiment(cfg: DataConfig, scenario: str = "heldout") -> Experiment:
             )
         pools[name] = _split_meta(unique[name], available if wanted == ALL_SAMPLES else available[:wanted],
                                   cfg.support_fraction)  # fmt: skip
+    _warn_copied_examples(pools, {name: tests[name] + adapt.get(name, []) for name in tests})
     return Experiment(
         train=pools,
         heldout={n: HeldoutPools(unique[n], adapt=adapt[n], test=tests[n]) for n in heldout},

@@ -59,6 +59,8 @@ def _read_manifest(path: Path) -> dict[str, dict]:
         raise TaskError(f"{path}: task manifest not found")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise TaskError(f"{path}: not UTF-8 ({err.reason} at byte {err.start})") from err
     except json.JSONDecodeError as err:
         raise TaskError(f"{path}: line {err.lineno}: malformed JSON: {err.msg}") from err
     if not isinstance(manifest, dict) or not isinstance(manifest.get("tasks"), dict):

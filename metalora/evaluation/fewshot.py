@@ -149,14 +149,16 @@ def evaluate_init(
         began = time.perf_counter()
         params = adapt_on_shots(model, init, encoder, pools, shots, settings, seed)
         seconds = time.perf_counter() - began
-        if not all(bool(torch.isfinite(v).all()) for v in params.values()):
-            metric = pools.task.metric if pools.task.options else "exact_match"
-            row = EvalRow(method, task_name, shots_count, seed, metric, math.nan, len(test), seconds, math.nan,
-                          finite=False)  # fmt: skip
-        else:
+        metric = pools.task.metric if pools.task.options else "exact_match"
+        row = EvalRow(method, task_name, shots_count, seed, metric, math.nan, len(test), seconds, math.nan,
+                      finite=False)  # fmt: skip
+        if all(bool(torch.isfinite(v).all()) for v in params.values()):
             metric, value = score_task(model, params, encoder, pools.task, test, batch_size)
             loss = test_loss(model, params, encoder, pools.task, test, batch_size) if with_test_loss else math.nan
-            row = EvalRow(method, task_name, shots_count, seed, metric, value, len(test), seconds, loss)
+            # Finite weights whose forward pass overflows score garbage (the argmax of NaN logits): a NaN test loss
+            # flags them like weights that diverged.
+            if not with_test_loss or math.isfinite(loss):
+                row = EvalRow(method, task_name, shots_count, seed, metric, value, len(test), seconds, loss)
         rows.append(row)
         if on_scored is not None:
             on_scored(row)

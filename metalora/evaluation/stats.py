@@ -12,8 +12,13 @@ grid's mean is estimated from the two-way ANOVA mean squares,
 with Satterthwaite's degrees of freedom, so an interval widens when training seeds disagree and reduces
 to the Student-t interval over task means when there is one training seed. Paired comparisons take the
 same route on per-cell differences (method minus reference); their p-values are Holm-adjusted across
-the shot counts of a comparison, and a Wilcoxon signed-rank test over the task means is reported as a
-distribution-free check.
+the shot counts of a comparison.
+
+With one training run per trained method the grid has one column: its interval and p-value cover task-to-task
+and evaluation noise, not how a second training run would have come out. Every comparison row says so
+(`run_variation_included`) and its sentence carries the qualifier. No signed-rank test over task means is
+reported: over task means it ignores the training-run level, and once training runs vary it rejects true
+nulls far more often than its level (tests/test_stats.py simulates it).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from metalora.config import TRAINED_METHODS
+
 CONFIDENCE = 0.95
 POWER = 0.80
 # Training seeds of a method trained once, and of the untrained methods (base, lora, full_data).
@@ -33,8 +40,11 @@ SUMMARY_COLUMNS = [
 ]  # fmt: skip
 SIGNIFICANCE_COLUMNS = [
     "setting", "method", "reference", "n_shots", "n_tasks", "n_train_seeds", "mean_diff", "ci_low", "ci_high",
-    "effect_size_dz", "p_value", "p_holm", "p_wilcoxon_tasks", "detectable_diff_80",
+    "effect_size_dz", "p_value", "p_holm", "detectable_diff_80", "run_variation_included",
 ]  # fmt: skip
+# Every metric the kit scores is a rate in [0, 1]: intervals of means stay in it, of differences in [-1, 1].
+BOUNDED_METRICS = ("exact_match", "accuracy")
+ONE_RUN_QUALIFIER = "one training run per method: run-to-run variation not included"
 
 
 @dataclass
@@ -103,14 +113,6 @@ def mean_ci(values: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, 
     return (estimate.mean, *estimate.interval(confidence))
 
 
-def wilcoxon_p(differences: np.ndarray) -> float:
-    """Two-sided Wilcoxon signed-rank p-value of paired differences (1.0 when all are zero)."""
-    differences = np.asarray(differences, dtype=float)
-    if not np.any(differences != 0):
-        return 1.0
-    return float(stats.wilcoxon(differences, zero_method="wilcox").pvalue)
-
-
 def holm(p_values: list[float]) -> list[float]:
     """Holm step-down adjusted p-values (family-wise error control), in the input order."""
     order = np.argsort(p_values)
@@ -163,7 +165,7 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
             continue
         grid = _complete(cell_means(finite))
         estimate = grid_estimate(grid.to_numpy())
-        low, high = estimate.interval()
+        low, high = _clipped(estimate.interval(), (0.0, 1.0) if _bounded(finite) else None)
         rows.append({"setting": setting, "method": method, "n_shots": shots, "mean": estimate.mean,
                      "ci_low": low, "ci_high": high, "n_tasks": estimate.n_tasks,
                      "n_train_seeds": estimate.n_train_seeds, "n_rows": len(group),
@@ -203,8 +205,9 @@ def significance(results: pd.DataFrame, reference: str = "metalora") -> pd.DataF
 
     Columns: mean_diff (method - reference) with its 95 % CI over tasks and training seeds; effect_size_dz
     (mean task-level difference / its standard deviation over tasks); p_value (t-test of the grid's mean)
-    and p_holm (Holm-adjusted across the shot counts of that method and setting); p_wilcoxon_tasks (signed-rank
-    test over task means); detectable_diff_80 (the smallest difference this design detects with 80 % power).
+    and p_holm (Holm-adjusted across the shot counts of that method and setting); detectable_diff_80 (the smallest
+    difference this design detects with 80 % power); run_variation_included (False when a trained side was trained
+    once: the interval and p then cover task and evaluation noise only).
     No rows when the reference is absent or is the only method. Rows with non-finite scores are left out.
     """
     results = _with_defaults(results)
@@ -221,16 +224,21 @@ def significance(results: pd.DataFrame, reference: str = "metalora") -> pd.DataF
                 grid = paired_grid(group, reference_rows[reference_rows["n_shots"] == shots])
                 if grid.empty:
                     continue
-                method_rows.append(_comparison_row(setting, method, reference, shots, grid.to_numpy()))
+                pair = pd.concat([group, reference_rows])
+                trained = bool({method, reference} & set(TRAINED_METHODS))
+                method_rows.append(_comparison_row(setting, method, reference, shots, grid.to_numpy(),
+                                                   _bounded(pair), trained))  # fmt: skip
             for row, adjusted in zip(method_rows, holm([r["p_value"] for r in method_rows]), strict=True):
                 row["p_holm"] = adjusted
             rows.extend(method_rows)
     return pd.DataFrame(rows, columns=SIGNIFICANCE_COLUMNS)
 
 
-def _comparison_row(setting: str, method: str, reference: str, shots: int, grid: np.ndarray) -> dict:
+def _comparison_row(
+    setting: str, method: str, reference: str, shots: int, grid: np.ndarray, bounded: bool, trained: bool
+) -> dict:
     estimate = grid_estimate(grid)
-    low, high = estimate.interval()
+    low, high = _clipped(estimate.interval(), (-1.0, 1.0) if bounded else None)
     task_diffs = grid.mean(axis=1)
     spread = float(task_diffs.std(ddof=1)) if len(task_diffs) > 1 else 0.0
     return {
@@ -238,14 +246,20 @@ def _comparison_row(setting: str, method: str, reference: str, shots: int, grid:
         "n_tasks": estimate.n_tasks, "n_train_seeds": estimate.n_train_seeds, "mean_diff": estimate.mean,
         "ci_low": low, "ci_high": high,
         "effect_size_dz": estimate.mean / spread if spread > 0 else float("nan"),
-        "p_value": estimate.p_value(), "p_wilcoxon_tasks": wilcoxon_p(task_diffs),
-        "detectable_diff_80": estimate.detectable_difference(),
+        "p_value": estimate.p_value(), "detectable_diff_80": estimate.detectable_difference(),
+        "run_variation_included": not trained or estimate.n_train_seeds > 1,
     }  # fmt: skip
 
 
-def min_wilcoxon_p(n_tasks: int) -> float:
-    """The smallest two-sided p an exact signed-rank test over `n_tasks` can give (every sign alike)."""
-    return min(1.0, 2.0 / 2**n_tasks)
+def _clipped(interval: tuple[float, float], bounds: tuple[float, float] | None) -> tuple[float, float]:
+    """An interval kept inside the range its quantity can take (a rate's mean cannot fall below 0)."""
+    if bounds is None:
+        return interval
+    return max(interval[0], bounds[0]), min(interval[1], bounds[1])
+
+
+def _bounded(rows: pd.DataFrame) -> bool:
+    return "metric" not in rows or set(rows["metric"]) <= set(BOUNDED_METRICS)
 
 
 SETTING_PHRASES = {"heldout": "on held-out tasks", "seen": "on the training tasks' own test sets"}
@@ -266,7 +280,13 @@ def describe_comparison(row: pd.Series, labels: dict[str, str] | None = None) ->
         lead = f"{method} is ahead of {reference} by {diff:.3f}" if diff > 0 else f"{method} ties with {reference}"
     else:
         lead, low, high = f"{reference} is ahead of {method} by {-diff:.3f}", -high, -low
-    verdict = "a clear difference" if row["p_holm"] < 1 - CONFIDENCE else "not a significant difference"
+    one_run = not bool(row.get("run_variation_included", True))
+    if row["p_holm"] >= 1 - CONFIDENCE:
+        verdict = "not a significant difference" + (f" ({ONE_RUN_QUALIFIER})" if one_run else "")
+    elif one_run:
+        verdict = f"beyond task and evaluation noise, but {ONE_RUN_QUALIFIER}, so not a finding about the methods"
+    else:
+        verdict = "a clear difference"
     detectable = row["detectable_diff_80"]
     power = (
         f" This design detects differences of {detectable:.3f} or more with 80 % power."

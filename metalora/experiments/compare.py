@@ -20,11 +20,11 @@ from metalora.config import Config, save_config, to_yaml
 from metalora.data.splits import Experiment, HeldoutPools, build_experiment
 from metalora.evaluation.fewshot import EvalRow, rows_as_dicts
 from metalora.evaluation.stats import per_task, significance, summarise
-from metalora.experiments.integrity import check_no_leak, check_run_settings, check_same_split, check_shots
+from metalora.experiments.integrity import check_no_leak, check_run_record, check_same_split, check_shots
 from metalora.experiments.journal import PointJournal, fingerprint
 from metalora.experiments.methods import curve_points, evaluate_methods, planned_curves
 from metalora.experiments.runs import EvaluationError, config_for_method, ensure_trained
-from metalora.io import atomic_directory, atomic_write_text
+from metalora.io import atomic_directory, atomic_write_json, atomic_write_text
 from metalora.modeling.models import pick_device
 from metalora.reporting.efficiency import efficiency_table
 from metalora.reporting.plots import efficiency_figure, few_shot_figure, per_task_figure
@@ -75,8 +75,8 @@ def run_evaluation(cfg: Config, train_missing: bool = False) -> Path:
     check_shots(cfg, evaluated)
     runs = ensure_trained(cfg, list(cfg.eval.methods), train_missing)
     expected: dict[str, Experiment] = {}
+    runs = [check_run_record(cfg, run) for run in runs]
     for run in runs:
-        check_run_settings(cfg, run)
         method_cfg = config_for_method(cfg, run.method, run.train_seed)
         key = repr(method_cfg.data.samples_per_task)
         if key not in expected:
@@ -105,7 +105,10 @@ def run_evaluation(cfg: Config, train_missing: bool = False) -> Path:
     # replaces it entirely, so no file of an older evaluation survives beside newer results.
     with atomic_directory(out) as tmp:
         save_config(cfg, tmp)
-        write_statistics(results, tmp, cfg.eval.reference)
+        # What was evaluated, as each run recorded it (its seed and steps), beside the evaluating config.
+        atomic_write_json(tmp / "runs.json", [{"method": r.method, "train_seed": r.train_seed, "steps": r.steps,
+                                               "run_dir": str(r.run_dir), "weights": str(r.weights)} for r in runs])
+        write_statistics(results, tmp, cfg.eval.reference_method)
         if runs:
             efficiency = efficiency_table([(r.method, r.train_seed, r.run_dir) for r in runs])
             _write_csv(efficiency, tmp / "efficiency.csv")

@@ -5,11 +5,33 @@ the split, budget, model and LoRA settings this evaluation expects, and every sh
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from metalora.config import Config, load_config
 from metalora.data.splits import Experiment, HeldoutPools
-from metalora.experiments.runs import EvaluationError, TrainedRun
+from metalora.experiments.runs import EvaluationError, TrainedRun, config_for_method
+from metalora.io import CHECKSUMS, ChecksumError, verify_checksums
+from metalora.training.budgets import planned_steps
+
+
+def recorded_splits(method: str, run_dir: Path) -> dict:
+    """A run's splits.json, the record of which example it trained on.
+
+    Raises:
+        EvaluationError: the file is missing or unreadable (a run without it cannot be checked for leaks).
+    """
+    path = run_dir / "splits.json"
+    try:
+        splits = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        splits, reason = None, str(err)
+    else:
+        reason = "it lists no training pools"
+    if not isinstance(splits, dict) or not isinstance(splits.get("train"), dict):
+        raise EvaluationError(f"{method} run {run_dir}: {path.name} is missing or unreadable ({reason}): without "
+                              "it the run cannot be checked for leaks, so it is not evaluated")  # fmt: skip
+    return splits
 
 
 def check_no_leak(experiment: Experiment, method: str, run_dir: Path) -> None:
@@ -22,7 +44,7 @@ def check_no_leak(experiment: Experiment, method: str, run_dir: Path) -> None:
     Raises:
         EvaluationError: naming the method, the run and the overlapping tasks, examples or groups.
     """
-    splits = json.loads((run_dir / "splits.json").read_text())
+    splits = recorded_splits(method, run_dir)
     seen_tasks = set(splits["train"]) & set(experiment.heldout)
     if seen_tasks:
         raise EvaluationError(f"{method} run {run_dir} meta-trained on held-out task(s) {sorted(seen_tasks)}")
@@ -45,11 +67,16 @@ def check_no_leak(experiment: Experiment, method: str, run_dir: Path) -> None:
 MATCHING_SETTINGS = ("model.name", "lora.r", "lora.alpha", "lora.target_modules")
 
 
-def check_run_settings(cfg: Config, run: TrainedRun) -> None:
-    """Refuse a trained run whose weights are missing or whose model or LoRA settings differ from `cfg`'s.
+def check_run_record(cfg: Config, run: TrainedRun) -> TrainedRun:
+    """Judge a trained run by what it recorded, not by the evaluating config; returns the run labelled by its record.
+
+    The run must have its config.yaml (without it nothing below could be checked), the algorithm its method
+    stands for, this evaluation's model and LoRA settings, weights that match their checksums, and, unless
+    `eval.runs` names it, the step count this config plans (a multi-task baseline of another length is not the
+    compute-matched one). Its training seed and steps come from its own record.
 
     Raises:
-        EvaluationError: naming the setting and both values, or the missing weight file.
+        EvaluationError: naming the run, the setting and both values, or the missing or changed file.
     """
     weight_file = run.weights / ("model.safetensors" if run.method == "fomaml" else "adapter_model.safetensors")
     if not weight_file.is_file():
@@ -57,8 +84,14 @@ def check_run_settings(cfg: Config, run: TrainedRun) -> None:
                               f"weights are missing ({weight_file})")  # fmt: skip
     saved = run.run_dir / "config.yaml"
     if not saved.is_file():
-        return
+        raise EvaluationError(f"{run.method} run {run.run_dir} has no config.yaml: without the run's own record the "
+                              "kit cannot tell what it trained, so it does not evaluate it")  # fmt: skip
     theirs = load_config([saved])
+    expected = config_for_method(cfg, run.method, run.train_seed)
+    if theirs.meta.algorithm != expected.meta.algorithm:
+        raise EvaluationError(f"{run.method} run {run.run_dir} was trained with meta.algorithm="
+                              f"{theirs.meta.algorithm}, not {expected.meta.algorithm}: it would be reported as "
+                              f"{run.method}")  # fmt: skip
     keys = [k for k in MATCHING_SETTINGS if run.method != "fomaml" or k.startswith("model.")]
     for key in keys:
         group, name = key.split(".")
@@ -68,6 +101,36 @@ def check_run_settings(cfg: Config, run: TrainedRun) -> None:
                 f"{run.method} run {run.run_dir} does not fit this evaluation: {key}: the run has {recorded}, "
                 f"this evaluation {ours}"
             )
+    _check_weights_verified(run)
+    steps = _recorded_steps(run)
+    planned = planned_steps(expected)
+    if not run.explicit and steps != planned:
+        raise EvaluationError(
+            f"{run.method} run {run.run_dir} trained {steps} steps, but this config plans {planned}: it would be "
+            f"reported as this config's {run.method}; retrain it, or name it in eval.runs.{run.method} to evaluate it "
+            "as the run it is"
+        )
+    return replace(run, train_seed=theirs.train.seed, steps=steps)
+
+
+def _check_weights_verified(run: TrainedRun) -> None:
+    """The weights' checksums.json (beside them, or in the checkpoint holding them) exists and matches."""
+    holder = next((d for d in (run.weights, run.weights.parent) if (d / CHECKSUMS).is_file()), None)
+    if holder is None:
+        raise EvaluationError(f"{run.method} run {run.run_dir}: {run.weights} has no {CHECKSUMS}, so its weights "
+                              "cannot be verified (the kit writes one beside every weight file it saves)")  # fmt: skip
+    try:
+        verify_checksums(holder)
+    except ChecksumError as err:
+        raise EvaluationError(f"{run.method} run {run.run_dir}: {err}") from err
+
+
+def _recorded_steps(run: TrainedRun) -> int:
+    """The steps behind the weights: a checkpoint's state.json, else the finished run's summary.json."""
+    for record, key in ((run.weights.parent / "state.json", "step"), (run.run_dir / "summary.json", "steps")):
+        if record.is_file():
+            return int(json.loads(record.read_text())[key])
+    raise EvaluationError(f"{run.method} run {run.run_dir} has no summary.json: it did not finish")
 
 
 def check_same_split(expected: Experiment, method: str, run_dir: Path) -> None:
@@ -76,7 +139,7 @@ def check_same_split(expected: Experiment, method: str, run_dir: Path) -> None:
     Raises:
         EvaluationError: another scenario, split seed, task set or sample budget than expected.
     """
-    splits = json.loads((run_dir / "splits.json").read_text())
+    splits = recorded_splits(method, run_dir)
 
     def describe(scenario: object, seed: object, budgets: dict) -> str:
         values = sorted({str(b) for b in budgets.values()})

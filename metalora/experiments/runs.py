@@ -32,6 +32,10 @@ class TrainedRun:
     run_dir: Path
     # The adapter directory (or, for fomaml, the full-model directory) the evaluation loads.
     weights: Path
+    # Named by eval.runs (any run or checkpoint the user points at) rather than found by the config's naming.
+    explicit: bool = False
+    # Meta-steps the weights were trained for, as the run recorded them (set by the integrity checks).
+    steps: int | None = None
 
 
 def training_seeds(cfg: Config) -> list[int]:
@@ -114,7 +118,7 @@ def ensure_trained(cfg: Config, methods: list[str], train_missing: bool) -> list
                 if not (run_dir / "state.json").is_file():
                     raise EvaluationError(f"eval.runs.{method}: {run_dir} is not a complete checkpoint")
                 weights = run_dir / ("model" if method == "fomaml" else "adapter")
-                runs.append(TrainedRun(method, seed, root, weights))
+                runs.append(TrainedRun(method, seed, root, weights, explicit=True))
                 continue
             if not (run_dir / "summary.json").is_file():
                 if not train_missing:
@@ -124,7 +128,8 @@ def ensure_trained(cfg: Config, methods: list[str], train_missing: bool) -> list
                         f"point eval.runs.{method} at a run, or pass --train-missing"
                     )
                 _train_in_child(config_for_method(cfg, method, seed), resume=(run_dir / "checkpoints").is_dir())
-            runs.append(TrainedRun(method, seed, run_dir, run_dir / ("model" if method == "fomaml" else "adapter")))
+            weights = run_dir / ("model" if method == "fomaml" else "adapter")
+            runs.append(TrainedRun(method, seed, run_dir, weights, explicit=method in cfg.eval.runs))
     return runs
 
 

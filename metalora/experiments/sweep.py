@@ -19,7 +19,6 @@ import itertools
 import json
 import os
 import queue
-import shutil
 import subprocess
 import sys
 import traceback
@@ -88,7 +87,10 @@ def load_sweep(path: str | Path) -> SweepSpec:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: sweep file not found")
-    raw = OmegaConf.to_container(OmegaConf.load(path))
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as err:  # yaml's scanner/parser errors carry the line and column
+        raise ConfigError(f"{path}: cannot parse YAML: {' '.join(str(err).split())}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with notebook, config_files and grid or cases")
     known = {"notebook", "config_files", "overrides", "grid", "cases", "output_dir"}
@@ -155,9 +157,10 @@ def is_finished(point_dir: Path, config: str | None = None) -> bool:
 
 def _set_aside(point_dir: Path) -> Path:
     """Move a point directory that ran with another config out of the way (kept, not deleted)."""
-    stale = point_dir.with_name(f".{point_dir.name}.replaced")
-    if stale.exists():
-        shutil.rmtree(stale)
+    # Numbered, so that a point replaced twice keeps both earlier versions.
+    number = 1
+    while (stale := point_dir.with_name(f".{point_dir.name}.replaced-{number}")).exists():
+        number += 1
     point_dir.rename(stale)
     return stale
 
@@ -209,6 +212,8 @@ def run_sweep(path: str | Path, kernel: str | None = None, devices: list[str] | 
     """
     from tqdm.auto import tqdm
 
+    if devices:
+        _check_devices(devices)
     spec = load_sweep(path)
     root = sweep_dir(spec)
     root.mkdir(parents=True, exist_ok=True)
@@ -230,6 +235,12 @@ def run_sweep(path: str | Path, kernel: str | None = None, devices: list[str] | 
             tqdm.write(f"point {record['name']} failed: {record['error'].splitlines()[0]}")
     aggregate_sweep(root)
     return root
+
+
+def _check_devices(devices: list[str]) -> None:
+    """GPU indices, each once: a name CUDA cannot parse or a GPU listed twice would put two points on one GPU."""
+    if not all(d.isdigit() for d in devices) or len(set(devices)) != len(devices):
+        raise ConfigError(f"--devices {','.join(devices)}: expected distinct GPU indices such as 0,1,2,3")
 
 
 def _run_on_devices(

@@ -97,7 +97,12 @@ def load_model(
     else:
         model, tokenizer = _load_pretrained(cfg.name, dtype, cfg.random_init, _hub_options(cfg))
     if cfg.attn_implementation:
-        model.set_attn_implementation(cfg.attn_implementation)
+        try:
+            model.set_attn_implementation(cfg.attn_implementation)
+        except (ValueError, ImportError) as err:  # an unknown name, or a kernel whose package is not installed
+            reason = str(err).strip().splitlines()[0]
+            name = cfg.attn_implementation
+            raise ModelLoadError(f"bad value for 'model.attn_implementation': '{name}': {reason}") from err
     if weight_first_logits:
         use_weight_first_projection(model)
     tokenizer.padding_side = "left"
@@ -135,6 +140,14 @@ def _load_pretrained(
     options = options or {}
     if Path(name).is_dir() and not (Path(name) / "config.json").is_file():
         raise ModelLoadError(f"model.name: directory '{name}' holds no model (no config.json)")
+    if Path(name).is_dir() and not random_init and not any(Path(name).glob("*.safetensors")):
+        pickles = sorted(p.name for p in Path(name).iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        if pickles:
+            raise ModelLoadError(
+                f"model.name: directory '{name}' holds pickle weights only ({', '.join(pickles[:3])}): loading a "
+                "pickle runs code from the file, so the kit loads safetensors only; convert them once (load with "
+                "transformers and save_pretrained, which writes safetensors) and point model.name at the result"
+            )
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **options)
         if random_init:

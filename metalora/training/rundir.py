@@ -20,7 +20,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from metalora.config import Config, load_config
-from metalora.training.checkpoints import CheckpointError
+from metalora.training.checkpoints import CheckpointError, latest_checkpoint
 
 LOCK = ".lock"
 RESUMES = "resumes.jsonl"
@@ -69,6 +69,11 @@ def refuse_used(run_dir: Path) -> None:
     """Refuse a fresh run into a directory that holds another run's files."""
     for name in RUN_FILES:
         if (run_dir / name).exists():
+            if latest_checkpoint(run_dir) is None:
+                raise CheckpointError(
+                    f"{run_dir} already holds {name} from a run stopped before its first checkpoint: there is "
+                    "nothing to resume; to start over, remove the directory, or choose another train.run_name"
+                )
             raise CheckpointError(
                 f"{run_dir} already holds {name} from another run: resume it with --resume "
                 "(train.resume=true), choose another train.run_name, or remove the directory"

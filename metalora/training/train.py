@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from metalora.config import Config, ConfigError, load_config, save_config, split_args
 from metalora.data.splits import save_splits
 from metalora.errors import MetaloraError, exit_status
-from metalora.io import atomic_write_json, atomic_write_text
+from metalora.io import atomic_directory, atomic_write_json, atomic_write_text, write_checksums
 from metalora.modeling.lora import save_adapter
 from metalora.modeling.models import count_parameters, pick_device
 from metalora.training.budgets import example_gradients, multitask_plan, planned_steps
@@ -142,7 +142,9 @@ def warn_long_targets(parts: TrainingParts) -> None:
 def _export_final(parts: TrainingParts, run_dir: Path) -> Path:
     if parts.cfg.meta.algorithm == "fomaml":
         target = run_dir / "model"
-        parts.model.save_pretrained(target)
+        with atomic_directory(target) as tmp:
+            parts.model.save_pretrained(tmp)
+            write_checksums(tmp)  # verified before an evaluation loads it, as adapters and checkpoints are
         return target
     return save_adapter(parts.model, run_dir / "adapter")
 
@@ -177,6 +179,10 @@ def train(cfg: Config, resume: bool = False) -> Path:
         if accelerator.is_main_process:
             stack.enter_context(locked(run_dir))
         run = prepare_run(cfg, resume, accelerator, log_with)
+        if run.finished:
+            accelerator.print(f"{run.run_dir} already finished its {run.total_steps} steps: nothing to do, nothing "
+                              "rewritten")  # fmt: skip
+            return run.run_dir
         run_loop(run, accelerator)
         finish_run(run, accelerator)
         return run.run_dir
@@ -213,6 +219,11 @@ class PreparedRun:
     total_steps: int
 
     @property
+    def finished(self) -> bool:
+        """Whether the run already ran to its planned end and wrote its final files."""
+        return self.start == self.total_steps and (self.run_dir / "summary.json").is_file()
+
+    @property
     def metrics_path(self) -> Path:
         """The run's metrics log, one JSON line per meta-step."""
         return self.run_dir / "metrics.jsonl"
@@ -231,7 +242,10 @@ def prepare_run(cfg: Config, resume: bool, accelerator: Accelerator, log_with: l
     set_seed(cfg.train.seed)
     checkpoint = latest_checkpoint(run_dir)
     if resume and checkpoint is None:
-        raise CheckpointError(f"{run_dir}: resume asked for, but there is no checkpoint under checkpoints/")
+        raise CheckpointError(
+            f"{run_dir}: resume asked for, but there is no checkpoint under checkpoints/ (a run stopped before its "
+            "first checkpoint leaves nothing to resume: to start over, remove the directory and run without --resume)"
+        )
     if not resume:
         refuse_used(run_dir)
     changed = resume_changes(run_dir, cfg) if resume else {}
@@ -243,6 +257,15 @@ def prepare_run(cfg: Config, resume: bool, accelerator: Accelerator, log_with: l
         start = load_checkpoint(checkpoint, parts.model, parts.optimizer, cfg.meta.algorithm, cfg.train.seed)
         position_scheduler(parts, start)
     run = PreparedRun(parts, run_dir, start, planned_steps(cfg))
+    # History is never rewritten: a checkpoint past the planned end would be saved again under an earlier step's
+    # name, and a finished run's files stay as they were written.
+    if start > run.total_steps:
+        raise CheckpointError(
+            f"{run_dir}: its latest checkpoint is at step {start}, but this config plans {run.total_steps} steps: "
+            f"resume with train.steps >= {start}, or train another run (train.run_name)"
+        )
+    if run.finished:
+        return run
     if accelerator.is_main_process:
         if changed:
             record_resume(run_dir, start, changed)
