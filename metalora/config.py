@@ -251,8 +251,9 @@ class TrainConfig:
 
 @dataclass
 class SpeedConfig:
-    """How the method is computed, never what it computes: every option has an equivalence test, and
-    docs/performance.md records what each measured."""
+    """How the method is computed, not what: each option gives the same result as the default at lora.dropout=0
+    (an equivalence test each); at a non-zero dropout, numpy masks, task batching and compiled layers draw other
+    masks from the same distribution."""
 
     # Compute the vocabulary projection on CPU weight-first, (W @ h^T)^T: the same logits, cheaper for the
     # few rows the kit projects (metalora/speed/weight_first_logits.py); false keeps nn.Linear's forward.

@@ -1,1 +1,1 @@
-"""Speed options that change how the method is computed, never what it computes (each has an equivalence test)."""
+"""Speed options that change how the method is computed, not what (each has an equivalence test at lora.dropout=0)."""

@@ -7,7 +7,7 @@ elementwise operations around the matmuls (norms, rotary embedding, activation, 
 dropout). Sizes are compiled as dynamic, because batch widths change from batch to batch.
 
 Inside a compiled layer the LoRA-dropout masks come from the compiler's random numbers (seeded from
-torch's generator, so runs stay reproducible), not from numpy (`metalora/dropout.py`).
+torch's generator, so runs stay reproducible), not from numpy (`metalora/speed/dropout_masks.py`).
 """
 
 from __future__ import annotations
