@@ -57,7 +57,11 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
 
 @contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory to fill; on success it replaces `path` in one rename.
+    """Yield a temporary sibling directory to fill; on success it replaces `path`.
+
+    An existing `path` is moved aside as `.<name>.old` and the new one renamed into place: a crash between those two
+    renames leaves the previous version under that name, and the next call for `path` restores it before anything
+    else.
 
     Args:
         path: the final directory. An existing one is replaced only after the new one is complete.
@@ -67,6 +71,9 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.with_name(f".{path.name}.old")
+    if old.exists() and not path.exists():
+        os.replace(old, path)  # a swap cut between its two renames: the previous version comes back first
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp.", dir=path.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would hide the directory from collaborators
     try:
@@ -74,7 +81,6 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = path.with_name(f".{path.name}.old")
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)

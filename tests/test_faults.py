@@ -443,3 +443,17 @@ def test_a_model_folder_with_pickle_weights_only_is_refused(tmp_path):
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
     with pytest.raises(ModelLoadError, match="pickle weights only .*pytorch_model.bin.*safetensors only"):
         load_model(ModelConfig(name=str(tmp_path)))
+
+
+def test_a_directory_swap_cut_between_its_renames_is_restored_by_the_next_write(tmp_path):
+    from metalora.io import atomic_directory
+
+    target = tmp_path / "eval"
+    with atomic_directory(target) as tmp:
+        (tmp / "results.csv").write_text("first")
+    # A crash after the old version was moved aside and before the new one was renamed in.
+    target.rename(tmp_path / ".eval.old")
+    with pytest.raises(RuntimeError), atomic_directory(target):
+        assert (target / "results.csv").read_text() == "first", "the previous version is back before the write"
+        raise RuntimeError("this write fails too")
+    assert (target / "results.csv").read_text() == "first" and not (tmp_path / ".eval.old").exists()
