@@ -29,7 +29,7 @@ _EXPORTS = {
     "meta_gradients": "metalora.method.meta",
     "EpisodeSampler": "metalora.data.episodes",
     "Encoder": "metalora.data.collation",
-    "build_experiment": "metalora.data.splits",
+    "build_splits": "metalora.data.splits",
     "load_suite_dir": "metalora.data.tasks",
     "load_model": "metalora.modeling.models",
     "attach_lora": "metalora.modeling.lora",

@@ -106,9 +106,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_prepare_data(args: argparse.Namespace) -> int:
     """Convert a dataset into a task suite directory."""
-    from metalora.data.prepare import prepare
+    from metalora.data.prepare import PrepareOptions, prepare
 
-    out = prepare(args)
+    out = prepare(PrepareOptions.from_args(args))
     print(f"task suite written to {out}")
     return 0
 

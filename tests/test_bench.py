@@ -21,8 +21,11 @@ from metalora.training.step import training_step
 SMOKE = ["params/base.yaml", "params/smoke.yaml"]
 
 
-def test_the_naive_reference_takes_the_same_meta_step_as_the_kit(nudge_lora_b):
-    cfg = load_config(SMOKE, ["lora.dropout=0.0", "meta.inner_optimizer=adam", "meta.inner_steps=3"])
+@pytest.mark.parametrize("query_batch_size", [4, 1])
+def test_the_naive_reference_takes_the_same_meta_step_as_the_kit(nudge_lora_b, query_batch_size):
+    # One query batch, and one per example (the query loss then weighs batches by their target tokens).
+    cfg = load_config(SMOKE, ["lora.dropout=0.0", "meta.inner_optimizer=adam", "meta.inner_steps=3",
+                              f"meta.query_batch_size={query_batch_size}"])  # fmt: skip
     updated = []
     for naive in (False, True):
         torch.manual_seed(0)

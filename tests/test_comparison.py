@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from metalora.config import ConfigError, load_config
-from metalora.data.splits import build_experiment
+from metalora.data.splits import build_splits
 from metalora.evaluation.fewshot import draw_shots
 from metalora.evaluation.stats import SUMMARY_COLUMNS
 from metalora.experiments.compare import run_evaluation, shard
@@ -72,7 +72,7 @@ def test_multitask_gradient_is_the_pooled_loss_gradient_at_the_shared_weights():
 
 
 def test_full_data_shots_are_the_whole_adaptation_pool_and_never_the_test_set(tmp_path):
-    experiment = build_experiment(smoke_config(tmp_path).data)
+    experiment = build_splits(smoke_config(tmp_path).data)
     pools = experiment.heldout["add_9"]
     shots = draw_shots(pools, FULL_DATA_SHOTS, seed=1)
     assert sorted(e.id for e in shots) == sorted(e.id for e in pools.adapt)
@@ -87,7 +87,7 @@ def test_a_missing_run_is_a_clear_error(tmp_path):
 
 def test_a_run_that_trained_on_a_heldout_task_is_refused(tmp_path):
     cfg = smoke_config(tmp_path)
-    experiment = build_experiment(cfg.data)
+    experiment = build_splits(cfg.data)
     run_dir = tmp_path / "leaky"
     run_dir.mkdir()
     splits = {"train": {"caesar_7": {"support": ["x"], "query": ["y"]}}, "heldout": {}}
@@ -118,11 +118,11 @@ def test_eval_trains_missing_runs_and_writes_every_table(tmp_path):
     constant = results[results["method"] == "constant"]
     assert sorted(constant["n_shots"]) == [0, 0, 2, 2] and set(constant["seed"]) == {0}
     assert results["value"].between(0, 1).all()
-    # 0 shots is no adaptation: a fresh LoRA (B = 0) is the base model, so its rows are the base model's (that the
-    # two score alike is checked where lora is scored on its own: test_models' no-op adapter, and the eval below).
+    # 0 shots is no adaptation: lora's 0-shot rows are copies of the base model's here (a fresh LoRA's B = 0), so
+    # nothing about them is asserted here; that the two score alike is checked where lora is scored on its own
+    # (test_models' no-op adapter, test_two_evaluation_processes_score_what_one_does).
     zero = results[results["n_shots"] == 0].set_index(["method", "task", "seed"])["test_loss"]
-    assert (zero["lora"] == zero["base"]).all()
-    assert (zero["metalora"] != zero["lora"]).any()
+    assert (zero["metalora"] != zero["base"]).any()
 
     summary = pd.read_csv(out / "summary.csv")
     assert list(summary.columns) == SUMMARY_COLUMNS and set(summary["n_tasks"]) == {2}
@@ -208,7 +208,7 @@ def test_shot_counts_beyond_a_pool_are_refused_before_any_training(tmp_path):
 
 
 def test_evaluation_shards_cover_every_task_once():
-    experiment = build_experiment(smoke_config(".", "eval.scenario=seen").data, "seen")
+    experiment = build_splits(smoke_config(".", "eval.scenario=seen").data, "seen")
     evaluated = {"seen": experiment.seen, "heldout": experiment.heldout}
     shares = [shard(evaluated, rank, 3) for rank in range(3)]
     pairs = [(setting, task) for share in shares for setting, pools in share.items() for task in pools]

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from split_reference import heldout_pools
 
 from metalora.config import LoraConfig
 from metalora.data.collation import Encoder
-from metalora.data.splits import heldout_pools
 from metalora.data.tasks import Example, Task
 from metalora.evaluation.fewshot import (
     AdaptSettings,

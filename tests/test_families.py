@@ -11,7 +11,7 @@ from peft import PeftModel
 from torch.func import functional_call
 
 from metalora.config import ModelConfig, load_config
-from metalora.data.splits import HeldoutPools
+from metalora.data.splits import EvalPools
 from metalora.data.tasks import Example, Task
 from metalora.evaluation.fewshot import AdaptSettings, evaluate_init
 from metalora.evaluation.scoring import greedy_generate
@@ -77,7 +77,7 @@ def test_few_shot_evaluation_scores_by_generation_and_by_option_ranking(family):
     labelled = Task("parity", "Is the number even?", "accuracy",
                     [Example(f"parity:{i}", str(i), "yes" if i % 2 == 0 else "no") for i in range(10)],
                     options=["yes", "no"])  # fmt: skip
-    pools = {t.name: HeldoutPools(t, adapt=t.examples[4:], test=t.examples[:4]) for t in (free, labelled)}
+    pools = {t.name: EvalPools(t, adapt=t.examples[4:], test=t.examples[:4]) for t in (free, labelled)}
     fresh = {k: v.detach().clone() for k, v in lora_params(model).items()}
     rows = evaluate_init(model, "lora", fresh, pools, encoder, [0, 3], 1, AdaptSettings(2, 1e-3), max_test=4,
                          batch_size=4)  # fmt: skip

@@ -18,7 +18,7 @@ import torch
 
 from metalora.cli import main as cli_main
 from metalora.config import ConfigError, load_config
-from metalora.data.splits import build_experiment
+from metalora.data.splits import build_splits
 from metalora.data.tasks import TaskError, load_suite_dir
 from metalora.experiments.compare import run_evaluation
 from metalora.experiments.runs import EvaluationError
@@ -148,7 +148,7 @@ def test_identical_examples_never_sit_in_two_pools(tmp_path):
         (suite / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
     cfg = load_config(overrides=[f"data.suites=[{suite}]", "data.heldout_tasks=[b]", "data.n_test=4",
                                  "data.samples_per_task=6", "meta.n_support=3", "meta.n_query=3"])  # fmt: skip
-    experiment = build_experiment(cfg.data)
+    experiment = build_splits(cfg.data)
     pools = experiment.heldout["b"]
     assert not {e.input for e in pools.test} & {e.input for e in pools.adapt}
     assert len(pools.test) + len(pools.adapt) == 10 and experiment.duplicates_dropped == {"a": 30, "b": 30}
@@ -168,7 +168,7 @@ def test_an_input_with_another_target_never_sits_beside_its_twin_in_the_test_set
                                  "data.samples_per_task=all", "meta.n_support=1", "meta.n_query=1",
                                  "eval.scenario=seen", "eval.n_shots=[0,1]"])  # fmt: skip
     with caplog.at_level("WARNING", logger="metalora"):
-        experiment = build_experiment(cfg.data, cfg.eval.scenario)
+        experiment = build_splits(cfg.data, cfg.eval.scenario)
     for pools in [*experiment.heldout.values(), *experiment.seen.values()]:
         assert not {e.input for e in pools.test} & {e.input for e in pools.adapt}, pools.task.name
     train_a = experiment.train["a"]

@@ -113,3 +113,11 @@ def test_prepare_data_never_writes_over_its_input(tmp_path, capsys):
                  "--min-samples", "2"])  # fmt: skip
     assert code == 2 and "would overwrite the input file(s)" in capsys.readouterr().err
     assert data.read_bytes() == before
+
+
+def test_prepare_runs_from_a_notebook_without_argparse(tmp_path):
+    from metalora.data.prepare import PrepareOptions, prepare
+
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(3)])
+    out = prepare(PrepareOptions("gsm8k", "json", str(tmp_path / "suite"), data_files=[str(data)], min_samples=2))
+    assert sorted(e.target for e in load_suite_dir(out).tasks["gsm8k"].examples) == ["0", "1", "2"]

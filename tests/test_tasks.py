@@ -4,10 +4,11 @@ import json
 from pathlib import Path
 
 import pytest
+from split_reference import heldout_pools, meta_pools
 
 from metalora.config import load_config
 from metalora.data.embedded_suite import FAMILIES, embedded_suite
-from metalora.data.splits import build_experiment, heldout_pools, meta_pools
+from metalora.data.splits import build_splits
 from metalora.data.tasks import Example, Task, TaskError, TaskSuite, load_suite_dir, merge_suites, select_tasks
 
 # Episode and shot sizes any tiny budget can give: these tests look at the splits alone.
@@ -143,7 +144,7 @@ def test_the_real_suite_loads_and_splits(shared_tasks):
     suite = load_suite_dir(shared_tasks)
     assert len(suite.tasks) == 49
     assert suite.tasks["sst2_sentiment"].options and suite.tasks["sst2_sentiment"].metric == "accuracy"
-    experiment = build_experiment(cfg.data)
+    experiment = build_splits(cfg.data)
     assert "lama_p17_country" in experiment.heldout and "lama_p17_country" not in experiment.train
     assert len(experiment.train) == sum(n.startswith("lama_") for n in suite.tasks) - 1
     for pools in experiment.heldout.values():
@@ -190,7 +191,7 @@ def test_groups_stay_on_one_side_across_tasks(tmp_path):
         cfg = load_config(overrides=[*SPLIT_ONLY, f"data.suites=[{suite}]", "data.heldout_tasks=[lang_sw]",
                                      "data.n_test=8", "data.max_adapt_pool=10", "data.samples_per_task=12",
                                      f"eval.scenario={scenario}"])  # fmt: skip
-        experiment = build_experiment(cfg.data, cfg.eval.scenario)
+        experiment = build_splits(cfg.data, cfg.eval.scenario)
         _assert_no_group_straddles(experiment)
         # Translations of one item sit at the same rank, so the test sets hold the same items in every language.
         tests = [{experiment.groups[e.id] for e in p.test} for p in [*experiment.heldout.values(),
@@ -205,7 +206,7 @@ def test_ungrouped_splits_are_what_they_were(tmp_path):
         json.dumps({"input": f"{n}{i}", "target": "x"}) + "\n" for i in range(30)) for n in "ab"})  # fmt: skip
     cfg = load_config(overrides=[*SPLIT_ONLY, f"data.suites=[{suite}]", "data.heldout_tasks=[b]", "data.n_test=5",
                                  "data.samples_per_task=20"])  # fmt: skip
-    experiment = build_experiment(cfg.data)
+    experiment = build_splits(cfg.data)
     task_a, task_b = (load_suite_dir(suite).tasks[n] for n in "ab")
     old_a, old_b = meta_pools(task_a, 20, 0.5, seed=0), heldout_pools(task_b, 5, seed=0)
     assert [e.id for e in experiment.train["a"].support] == [e.id for e in old_a.support]
@@ -216,7 +217,7 @@ def test_the_seen_scenario_carves_the_test_set_before_the_budget(tmp_path):
     suite = _grouped_suite(tmp_path, languages=("en", "it"))
     overrides = [*SPLIT_ONLY, f"data.suites=[{suite}]", "data.n_test=10", "eval.scenario=seen"]
     budgets = '{"lang_en": all, "*": 6}'
-    experiment = build_experiment(load_config(overrides=[*overrides, f"data.samples_per_task={budgets}"]).data, "seen")
+    experiment = build_splits(load_config(overrides=[*overrides, f"data.samples_per_task={budgets}"]).data, "seen")
     assert {n: len(p.support) + len(p.query) for n, p in experiment.train.items()} == {"lang_en": 30, "lang_it": 6}
     assert experiment.budgets == {"lang_en": "all", "lang_it": 6}
     for name, pools in experiment.seen.items():
@@ -240,7 +241,7 @@ def test_bad_budgets_name_the_task_or_key(tmp_path, overrides, message):
     cfg = load_config(overrides=[*SPLIT_ONLY, f"data.suites=[{suite}]", "data.n_test=10", "eval.scenario=seen",
                                  *overrides])  # fmt: skip
     with pytest.raises(TaskError, match=message):
-        build_experiment(cfg.data, cfg.eval.scenario)
+        build_splits(cfg.data, cfg.eval.scenario)
 
 
 @pytest.mark.slow
@@ -249,7 +250,7 @@ def test_no_xcopa_group_straddles_sides(tmp_path):
     if not (xcopa / "tasks.json").is_file():
         pytest.skip(f"the XCOPA suite is not at {xcopa}")
     cfg = load_config(["params/base.yaml", "params/xcopa_cpu.yaml"])
-    experiment = build_experiment(cfg.data, cfg.eval.scenario)
+    experiment = build_splits(cfg.data, cfg.eval.scenario)
     assert experiment.seen and experiment.heldout
     _assert_no_group_straddles(experiment)
     # Every language is a translation of the same items: a test item of one language is a test item of all.

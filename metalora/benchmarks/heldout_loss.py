@@ -15,7 +15,7 @@ import time
 
 from metalora.config import load_config, split_args
 from metalora.data.collation import Encoder
-from metalora.data.splits import build_experiment
+from metalora.data.splits import build_splits
 from metalora.evaluation.fewshot import AdaptSettings, adapt_on_shots, adapter_init, draw_shots, snapshot_lora
 from metalora.evaluation.scoring import test_loss
 from metalora.io import atomic_write_json
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = train(cfg, resume=latest_checkpoint(cfg.run_dir) is not None)
     train_seconds = time.perf_counter() - began
 
-    experiment = build_experiment(cfg.data, cfg.eval.scenario)
+    experiment = build_splits(cfg.data, cfg.eval.scenario)
     model, tokenizer = load_model(cfg.model, weight_first_logits=cfg.speed.weight_first_logits)
     # The initialisation meta-training started from.
     model = attach_lora(model, cfg.lora, cfg.train.seed, cfg.speed.cpu_dropout_masks)

@@ -55,7 +55,7 @@ from metalora.data.episodes import Episode
 from metalora.data.tasks import Task
 from metalora.io import atomic_write_json, atomic_write_text
 from metalora.machine import cpu_model_name, describe_machine, machine_line
-from metalora.method.loss import count_input_tokens
+from metalora.method.loss import count_input_tokens, count_target_tokens
 from metalora.modeling.lora import lora_params, save_adapter
 from metalora.modeling.models import pick_device
 from metalora.speed.dropout_masks import PROFILE_LABEL
@@ -103,9 +103,12 @@ def naive_meta_step(
             ).loss.backward()
             inner_optimizer.step()
         inner_optimizer.zero_grad()
-        for batch in encoder.batches(task, episode.query, cfg.meta.query_batch_size):
+        query = encoder.batches(task, episode.query, cfg.meta.query_batch_size)
+        # The query loss is the mean over all the query set's target tokens, as the kit's is.
+        total_tokens = sum(count_target_tokens(b) for b in query)
+        for batch in query:
             out = learner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-            (out.loss * len(batch["input_ids"]) / len(episode.query)).backward()
+            (out.loss * count_target_tokens(batch) / total_tokens).backward()
         for name, parameter in learner.named_parameters():
             if parameter.requires_grad:
                 grads[name] += parameter.grad / len(episodes)

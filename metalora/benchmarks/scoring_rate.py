@@ -20,7 +20,7 @@ import torch
 
 from metalora.config import load_config, split_args
 from metalora.data.collation import Encoder
-from metalora.data.splits import build_experiment
+from metalora.data.splits import build_splits
 from metalora.evaluation.scoring import score_task
 from metalora.machine import describe_machine, machine_line
 from metalora.modeling.lora import attach_lora, lora_params
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model(cfg.model, device.type != "cuda", cfg.speed.weight_first_logits)
     model = attach_lora(model.to(device), cfg.lora, cfg.train.seed, cfg.speed.cpu_dropout_masks).eval()
     params = {k: v.detach() for k, v in lora_params(model).items()}
-    experiment = build_experiment(cfg.data, cfg.eval.scenario)
+    experiment = build_splits(cfg.data, cfg.eval.scenario)
     name = args.task or sorted(experiment.heldout)[0]
     pools = experiment.heldout[name]
     examples = pools.test[: cfg.eval.max_test]

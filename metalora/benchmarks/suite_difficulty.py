@@ -16,7 +16,7 @@ import torch
 
 from metalora.config import load_config, split_args
 from metalora.data.collation import Encoder
-from metalora.data.splits import build_experiment
+from metalora.data.splits import build_splits
 from metalora.evaluation.fewshot import AdaptSettings, evaluate_init, rows_as_dicts, snapshot_lora
 from metalora.io import atomic_write_json
 from metalora.machine import describe_machine, machine_line
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(files, defaults + overrides)
     torch.manual_seed(cfg.train.seed)
     began = time.perf_counter()
-    experiment = build_experiment(cfg.data, cfg.eval.scenario)
+    experiment = build_splits(cfg.data, cfg.eval.scenario)
     model, tokenizer = load_model(cfg.model, weight_first_logits=cfg.speed.weight_first_logits)
     model = attach_lora(model, cfg.lora, cpu_dropout_masks=cfg.speed.cpu_dropout_masks)
     encoder = Encoder.from_config(tokenizer, cfg.data)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from metalora.data.splits import MetaPools, task_seed
+from metalora.data.splits import MetaPools, derived_seed
 from metalora.data.tasks import Example, TaskError
 
 
@@ -62,19 +62,19 @@ class EpisodeSampler:
         Returns:
             The episodes of this process (tasks distinct within the meta-batch).
         """
-        chooser = random.Random(task_seed(self.seed, "meta-batch", step))
+        chooser = random.Random(derived_seed(self.seed, "meta-batch", step))
         chosen = chooser.sample(self.names, self.meta_batch_size)
         episodes = []
         for slot, name in enumerate(chosen):
             if slot % world_size != rank:
                 continue
-            rng = random.Random(task_seed(self.seed, "episode", step, slot))
+            rng = random.Random(derived_seed(self.seed, "episode", step, slot))
             pool = self.pools[name]
             episodes.append(
                 Episode(
                     task=name,
                     slot=slot,
-                    seed=task_seed(self.seed, "dropout", step, slot),
+                    seed=derived_seed(self.seed, "dropout", step, slot),
                     support=rng.sample(pool.support, self.n_support),
                     query=rng.sample(pool.query, self.n_query),
                 )

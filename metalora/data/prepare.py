@@ -14,12 +14,12 @@ import random
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from metalora.data.splits import task_seed
+from metalora.data.splits import derived_seed
 from metalora.data.tasks import Example, Task, write_suite_dir
 from metalora.errors import MetaloraError
 
@@ -40,6 +40,38 @@ class Row:
     options: list[str] | None = None
     # The example's group in the suite format: the same item in other tasks (e.g. its translations).
     item: str | None = None
+
+
+@dataclass
+class PrepareOptions:
+    """What `metalora prepare-data` is asked to do (its command-line options, usable without argparse)."""
+
+    # math, gsm8k, scienceqa, natural-instructions or generic: how rows become examples.
+    kind: str
+    # A hub id, or a builder name such as json or parquet with `data_files`.
+    dataset: str
+    # The suite directory written.
+    out: str
+    config: str | None = None
+    split: str = "train"
+    data_files: list[str] | None = None
+    max_samples: int = 600
+    min_samples: int = 10
+    seed: int = 0
+    # generic only: the input and target columns, one task per value of `group_by`, a label-set column, the task
+    # instruction, a column naming the item an example is a version of, and the task name when not grouping.
+    input_field: str | None = None
+    target_field: str | None = None
+    group_by: str | None = None
+    options_field: str | None = None
+    instruction: str = ""
+    item_field: str | None = None
+    name: str | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> PrepareOptions:
+        """The options of a parsed `prepare-data` command line."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
 def last_boxed(text: str) -> str | None:
@@ -70,21 +102,21 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", str(text).lower()).strip("_") or "task"
 
 
-def _math(row: dict, _: argparse.Namespace) -> Row | None:
+def _math(row: dict, _: PrepareOptions) -> Row | None:
     answer = last_boxed(row["solution"])
     if answer is None:
         return None
     return Row(f"math_{slug(row.get('type', 'all'))}", row["problem"], answer, "Solve the problem. Give the answer.")
 
 
-def _gsm8k(row: dict, _: argparse.Namespace) -> Row | None:
+def _gsm8k(row: dict, _: PrepareOptions) -> Row | None:
     answer = gsm8k_answer(row["answer"])
     if answer is None:
         return None
     return Row("gsm8k", row["question"], answer, "Solve the word problem. Give the final number.")
 
 
-def _scienceqa(row: dict, _: argparse.Namespace) -> Row | None:
+def _scienceqa(row: dict, _: PrepareOptions) -> Row | None:
     choices = [str(c) for c in row["choices"]]
     listed = " ".join(f"({chr(65 + i)}) {c}" for i, c in enumerate(choices))
     # The hint is the question's context (a passage, a table as text); many questions cannot be answered without it.
@@ -98,7 +130,7 @@ def _scienceqa(row: dict, _: argparse.Namespace) -> Row | None:
     )
 
 
-def _natural_instructions(row: dict, _: argparse.Namespace) -> Row | None:
+def _natural_instructions(row: dict, _: PrepareOptions) -> Row | None:
     targets = row["targets"]
     target = targets[0] if isinstance(targets, list) else targets
     definition = row["definition"]
@@ -106,14 +138,14 @@ def _natural_instructions(row: dict, _: argparse.Namespace) -> Row | None:
     return Row(slug(row["task_name"]), row["inputs"], str(target), definition)
 
 
-def _generic(row: dict, args: argparse.Namespace) -> Row | None:
+def _generic(row: dict, args: PrepareOptions) -> Row | None:
     group = slug(row[args.group_by]) if args.group_by else slug(args.name or args.dataset)
     options = [str(o) for o in row[args.options_field]] if args.options_field else None
     item = f"{args.item_field}:{row[args.item_field]}" if args.item_field else None
     return Row(group, str(row[args.input_field]), str(row[args.target_field]), args.instruction, options, item)
 
 
-SOURCES: dict[str, tuple[Callable[[dict, argparse.Namespace], Row | None], tuple[str, ...]]] = {
+SOURCES: dict[str, tuple[Callable[[dict, PrepareOptions], Row | None], tuple[str, ...]]] = {
     "math": (_math, ("problem", "solution")),
     "gsm8k": (_gsm8k, ("question", "answer")),
     "scienceqa": (_scienceqa, ("question", "choices", "answer")),
@@ -122,7 +154,7 @@ SOURCES: dict[str, tuple[Callable[[dict, argparse.Namespace], Row | None], tuple
 }
 
 
-def convert_rows(kind: str, rows: Iterable[dict], args: argparse.Namespace) -> list[Row]:
+def convert_rows(kind: str, rows: Iterable[dict], args: PrepareOptions) -> list[Row]:
     """Convert dataset rows with the source kind's rules; rows without an extractable answer are skipped.
 
     Raises:
@@ -152,7 +184,7 @@ def build_tasks(rows: list[Row], max_samples: int, min_samples: int, seed: int) 
     for name, members in sorted(groups.items()):
         if len(members) < min_samples:
             continue
-        random.Random(task_seed(seed, "prepare", name)).shuffle(members)
+        random.Random(derived_seed(seed, "prepare", name)).shuffle(members)
         members = members[:max_samples]
         examples = [Example(f"{name}:{i + 1}", m.input, m.target, m.item) for i, m in enumerate(members)]
         # Options that differ per question (ScienceQA) cannot be a task-level label set; keep them in
@@ -170,8 +202,10 @@ def build_tasks(rows: list[Row], max_samples: int, min_samples: int, seed: int) 
     return tasks
 
 
-def prepare(args: argparse.Namespace) -> Path:
+def prepare(args: PrepareOptions) -> Path:
     """Load the dataset, convert, group and write the suite; returns the output directory.
+
+    From a notebook: `prepare(PrepareOptions("gsm8k", "json", "data/gsm8k", data_files=["rows.jsonl"]))`.
 
     Raises:
         PrepareError: bad arguments, missing fields, or no task with enough examples.

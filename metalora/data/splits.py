@@ -43,8 +43,9 @@ class MetaPools:
 
 
 @dataclass
-class HeldoutPools:
-    """A held-out task's disjoint adaptation pool and test set."""
+class EvalPools:
+    """An evaluated task's disjoint adaptation pool and test set: a held-out task's, or in the seen scenario a
+    training task's budget and the test set carved from it first."""
 
     task: Task
     adapt: list[Example]
@@ -52,8 +53,9 @@ class HeldoutPools:
 
 
 @dataclass
-class Experiment:
-    """The tasks of an experiment with their pools.
+class Splits:
+    """The selected tasks split into their pools: training tasks' support and query pools, evaluated tasks'
+    adaptation pools and test sets.
 
     `seen` holds, in the seen scenario, each training task's test set with its budget as the adaptation
     pool; `budgets` the examples each training task may train on; `groups` the group of every grouped
@@ -61,8 +63,8 @@ class Experiment:
     """
 
     train: dict[str, MetaPools]
-    heldout: dict[str, HeldoutPools]
-    seen: dict[str, HeldoutPools] = field(default_factory=dict)
+    heldout: dict[str, EvalPools]
+    seen: dict[str, EvalPools] = field(default_factory=dict)
     # Examples dropped per task because an earlier line of the task held the same input and target.
     duplicates_dropped: dict[str, int] = field(default_factory=dict)
     scenario: str = "heldout"
@@ -71,7 +73,7 @@ class Experiment:
     groups: dict[str, str] = field(default_factory=dict)
 
 
-def task_seed(seed: int, *parts: object) -> int:
+def derived_seed(seed: int, *parts: object) -> int:
     """A 64-bit seed derived from `seed` and any labels (stable across processes and machines).
 
     Args:
@@ -92,8 +94,8 @@ def _ordered(task: Task, seed: int) -> list[Example]:
     """
     examples = list(task.examples)
     if any(e.group is not None for e in examples):
-        return sorted(examples, key=lambda e: task_seed(seed, "group", e.group if e.group is not None else e.id))
-    random.Random(task_seed(seed, "split", task.name)).shuffle(examples)
+        return sorted(examples, key=lambda e: derived_seed(seed, "group", e.group if e.group is not None else e.id))
+    random.Random(derived_seed(seed, "split", task.name)).shuffle(examples)
     return examples
 
 
@@ -144,44 +146,6 @@ def _split_meta(task: Task, used: list[Example], support_fraction: float) -> Met
     return MetaPools(task=task, support=used[:n_support], query=used[n_support:])
 
 
-def meta_pools(task: Task, max_samples: int, support_fraction: float, seed: int) -> MetaPools:
-    """Split a meta-training task into support and query pools.
-
-    Args:
-        max_samples: cap on examples used from the task.
-        support_fraction: share of the used examples that goes to the support pool.
-        seed: the experiment seed.
-
-    Returns:
-        Disjoint pools, each with at least one example.
-
-    Raises:
-        TaskError: the task has fewer than two examples.
-    """
-    return _split_meta(task, _ordered(task, seed)[:max_samples], support_fraction)
-
-
-def heldout_pools(task: Task, n_test: int, seed: int) -> HeldoutPools:
-    """Split a held-out task into an adaptation pool and a test set.
-
-    Args:
-        n_test: test examples wanted; fewer are kept when the task is small, but at least half of
-            the task always remains for adaptation.
-        seed: the experiment seed.
-
-    Returns:
-        Disjoint pools.
-
-    Raises:
-        TaskError: the task has fewer than two examples.
-    """
-    examples = _ordered(task, seed)
-    if len(examples) < 2:
-        raise TaskError(f"held-out task '{task.name}' has {len(examples)} example(s); it needs at least 2")
-    n = min(n_test, len(examples) // 2)
-    return HeldoutPools(task=task, test=examples[:n], adapt=examples[n:])
-
-
 def load_suites(cfg: DataConfig) -> TaskSuite:
     """Load and merge the suites named in `cfg.suites` ("embedded" or directories)."""
     loaded = [(s, embedded_suite() if s == "embedded" else load_suite_dir(Path(s))) for s in cfg.suites]
@@ -209,7 +173,7 @@ def resolve_budgets(names: list[str], budget: int | str | dict) -> dict[str, int
     return resolved
 
 
-def build_experiment(cfg: DataConfig, scenario: str = "heldout") -> Experiment:
+def build_splits(cfg: DataConfig, scenario: str = "heldout") -> Splits:
     """Load the suites, select tasks and split them, keeping every example group on one side.
 
     The order of the carving is what keeps it leak-free: test sets first (held-out tasks, and training
@@ -265,11 +229,11 @@ def build_experiment(cfg: DataConfig, scenario: str = "heldout") -> Experiment:
         pools[name] = _split_meta(unique[name], available if wanted == ALL_SAMPLES else available[:wanted],
                                   cfg.support_fraction)  # fmt: skip
     _warn_copied_examples(pools, {name: tests[name] + adapt.get(name, []) for name in tests})
-    return Experiment(
+    return Splits(
         train=pools,
-        heldout={n: HeldoutPools(unique[n], adapt=adapt[n], test=tests[n]) for n in heldout},
+        heldout={n: EvalPools(unique[n], adapt=adapt[n], test=tests[n]) for n in heldout},
         seen={
-            n: HeldoutPools(unique[n], adapt=p.support + p.query, test=tests[n])
+            n: EvalPools(unique[n], adapt=p.support + p.query, test=tests[n])
             for n, p in pools.items()
             if scenario == "seen"
         },  # fmt: skip
@@ -281,7 +245,7 @@ def build_experiment(cfg: DataConfig, scenario: str = "heldout") -> Experiment:
     )
 
 
-def save_splits(experiment: Experiment, run_dir: str | Path) -> Path:
+def save_splits(experiment: Splits, run_dir: str | Path) -> Path:
     """Record which example went to which pool in `run_dir/splits.json`.
 
     Returns:

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from metalora.data.collation import Encoder
-from metalora.data.splits import HeldoutPools, task_seed
+from metalora.data.splits import EvalPools, derived_seed
 from metalora.data.tasks import Example
 from metalora.errors import MetaloraError
 from metalora.evaluation.scoring import best_constant_answer, score_task, test_loss
@@ -60,7 +60,7 @@ class EvalRow:
     finite: bool = True
 
 
-def draw_shots(pools: HeldoutPools, n_shots: int, seed: int) -> list[Example]:
+def draw_shots(pools: EvalPools, n_shots: int, seed: int) -> list[Example]:
     """Draw `n_shots` examples from the task's adaptation pool only.
 
     Args:
@@ -78,14 +78,14 @@ def draw_shots(pools: HeldoutPools, n_shots: int, seed: int) -> list[Example]:
             f"task '{pools.task.name}': {n_shots} shots asked for, but its adaptation pool has {len(pools.adapt)}"
         )
     count = len(pools.adapt) if n_shots == FULL_DATA_SHOTS else n_shots
-    return random.Random(task_seed(seed, "shots", pools.task.name, n_shots)).sample(pools.adapt, count)
+    return random.Random(derived_seed(seed, "shots", pools.task.name, n_shots)).sample(pools.adapt, count)
 
 
 def adapt_on_shots(
     model: torch.nn.Module,
     init: Params,
     encoder: Encoder,
-    pools: HeldoutPools,
+    pools: EvalPools,
     shots: list[Example],
     settings: AdaptSettings,
     seed: int,
@@ -95,7 +95,7 @@ def adapt_on_shots(
         return init
     batches = encoder.step_batches(pools.task, shots, settings.batch_size, settings.micro_batch_size)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(task_seed(seed, "adapt", pools.task.name, len(shots)))
+        torch.manual_seed(derived_seed(seed, "adapt", pools.task.name, len(shots)))
         adapted, _ = adapt(model, init, batches, settings.steps, settings.lr, optimizer=settings.optimizer)
     return {k: v.detach() for k, v in adapted.items()}
 
@@ -104,7 +104,7 @@ def evaluate_init(
     model: torch.nn.Module,
     method: str,
     init: Params,
-    heldout: dict[str, HeldoutPools],
+    heldout: dict[str, EvalPools],
     encoder: Encoder,
     n_shots: list[int],
     seeds: int,
@@ -171,7 +171,7 @@ def evaluation_points(tasks: list[str], n_shots: list[int], seeds: int) -> list[
     return [(t, n, s) for t in tasks for n in n_shots for s in range(1 if n == 0 else seeds)]
 
 
-def constant_answer_rows(heldout: dict[str, HeldoutPools], n_shots: list[int], max_test: int) -> list[EvalRow]:
+def constant_answer_rows(heldout: dict[str, EvalPools], n_shots: list[int], max_test: int) -> list[EvalRow]:
     """The best constant answer on each task's scored test items (`best_constant_answer`), as method `constant`.
 
     Nothing is adapted, so the same value stands at every shot count: each comparison at a shot count then

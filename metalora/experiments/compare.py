@@ -17,7 +17,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 
 from metalora.config import Config, save_config, to_yaml
-from metalora.data.splits import Experiment, HeldoutPools, build_experiment
+from metalora.data.splits import EvalPools, Splits, build_splits
 from metalora.evaluation.fewshot import EvalRow, rows_as_dicts
 from metalora.evaluation.stats import per_task, significance, summarise
 from metalora.experiments.integrity import check_no_leak, check_run_record, check_same_split, check_shots
@@ -33,7 +33,7 @@ from metalora.reporting.plots import efficiency_figure, few_shot_figure, per_tas
 WEIGHT_FILES = {False: "adapter_model.safetensors", True: "model.safetensors"}
 
 
-def evaluated_pools(experiment: Experiment) -> dict[str, dict[str, HeldoutPools]]:
+def evaluated_pools(experiment: Splits) -> dict[str, dict[str, EvalPools]]:
     """The pools scored per setting: held-out tasks always, training tasks' test sets in the seen scenario."""
     settings = {"heldout": experiment.heldout, "seen": experiment.seen}
     return {setting: pools for setting, pools in settings.items() if pools}
@@ -68,19 +68,19 @@ def run_evaluation(cfg: Config, train_missing: bool = False) -> Path:
             "--train-missing trains in one process: run `metalora eval --train-missing` without accelerate launch, "
             "or train first (accelerate launch -m metalora.training.train) and launch the evaluation alone"
         )
-    experiment = build_experiment(cfg.data, cfg.eval.scenario)
+    experiment = build_splits(cfg.data, cfg.eval.scenario)
     evaluated = evaluated_pools(experiment)
     if not evaluated:
         raise EvaluationError("no tasks to evaluate on: set data.heldout_tasks (glob patterns) or eval.scenario=seen")
     check_shots(cfg, evaluated)
     runs = ensure_trained(cfg, list(cfg.eval.methods), train_missing)
-    expected: dict[str, Experiment] = {}
+    expected: dict[str, Splits] = {}
     runs = [check_run_record(cfg, run) for run in runs]
     for run in runs:
         method_cfg = config_for_method(cfg, run.method, run.train_seed)
         key = repr(method_cfg.data.samples_per_task)
         if key not in expected:
-            expected[key] = build_experiment(method_cfg.data, cfg.eval.scenario)
+            expected[key] = build_splits(method_cfg.data, cfg.eval.scenario)
         check_same_split(expected[key], run.method, run.run_dir)
         check_no_leak(experiment, run.method, run.run_dir)
     device = state.device if state and state.device.type == "cuda" else pick_device(cfg.train.cpu)
@@ -118,14 +118,14 @@ def run_evaluation(cfg: Config, train_missing: bool = False) -> Path:
     return out
 
 
-def shard(evaluated: dict[str, dict[str, HeldoutPools]], rank: int, world: int) -> dict[str, dict[str, HeldoutPools]]:
+def shard(evaluated: dict[str, dict[str, EvalPools]], rank: int, world: int) -> dict[str, dict[str, EvalPools]]:
     """This process's share of the evaluated tasks: every `world`-th (setting, task) pair from `rank` on.
 
     Every evaluation point is a pure function of its task, shot count and seed, so the union of the shares
     scores exactly what one process scores.
     """
     pairs = [(setting, task) for setting in sorted(evaluated) for task in sorted(evaluated[setting])]
-    mine: dict[str, dict[str, HeldoutPools]] = {}
+    mine: dict[str, dict[str, EvalPools]] = {}
     for setting, task in pairs[rank::world]:
         mine.setdefault(setting, {})[task] = evaluated[setting][task]
     return mine

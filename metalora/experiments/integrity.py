@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from metalora.config import Config, load_config
-from metalora.data.splits import Experiment, HeldoutPools
+from metalora.data.splits import EvalPools, Splits
 from metalora.experiments.runs import EvaluationError, TrainedRun, config_for_method
 from metalora.io import CHECKSUMS, ChecksumError, verify_checksums
 from metalora.training.budgets import planned_steps
@@ -34,7 +34,7 @@ def recorded_splits(method: str, run_dir: Path) -> dict:
     return splits
 
 
-def check_no_leak(experiment: Experiment, method: str, run_dir: Path) -> None:
+def check_no_leak(experiment: Splits, method: str, run_dir: Path) -> None:
     """Refuse a trained run that saw a held-out task, any evaluated example, or any group of one.
 
     Evaluated examples are the held-out tasks' adaptation pools and test sets and, in the seen scenario,
@@ -133,7 +133,7 @@ def _recorded_steps(run: TrainedRun) -> int:
     raise EvaluationError(f"{run.method} run {run.run_dir} has no summary.json: it did not finish")
 
 
-def check_same_split(expected: Experiment, method: str, run_dir: Path) -> None:
+def check_same_split(expected: Splits, method: str, run_dir: Path) -> None:
     """Refuse a run whose training pools differ from the ones this evaluation expects, naming both budgets.
 
     Raises:
@@ -162,7 +162,7 @@ def check_same_split(expected: Experiment, method: str, run_dir: Path) -> None:
             )
 
 
-def check_shots(cfg: Config, evaluated: dict[str, dict[str, HeldoutPools]]) -> None:
+def check_shots(cfg: Config, evaluated: dict[str, dict[str, EvalPools]]) -> None:
     for setting, pools in evaluated.items():
         for name, pool in pools.items():
             too_many = [n for n in cfg.eval.n_shots if n > len(pool.adapt)]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from metalora.config import TRAINED_METHODS, Config
-from metalora.data.splits import HeldoutPools
+from metalora.data.splits import EvalPools
 from metalora.evaluation.fewshot import (
     AdaptSettings,
     EvalRow,
@@ -30,7 +30,7 @@ from metalora.modeling.lora import attach_lora
 from metalora.training.budgets import FULL_DATA_SHOTS
 from metalora.training.checkpoints import load_full_weights
 
-Evaluated = dict[str, dict[str, HeldoutPools]]
+Evaluated = dict[str, dict[str, EvalPools]]
 
 
 @dataclass

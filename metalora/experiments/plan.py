@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from accelerate import Accelerator
 
 from metalora.config import TRAINED_METHODS, Config
-from metalora.data.splits import build_experiment
+from metalora.data.splits import build_splits
 from metalora.evaluation.fewshot import evaluate_init, snapshot_lora
 from metalora.experiments.compare import evaluated_pools
 from metalora.experiments.methods import adapt_settings, curve_points, planned_curves
@@ -80,7 +80,7 @@ def build_plan(cfg: Config) -> Plan:
             steps = planned_steps(config_for_method(cfg, method, seed))
             training.append(TrainingRunPlan(method, seed, str(run_dir), steps, (run_dir / "summary.json").is_file()))
             runs.append(TrainedRun(method, seed, run_dir, run_dir))
-    evaluated = evaluated_pools(build_experiment(cfg.data, cfg.eval.scenario))
+    evaluated = evaluated_pools(build_splits(cfg.data, cfg.eval.scenario))
     points: Counter[tuple[str, int]] = Counter()
     for curve in planned_curves(cfg, runs):
         points.update((curve.method, key[4]) for key in curve_points(curve, evaluated, cfg.eval.seeds))
@@ -103,7 +103,7 @@ def calibrate(cfg: Config, plan: Plan) -> None:
             training_step(parts, step, accelerator)
         plan.seconds_per_step[algorithm] = (time.perf_counter() - began) / CALIBRATION_STEPS
         del parts
-    evaluated = evaluated_pools(build_experiment(cfg.data, cfg.eval.scenario))
+    evaluated = evaluated_pools(build_splits(cfg.data, cfg.eval.scenario))
     setting = next(iter(evaluated))
     task = next(iter(evaluated[setting]))
     model, encoder = load_base(cfg, device)

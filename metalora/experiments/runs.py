@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from metalora.config import ALL_SAMPLES, TRAINED_METHODS, Config, save_config
-from metalora.data.splits import build_experiment
+from metalora.data.splits import build_splits
 from metalora.errors import MetaloraError
 from metalora.training.budgets import multitask_plan
 from metalora.training.checkpoints import STEP_DIR
@@ -73,7 +73,7 @@ def _multitask_full_budget(cfg: Config) -> int:
     and never less than the multi-task baseline's own budget."""
     everything = copy.deepcopy(cfg.data)
     everything.samples_per_task = ALL_SAMPLES
-    pooled = sum(len(p.support) + len(p.query) for p in build_experiment(everything, cfg.eval.scenario).train.values())
+    pooled = sum(len(p.support) + len(p.query) for p in build_splits(everything, cfg.eval.scenario).train.values())
     return max(multitask_plan(cfg).example_gradients, math.ceil(cfg.baseline.multitask_full_epochs * pooled))
 
 

@@ -13,7 +13,7 @@ from transformers import get_scheduler
 from metalora.config import Config
 from metalora.data.collation import Encoder
 from metalora.data.episodes import EpisodeSampler
-from metalora.data.splits import Experiment, build_experiment
+from metalora.data.splits import Splits, build_splits
 from metalora.data.tasks import Task
 from metalora.method.adapt import Params
 from metalora.modeling.build import load_base
@@ -34,7 +34,7 @@ class TrainingParts:
     cfg: Config
     model: torch.nn.Module
     encoder: Encoder
-    experiment: Experiment
+    experiment: Splits
     # The weights meta-learning moves, by name: the LoRA weights, or every base weight for fomaml.
     shared: Params
     optimizer: torch.optim.Optimizer
@@ -52,7 +52,7 @@ def build_parts(cfg: Config, device: torch.device | str = "cpu") -> TrainingPart
 
     The schedule starts at step 0; a resumed run repositions it with `position_scheduler`.
     """
-    experiment = build_experiment(cfg.data, cfg.eval.scenario)
+    experiment = build_splits(cfg.data, cfg.eval.scenario)
     model, encoder = load_base(cfg, device)
     if not cfg.meta.first_order and cfg.meta.algorithm == "metalora":
         # Second order needs a double backward, which fused SDPA attention kernels do not implement.
