@@ -9,6 +9,7 @@ import papermill
 import pytest
 
 from metalora.config import load_config, to_yaml
+from metalora.errors import MetaloraError
 from metalora.experiments.compare import write_statistics
 from metalora.experiments.sweep import load_sweep, run_sweep, sweep_points
 from metalora.reporting.report import ReportError, write_report
@@ -179,3 +180,27 @@ def test_report_from_a_fixture_run_directory(tmp_path):
     assert "<table>" in (run / "report.html").read_text()
     with pytest.raises(ReportError, match="neither a run directory"):
         write_report(tmp_path)
+
+
+def test_a_report_refuses_damaged_tables_and_a_record_from_outside_the_run(tmp_path):
+    run = tmp_path / "fixture"
+    (run / "eval").mkdir(parents=True)
+    (run / "config.yaml").write_text(to_yaml(load_config(SMOKE_FILES)))
+    rows = [{"method": m, "task": t, "n_shots": 5, "seed": 0, "value": v} for m, v in (("metalora", 0.6), ("lora", 0.4))
+            for t in "abcde"]  # fmt: skip
+    write_statistics(pd.DataFrame(rows), run / "eval", reference="metalora")
+    assert write_report(run).is_file()
+    results = run / "eval" / "results.csv"
+    results.write_text("\n".join(results.read_text().splitlines()[:-3]) + "\n")  # truncated: three rows lost
+    with pytest.raises(ReportError, match="summary.csv does not match results.csv"):
+        write_report(run)
+    write_statistics(pd.DataFrame(rows), run / "eval", reference="metalora")
+    (run / "eval" / "summary.csv").unlink()
+    with pytest.raises(ReportError, match="summary.csv: missing"):
+        write_report(run)
+    write_statistics(pd.DataFrame(rows), run / "eval", reference="metalora")
+    outside = tmp_path / "elsewhere.jsonl"
+    outside.write_text(json.dumps({"step": 0, "stage2/meta_loss": 1.0}) + "\n")
+    (run / "metrics.jsonl").symlink_to(outside)
+    with pytest.raises(MetaloraError, match="links outside its run directory"):
+        write_report(run)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from metalora.errors import MetaloraError
 from metalora.training.checkpoints import directory_bytes, latest_checkpoint
 
 EFFICIENCY_COLUMNS = [
@@ -22,6 +23,8 @@ def read_metrics(run_dir: str | Path) -> pd.DataFrame:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return pd.DataFrame()
+    if Path(run_dir).resolve() not in path.resolve().parents:
+        raise MetaloraError(f"{path}: links outside its run directory (to {path.resolve()}); a run's record is its own")
     return pd.DataFrame([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
 
 

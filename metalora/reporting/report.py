@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from metalora.errors import MetaloraError
-from metalora.evaluation.stats import describe_comparison
+from metalora.evaluation.stats import describe_comparison, summarise
 from metalora.io import atomic_write_text
 from metalora.reporting.efficiency import read_metrics
 from metalora.reporting.plots import METHOD_LABELS, comparison_training_curves, training_curves
@@ -41,9 +41,34 @@ def comparison_sentences(eval_dir: str | Path) -> list[str]:
     return [describe_comparison(row, METHOD_LABELS) for _, row in pd.read_csv(path).iterrows()]
 
 
+def _check_eval_tables(eval_dir: Path) -> None:
+    """Refuse to report from damaged tables: each of an eval directory's tables present, and its summary the one its
+    results give (a truncated or edited results.csv no longer does).
+
+    Raises:
+        ReportError: naming the missing, unreadable or disagreeing table.
+    """
+    if not eval_dir.is_dir():
+        return
+    for name in ("results.csv", "summary.csv", "significance.csv"):
+        if not (eval_dir / name).is_file():
+            raise ReportError(f"{eval_dir / name}: missing; rerun `metalora eval` to write the tables whole")
+    try:
+        results, summary = pd.read_csv(eval_dir / "results.csv"), pd.read_csv(eval_dir / "summary.csv")
+        recomputed = summarise(results)
+        key = ["setting", "method", "n_shots", "n_rows"]
+        agree = recomputed[key].astype(str).values.tolist() == summary[key].astype(str).values.tolist()
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, KeyError, ValueError) as err:
+        raise ReportError(f"{eval_dir}: cannot read its tables ({err}); rerun `metalora eval`") from err
+    if not agree:
+        raise ReportError(f"{eval_dir}: summary.csv does not match results.csv (a truncated or edited table?): "
+                          "rerun `metalora eval`, or recompute the tables from results.csv")  # fmt: skip
+
+
 def run_report(run_dir: Path) -> str:
     """Markdown for a run directory (config.yaml, metrics.jsonl, eval/): the comparisons in plain sentences
     first, then the figures, then the tables."""
+    _check_eval_tables(run_dir / "eval")
     parts = [f"# Run report: `{run_dir.name}`\n"]
     sentences = comparison_sentences(run_dir / "eval")
     if sentences:
