@@ -1,6 +1,9 @@
 """prepare-data through `datasets.load_dataset` on local fixture files (the same path as hub ids)."""
 
 import json
+import re
+
+import pytest
 
 from metalora.cli import main
 from metalora.data.prepare import gsm8k_answer, last_boxed
@@ -121,3 +124,22 @@ def test_prepare_runs_from_a_notebook_without_argparse(tmp_path):
     data = write_jsonl(tmp_path / "rows.jsonl", [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(3)])
     out = prepare(PrepareOptions("gsm8k", "json", str(tmp_path / "suite"), data_files=[str(data)], min_samples=2))
     assert sorted(e.target for e in load_suite_dir(out).tasks["gsm8k"].examples) == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize(
+    "rows, extra, message",
+    [
+        ([{"q": None, "a": "x"}], [], r"row 0: field\(s\) \['q'\] are null"),
+        ([{"q": "1", "a": "x", "g": "A b"}, {"q": "2", "a": "y", "g": "a-b"}], ["--group-by", "g"],
+         r"row 1: --group-by values 'A b' and 'a-b' both become task 'a_b'"),
+        ([{"q": "1", "a": "maybe", "o": ["yes", "no"]}], ["--options-field", "o"],
+         r"row 0: target 'maybe' is not among its options \['yes', 'no'\]"),
+    ],
+)  # fmt: skip
+def test_prepare_data_refuses_what_it_could_not_read(tmp_path, capsys, rows, extra, message):
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    code = main(["prepare-data", "generic", "--dataset", "json", "--data-files", str(data), "--out",
+                 str(tmp_path / "suite"), "--input-field", "q", "--target-field", "a", "--min-samples", "1",
+                 *extra])  # fmt: skip
+    assert code == 2 and re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "suite").exists()

@@ -165,13 +165,26 @@ def convert_rows(kind: str, rows: Iterable[dict], args: PrepareOptions) -> list[
         fields = (args.input_field, args.target_field, args.group_by, args.options_field, args.item_field)
         needed = tuple(f for f in fields if f)
     converted = []
+    labels: dict[str, str] = {}
     for number, row in enumerate(tqdm(rows, desc=f"converting {kind}", unit="row")):
         missing = [f for f in needed if f not in row]
         if missing:
             raise PrepareError(f"row {number}: field(s) {missing} missing for source '{kind}' (has {sorted(row)})")
+        empty = [f for f in needed if row[f] is None]
+        if empty:
+            raise PrepareError(f"row {number}: field(s) {empty} are null; a null would be written as the text 'None'")
         result = convert(row, args)
-        if result is not None:
-            converted.append(result)
+        if result is None:
+            continue
+        if result.options is not None and result.target not in result.options:
+            raise PrepareError(f"row {number}: target {result.target!r} is not among its options {result.options}")
+        if kind == "generic" and args.group_by:
+            # Two labels that slug to one task name would merge two tasks without a word.
+            label = str(row[args.group_by])
+            if labels.setdefault(result.group, label) != label:
+                raise PrepareError(f"row {number}: --group-by values {labels[result.group]!r} and {label!r} both "
+                                   f"become task '{result.group}'; make them distinct")  # fmt: skip
+        converted.append(result)
     return converted
 
 
