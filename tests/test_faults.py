@@ -457,3 +457,27 @@ def test_a_directory_swap_cut_between_its_renames_is_restored_by_the_next_write(
         assert (target / "results.csv").read_text() == "first", "the previous version is back before the write"
         raise RuntimeError("this write fails too")
     assert (target / "results.csv").read_text() == "first" and not (tmp_path / ".eval.old").exists()
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_loses_no_checkpoint(tmp_path, capsys, monkeypatch):
+    from safetensors import SafetensorError
+
+    import metalora.training.checkpoints as checkpoints
+
+    real = checkpoints.save_file
+    calls = []
+
+    def full_after_the_first_checkpoint(tensors, path, **kwargs):
+        calls.append(path)
+        if len(calls) > 1:
+            raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+        return real(tensors, path, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "save_file", full_after_the_first_checkpoint)
+    args = [*map(str, SMOKE), f"train.output_dir={tmp_path}", "train.steps=4", "train.checkpoint_every=2"]
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "step_4: cannot write the checkpoint" in errors[0] and "StorageFull" in errors[0]
+    assert "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "smoke" / "checkpoints").iterdir()) == ["step_2"]

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from metalora.errors import MetaloraError
@@ -84,14 +85,18 @@ def save_checkpoint(
         The checkpoint directory.
     """
     target = Path(run_dir) / "checkpoints" / f"step_{step}"
-    with atomic_directory(target) as tmp:
-        if algorithm == "fomaml":
-            model.save_pretrained(tmp / FULL_MODEL)
-        else:
-            save_adapter(model, tmp / "adapter")
-        _optimizer_to_files(optimizer, tmp)
-        atomic_write_json(tmp / STATE, {"step": step, "seed": seed, "algorithm": algorithm})
-        write_checksums(tmp)
+    try:
+        with atomic_directory(target) as tmp:
+            if algorithm == "fomaml":
+                model.save_pretrained(tmp / FULL_MODEL)
+            else:
+                save_adapter(model, tmp / "adapter")
+            _optimizer_to_files(optimizer, tmp)
+            atomic_write_json(tmp / STATE, {"step": step, "seed": seed, "algorithm": algorithm})
+            write_checksums(tmp)
+    except (OSError, SafetensorError) as err:  # a full disk reaches safetensors' writer as its own error type
+        raise CheckpointError(f"{target}: cannot write the checkpoint ({err}); the earlier checkpoints are "
+                              "untouched: free space and resume with --resume") from err  # fmt: skip
     return target
 
 
