@@ -158,13 +158,15 @@ def test_identical_examples_never_sit_in_two_pools(tmp_path):
 def test_an_input_with_another_target_never_sits_beside_its_twin_in_the_test_set(tmp_path, caplog):
     suite = tmp_path / "twins"
     suite.mkdir()
-    (suite / "tasks.json").write_text(json.dumps({"tasks": {"a": {}, "b": {}, "c": {}}}))
-    # Each input twice in a and c, with two targets (a one-to-many relation); c copies a's first ten lines.
-    rows = {name: [{"input": f"x{i % 10}", "target": f"y{i}"} for i in range(20)] for name in "ac"}
+    manifest = {"tasks": {"a": {}, "b": {}, "c": {}, "d": {"instruction": "Other."}}}
+    (suite / "tasks.json").write_text(json.dumps(manifest))
+    # Each input twice in a, c and d, with two targets (a one-to-many relation); c copies a's lines, and d has them
+    # under another instruction (answers that coincide, no copy).
+    rows = {name: [{"input": f"x{i % 10}", "target": f"y{i}"} for i in range(20)] for name in "acd"}
     rows["b"] = [{"input": f"b{i}", "target": "z"} for i in range(20)]
     for name, lines in rows.items():
         (suite / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    cfg = load_config(overrides=[f"data.suites=[{suite}]", "data.heldout_tasks=[c]", "data.n_test=4",
+    cfg = load_config(overrides=[f"data.suites=[{suite}]", "data.heldout_tasks=[c,d]", "data.n_test=4",
                                  "data.samples_per_task=all", "meta.n_support=1", "meta.n_query=1",
                                  "eval.scenario=seen", "eval.n_shots=[0,1]"])  # fmt: skip
     with caplog.at_level("WARNING", logger="metalora"):
@@ -174,7 +176,7 @@ def test_an_input_with_another_target_never_sits_beside_its_twin_in_the_test_set
     train_a = experiment.train["a"]
     assert not {e.input for e in experiment.seen["a"].test} & {e.input for e in train_a.support + train_a.query}
     assert "task 'c':" in caplog.text and "training examples of task 'a'" in caplog.text
-    assert "task 'b':" not in caplog.text
+    assert "task 'b':" not in caplog.text and "task 'd':" not in caplog.text
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------------

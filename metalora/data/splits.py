@@ -118,17 +118,23 @@ def _without_inputs(examples: list[Example], taken: set[str]) -> list[Example]:
     return [e for e in examples if e.input not in taken]
 
 
-def _warn_copied_examples(pools: dict[str, MetaPools], evaluated: dict[str, list[Example]]) -> None:
-    """Warn about each evaluated task holding examples a training task trains on: its score would measure recall."""
-    trained = {name: {(e.input, e.target) for e in p.support + p.query} for name, p in pools.items()}
+def _warn_copied_examples(pools: dict[str, MetaPools], evaluated: dict[str, list[Example]],
+                          tasks: dict[str, Task]) -> None:  # fmt: skip
+    """Warn about each evaluated task holding examples a training task trains on, the same instruction, input and
+    target (an answer that merely coincides under another instruction is no copy): its score would measure recall."""
+
+    def copies(name: str, examples: list[Example]) -> set[tuple[str, str, str]]:
+        return {(tasks[name].instruction, e.input, e.target) for e in examples}
+
+    trained = {name: copies(name, p.support + p.query) for name, p in pools.items()}
     for name, examples in evaluated.items():
-        pairs = {(e.input, e.target) for e in examples}
+        own = copies(name, examples)
         for source, seen in trained.items():
-            shared = len(pairs & seen)
+            shared = len(own & seen)
             if shared and source != name:
                 LOGGER.warning("task '%s': %d of its %d evaluated examples are training examples of task '%s' (the "
-                               "same input and target; a copy scores recall, not transfer)", name, shared, len(pairs),
-                               source)  # fmt: skip
+                               "same instruction, input and target: a copy scores recall, not transfer)", name, shared,
+                               len(own), source)  # fmt: skip
 
 
 def _without_groups(examples: list[Example], taken: set[str]) -> list[Example]:
@@ -228,7 +234,7 @@ def build_splits(cfg: DataConfig, scenario: str = "heldout") -> Splits:
             )
         pools[name] = _split_meta(unique[name], available if wanted == ALL_SAMPLES else available[:wanted],
                                   cfg.support_fraction)  # fmt: skip
-    _warn_copied_examples(pools, {name: tests[name] + adapt.get(name, []) for name in tests})
+    _warn_copied_examples(pools, {name: tests[name] + adapt.get(name, []) for name in tests}, unique)
     return Splits(
         train=pools,
         heldout={n: EvalPools(unique[n], adapt=adapt[n], test=tests[n]) for n in heldout},
