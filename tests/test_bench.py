@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 from accelerate import Accelerator
+from smoke import SMOKE
 
 from metalora.benchmarks.meta_step import VARIANTS, markdown, naive_meta_step, variant_config
 from metalora.benchmarks.meta_step import main as bench_main
@@ -17,8 +18,6 @@ from metalora.machine import cpu_model_name
 from metalora.modeling.lora import lora_params
 from metalora.training.parts import build_parts
 from metalora.training.step import training_step
-
-SMOKE = ["params/base.yaml", "params/smoke.yaml"]
 
 
 @pytest.mark.parametrize("query_batch_size", [4, 1])

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from smoke import SMOKE
 
 from metalora.config import ConfigError, load_config
 from metalora.method.loss import batch_loss
@@ -9,8 +10,6 @@ from metalora.method.meta import meta_gradients
 from metalora.speed.activation_checkpointing import checkpoint_decoder_layers
 from metalora.speed.compiled_layers import decoder_layers
 from metalora.training.parts import build_parts
-
-SMOKE = ["params/base.yaml", "params/smoke.yaml"]
 
 
 def trainer_with(checkpointed: bool, *overrides: str):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from smoke import SMOKE
 
 from metalora.config import ConfigError, load_config
 from metalora.data.splits import build_splits
@@ -23,7 +24,6 @@ from metalora.reporting.efficiency import EFFICIENCY_COLUMNS
 from metalora.training.budgets import FULL_DATA_SHOTS, meta_example_gradients, multitask_plan
 from metalora.training.parts import build_parts
 
-SMOKE = ["params/base.yaml", "params/smoke.yaml"]
 ROOT = Path(__file__).resolve().parent.parent
 FAST = [
     "data.heldout_tasks=[add_9,caesar_7]", "eval.n_shots=[0,2]", "eval.seeds=2", "eval.max_test=4",

@@ -2,14 +2,13 @@
 
 import pytest
 import torch
+from smoke import SMOKE
 
 from metalora.config import ConfigError, load_config
 from metalora.method.meta import meta_gradients
 from metalora.speed.compiled_layers import compile_decoder_layers, decoder_layers
 from metalora.speed.dropout_masks import NumpyMaskDropout
 from metalora.training.parts import build_parts
-
-SMOKE = ["params/base.yaml", "params/smoke.yaml"]
 
 
 def meta_gradients_of(nudge_lora_b, *overrides: str):

@@ -5,6 +5,7 @@ import contextlib
 import pytest
 import torch
 from accelerate import Accelerator
+from smoke import SMOKE
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from metalora.config import load_config
@@ -16,8 +17,6 @@ from metalora.method.loss import batch_loss
 from metalora.method.meta import meta_gradients
 from metalora.training.parts import build_parts
 from metalora.training.step import StepResult, training_step
-
-SMOKE = ["params/base.yaml", "params/smoke.yaml"]
 
 
 def trainer_for(*overrides: str):

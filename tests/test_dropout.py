@@ -1,13 +1,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from smoke import SMOKE
 from torch.func import vmap
 
 from metalora.config import ConfigError, LoraConfig, load_config
 from metalora.modeling.lora import attach_lora
 from metalora.speed.dropout_masks import NumpyMaskDropout, torch_dropout_masks, use_numpy_dropout
-
-SMOKE = ["params/base.yaml", "params/smoke.yaml"]
 
 
 def test_numpy_masks_drop_p_and_keep_the_mean():

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from smoke import SMOKE
 
 from metalora.config import load_config
 from metalora.evaluation import fewshot
@@ -19,7 +20,6 @@ from metalora.evaluation.scoring import score_task
 from metalora.experiments.compare import run_evaluation
 from metalora.experiments.journal import JOURNAL
 
-SMOKE = ["params/base.yaml", "params/smoke.yaml"]
 FAST = ["data.heldout_tasks=[add_9,caesar_7]", "eval.n_shots=[0,2]", "eval.seeds=2", "eval.max_test=4",
         "eval.adapt_steps=2", "data.n_test=4", "train.steps=2", "eval.methods=[base,lora,metalora]"]  # fmt: skip
 # The adaptation time is a measurement of the run, not a result: it differs between any two runs.

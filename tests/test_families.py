@@ -8,6 +8,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from peft import PeftModel
+from smoke import SMOKE
 from torch.func import functional_call
 
 from metalora.config import ModelConfig, load_config
@@ -21,7 +22,6 @@ from metalora.modeling.models import TINY_FAMILIES, TINY_SLIDING_WINDOW, load_mo
 from metalora.training.parts import build_parts
 from metalora.training.step import training_step
 
-SMOKE = ["params/base.yaml", "params/smoke.yaml"]
 FAMILIES = sorted(TINY_FAMILIES)
 ALGORITHMS = {
     "metalora": [],

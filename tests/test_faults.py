@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from smoke import SMOKE
 
 from metalora.cli import main as cli_main
 from metalora.config import ConfigError, load_config
@@ -28,7 +29,6 @@ from metalora.training.train import main as train_main
 from metalora.training.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
-SMOKE = [ROOT / "params" / "base.yaml", ROOT / "params" / "smoke.yaml"]
 FAST = [
     "data.heldout_tasks=[add_9,caesar_7]", "eval.n_shots=[0,2]", "eval.seeds=1", "eval.max_test=4",
     "eval.adapt_steps=2", "data.n_test=4", "eval.methods=[base,metalora]",

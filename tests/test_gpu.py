@@ -3,13 +3,13 @@
 import pytest
 import torch
 from accelerate import Accelerator
+from smoke import SMOKE
 
 from metalora.config import load_config
 from metalora.training.parts import build_parts
 from metalora.training.step import training_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")]
-SMOKE = ["params/base.yaml", "params/smoke.yaml"]
 
 
 def test_a_bf16_meta_step_on_cuda_follows_the_fp32_cpu_step():

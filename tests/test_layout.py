@@ -4,6 +4,7 @@ import ast
 from pathlib import Path
 
 import pytest
+from smoke import SMOKE
 
 import metalora
 from metalora.config import ConfigError, load_config
@@ -11,7 +12,6 @@ from metalora.config import ConfigError, load_config
 PACKAGE = Path(metalora.__file__).parent
 # Each package may import those before it in this order (and the top-level modules), never those after it.
 LAYERS = ["speed", "method", "data", "modeling", "training", "evaluation", "reporting", "experiments"]
-SMOKE = ["params/base.yaml", "params/smoke.yaml"]
 
 
 def _imported_packages(path: Path) -> set[str]:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import papermill
 import pytest
+from smoke import SMOKE
 
 from metalora.config import load_config, to_yaml
 from metalora.errors import MetaloraError
@@ -14,7 +15,6 @@ from metalora.experiments.compare import write_statistics
 from metalora.experiments.sweep import load_sweep, run_sweep, sweep_points
 from metalora.reporting.report import ReportError, write_report
 
-SMOKE_FILES = ["params/base.yaml", "params/smoke.yaml"]
 FAST = [
     "data.heldout_tasks=[add_9,caesar_7]", "eval.n_shots=[0,2]", "eval.seeds=2", "eval.max_test=4",
     "eval.adapt_steps=2", "baseline.full_data_steps=2", "data.n_test=4",
@@ -28,7 +28,7 @@ def execute(name, tmp_path, **parameters):
 
 
 def smoke_parameters(tmp_path, *extra):
-    return {"config_files": SMOKE_FILES, "overrides": [*FAST, f"train.output_dir={tmp_path}", *extra]}
+    return {"config_files": SMOKE, "overrides": [*FAST, f"train.output_dir={tmp_path}", *extra]}
 
 
 @pytest.mark.parametrize("name", ["00_quickstart", "01_meta_train", "02_few_shot_eval", "03_compare_methods",
@@ -102,7 +102,7 @@ def test_few_shot_and_compare_notebooks(tmp_path):
 def write_sweep(tmp_path):
     sweep = {
         "notebook": "notebooks/02_few_shot_eval.ipynb",
-        "config_files": SMOKE_FILES,
+        "config_files": SMOKE,
         "overrides": [*FAST, "eval.methods=[metalora]"],
         # meta_batch_size=999 loads as a config but fails at run time (the suite has fewer training tasks)
         "grid": {"meta.meta_batch_size": [2, 999]},
@@ -115,10 +115,10 @@ def write_sweep(tmp_path):
 
 def test_sweep_files_are_checked_point_by_point(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text(json.dumps({"notebook": "n.ipynb", "config_files": SMOKE_FILES, "grid": {"lora.rank": [2]}}))
+    path.write_text(json.dumps({"notebook": "n.ipynb", "config_files": SMOKE, "grid": {"lora.rank": [2]}}))
     with pytest.raises(Exception, match="point 'lora.rank=2'.*unknown key 'lora.rank'.*lora.r"):
         load_sweep(path)
-    path.write_text(json.dumps({"notebook": "n.ipynb", "config_files": SMOKE_FILES}))
+    path.write_text(json.dumps({"notebook": "n.ipynb", "config_files": SMOKE}))
     with pytest.raises(Exception, match="grid.*cases"):
         load_sweep(path)
     for name in ("rank", "inner_steps", "samples_per_task", "order_and_algorithm", "seen_budget"):
@@ -147,7 +147,7 @@ def test_sweep_skips_finished_points_records_failures_and_aggregates(tmp_path, c
 def test_report_from_a_fixture_run_directory(tmp_path):
     run = tmp_path / "fixture"
     (run / "eval").mkdir(parents=True)
-    (run / "config.yaml").write_text(to_yaml(load_config(SMOKE_FILES)))
+    (run / "config.yaml").write_text(to_yaml(load_config(SMOKE)))
     (run / "summary.json").write_text(json.dumps({"algorithm": "metalora", "steps": 2}))
     (run / "metrics.jsonl").write_text("".join(
         json.dumps({"step": s, "stage2/meta_loss": 3.0 - s, "adaptation_gap": 0.1 * s}) + "\n" for s in range(3)
@@ -185,7 +185,7 @@ def test_report_from_a_fixture_run_directory(tmp_path):
 def test_a_report_refuses_damaged_tables_and_a_record_from_outside_the_run(tmp_path):
     run = tmp_path / "fixture"
     (run / "eval").mkdir(parents=True)
-    (run / "config.yaml").write_text(to_yaml(load_config(SMOKE_FILES)))
+    (run / "config.yaml").write_text(to_yaml(load_config(SMOKE)))
     rows = [{"method": m, "task": t, "n_shots": 5, "seed": 0, "value": v} for m, v in (("metalora", 0.6), ("lora", 0.4))
             for t in "abcde"]  # fmt: skip
     write_statistics(pd.DataFrame(rows), run / "eval", reference="metalora")

@@ -2,14 +2,13 @@
 
 import pytest
 import torch
+from smoke import SMOKE
 
 from metalora.config import ConfigError, load_config
 from metalora.method.batch import IGNORE_INDEX
 from metalora.method.loss import batch_loss, count_input_tokens, count_target_tokens
 from metalora.method.meta import meta_gradients
 from metalora.training.parts import build_parts
-
-SMOKE = ["params/base.yaml", "params/smoke.yaml"]
 
 
 def trainer_for(*overrides: str):

@@ -4,13 +4,13 @@ import json
 
 import pandas as pd
 import pytest
+from smoke import SMOKE
 
 from metalora.cli import main as cli_main
 from metalora.config import load_config
 from metalora.experiments.compare import run_evaluation
 from metalora.experiments.plan import build_plan, calibrate
 
-SMOKE = ["params/base.yaml", "params/smoke.yaml"]
 FAST = ["data.heldout_tasks=[add_9,caesar_7]", "eval.n_shots=[0,2]", "eval.seeds=2", "eval.max_test=2",
         "eval.adapt_steps=2", "data.n_test=4", "train.steps=2", "train.seeds=2", "baseline.full_data_steps=2",
         "eval.methods=[base,lora,multitask,metalora,full_data,constant]"]  # fmt: skip

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from smoke import SMOKE
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from metalora.config import ModelConfig, load_config
@@ -9,8 +10,6 @@ from metalora.method.meta import meta_gradients
 from metalora.modeling.models import load_model
 from metalora.speed.weight_first_logits import WeightFirstProjection, use_weight_first_projection
 from metalora.training.parts import build_parts
-
-SMOKE = ["params/base.yaml", "params/smoke.yaml"]
 
 
 class MatmulOperands(TorchDispatchMode):

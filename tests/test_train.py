@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from smoke import SMOKE
 
 from metalora.config import load_config
 from metalora.training.checkpoints import CheckpointError
 from metalora.training.train import TrainingDivergedError, main, train
 
 ROOT = Path(__file__).resolve().parent.parent
-SMOKE = [ROOT / "params" / "base.yaml", ROOT / "params" / "smoke.yaml"]
 
 
 def run(tmp_path: Path, name: str, *overrides: str, resume: bool = False) -> Path:

@@ -1,11 +1,10 @@
 """No calls on borrowed time: the kit's training and evaluation use no API its libraries have deprecated."""
 
 import pytest
+from smoke import SMOKE
 
 from metalora.config import load_config
 from metalora.experiments.compare import run_evaluation
-
-SMOKE = ["params/base.yaml", "params/smoke.yaml"]
 
 
 @pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning")
