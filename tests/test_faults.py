@@ -483,3 +483,10 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_loses_no_checkpoint(tmp
     assert len(errors) == 1 and "step_4: cannot write the checkpoint" in errors[0] and "StorageFull" in errors[0]
     assert "Traceback" not in err
     assert sorted(p.name for p in (tmp_path / "smoke" / "checkpoints").iterdir()) == ["step_2"]
+
+
+def test_a_resume_without_the_runs_config_is_refused(tmp_path):
+    run_dir = train(config(tmp_path, "r", "train.steps=2"))
+    (run_dir / "config.yaml").unlink()
+    with pytest.raises(CheckpointError, match="config.yaml is missing: the kit cannot tell"):
+        train(config(tmp_path, "r", "train.steps=3", "data.split_seed=5"), resume=True)

@@ -89,11 +89,14 @@ def resume_changes(run_dir: Path, cfg: Config) -> dict[str, list[Any]]:
     """The settings that differ from the run's saved config.yaml, as key -> [saved, new].
 
     Raises:
-        CheckpointError: a change to the experiment itself, listing every such key as `key: saved -> new`.
+        CheckpointError: a change to the experiment itself, listing every such key as `key: saved -> new`; or no
+            config.yaml to compare with.
     """
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
-        return {}
+        # Without the run's own record nothing could show that this resume changes the experiment.
+        raise CheckpointError(f"{run_dir}: resume asked for, but the run's config.yaml is missing: the kit cannot tell "
+                              "whether this config continues the same experiment (restore the file, or start over)")
     saved, new = _flat(load_config([saved_path])), _flat(cfg)
     changed = {key: [saved.get(key), value] for key, value in new.items() if saved.get(key) != value}
     refused = {k: v for k, v in changed.items() if k not in FREE_ON_RESUME | APPLIED_ON_RESUME}
