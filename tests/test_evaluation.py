@@ -102,17 +102,6 @@ def test_option_ranking_equals_a_brute_force_loop(setup):
     assert fast == slow
 
 
-def test_greedy_generation_equals_transformers_generate(tiny):
-    model, tokenizer = tiny
-    prompts = [tokenizer("3 + 4 =")["input_ids"], tokenizer("hello there, world")["input_ids"]]
-    ours = greedy_generate(model, {}, prompts, max_new_tokens=6, pad_id=tokenizer.pad_token_id, eos_id=-1)
-    for prompt, generated in zip(prompts, ours, strict=True):
-        ids = torch.tensor([prompt])
-        reference = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=None)  # fmt: skip
-        assert generated == reference[0, len(prompt) :].tolist()
-
-
 def test_a_stop_rule_ends_rows_early_and_keeps_what_they_generated(tiny):
     model, tokenizer = tiny
     prompts = [tokenizer("3 + 4 =")["input_ids"], tokenizer("hello there, world")["input_ids"]]
