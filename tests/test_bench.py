@@ -30,7 +30,7 @@ def test_the_naive_reference_takes_the_same_meta_step_as_the_kit(nudge_lora_b, q
         torch.manual_seed(0)
         trainer = build_parts(cfg)
         nudge_lora_b(trainer)
-        tasks = {n: p.task for n, p in trainer.experiment.train.items()}
+        tasks = trainer.tasks
         episodes = trainer.sampler.sample(0)
         if naive:
             naive_meta_step(trainer.model, episodes, tasks, trainer.encoder, cfg, trainer.optimizer)

@@ -19,7 +19,7 @@ def trainer_with(checkpointed: bool, *overrides: str):
 
 def support_batch(trainer):
     episode = trainer.sampler.sample(0)[0]
-    task = trainer.experiment.train[episode.task].task
+    task = trainer.splits.train[episode.task].task
     return trainer.encoder.collate([trainer.encoder.encode(task, e) for e in episode.support])
 
 
@@ -71,7 +71,7 @@ def test_meta_gradients_equal_the_plain_model(setting, nudge_lora_b):
         trainer = trainer_with(checkpointed, setting)
         nudge_lora_b(trainer)
         episodes = trainer.sampler.sample(0)
-        tasks = {name: pool.task for name, pool in trainer.experiment.train.items()}
+        tasks = trainer.tasks
         torch.manual_seed(2)
         results[checkpointed] = meta_gradients(trainer.model, trainer.shared, episodes, tasks, trainer.encoder,
                                                trainer.cfg.meta, len(episodes), trainer.cfg.speed)  # fmt: skip

@@ -60,8 +60,8 @@ def test_multitask_gradient_is_the_pooled_loss_gradient_at_the_shared_weights():
             if "lora_B" in name:
                 p.copy_(torch.randn_like(p) * 0.05)
     episode = trainer.sampler.sample(0)[0]
-    task = trainer.experiment.train[episode.task].task
-    tasks = {n: p.task for n, p in trainer.experiment.train.items()}
+    task = trainer.splits.train[episode.task].task
+    tasks = trainer.tasks
     grads, _ = meta_gradients(trainer.model, trainer.shared, [episode], tasks, trainer.encoder,
                               trainer.cfg.meta, total_tasks=1)  # fmt: skip
     pooled = trainer.encoder.batches(task, episode.support + episode.query, 10_000)

@@ -15,7 +15,7 @@ def meta_gradients_of(nudge_lora_b, *overrides: str):
     trainer = build_parts(load_config(SMOKE, ["lora.dropout=0.0", *overrides]))
     nudge_lora_b(trainer)
     episodes = trainer.sampler.sample(0)
-    tasks = {name: pool.task for name, pool in trainer.experiment.train.items()}
+    tasks = trainer.tasks
     return trainer, meta_gradients(trainer.model, trainer.shared, episodes, tasks, trainer.encoder,
                                    trainer.cfg.meta, total_tasks=len(episodes), speed=trainer.cfg.speed)  # fmt: skip
 

@@ -29,11 +29,11 @@ def first_episode(trainer, step=0):
 
 
 def tasks_of(trainer):
-    return {n: p.task for n, p in trainer.experiment.train.items()}
+    return trainer.tasks
 
 
 def support_batches(trainer, episode):
-    task = trainer.experiment.train[episode.task].task
+    task = trainer.splits.train[episode.task].task
     return task, trainer.encoder.batches(task, episode.support, trainer.cfg.meta.inner_batch_size)
 
 
@@ -246,7 +246,7 @@ def test_meta_gradient_is_clipped_and_its_norm_reported():
 def test_target_only_loss_equals_the_full_logits_loss_and_ignores_padding():
     trainer = trainer_for()
     episode = first_episode(trainer)[0]
-    task = trainer.experiment.train[episode.task].task
+    task = trainer.splits.train[episode.task].task
     pairs = [trainer.encoder.encode(task, e) for e in episode.support]
     batch = trainer.encoder.collate(pairs)
     params = dict(trainer.model.named_parameters())
@@ -268,7 +268,7 @@ def test_target_only_loss_equals_the_full_logits_loss_and_ignores_padding():
 
 def test_episode_sampler_is_deterministic_disjoint_and_distinct():
     trainer = trainer_for()
-    pools = trainer.experiment.train
+    pools = trainer.splits.train
     sampler = EpisodeSampler(pools, n_support=4, n_query=4, meta_batch_size=3, seed=7)
     again = EpisodeSampler(pools, n_support=4, n_query=4, meta_batch_size=3, seed=7)
     a, b = sampler.sample(5), again.sample(5)
@@ -288,7 +288,7 @@ def test_episode_sampler_is_deterministic_disjoint_and_distinct():
 
 def test_episode_sampler_errors_name_the_problem():
     trainer = trainer_for()
-    pools = trainer.experiment.train
+    pools = trainer.splits.train
     with pytest.raises(TaskError, match=r"meta_batch_size=999 is larger than the \d+ meta-training"):
         EpisodeSampler(pools, 4, 4, 999, 0)
     with pytest.raises(TaskError, match=r"task '.+' has \d+ support / \d+ query examples.*n_support=500"):
@@ -298,7 +298,7 @@ def test_episode_sampler_errors_name_the_problem():
 def test_prompt_template_and_loss_mask():
     trainer = trainer_for()
     episode = first_episode(trainer)[0]
-    task = trainer.experiment.train[episode.task].task
+    task = trainer.splits.train[episode.task].task
     example = episode.support[0]
     encoder = Encoder(trainer.encoder.tokenizer, "Q: {input}\nA:", use_instruction=False)
     assert encoder.prompt(task, example) == f"Q: {example.input}\nA:"
@@ -351,7 +351,7 @@ def test_grouping_query_rows_by_length_keeps_loss_and_gradient_and_cuts_padding(
     trainer = trainer_for("meta.n_query=12", "meta.query_batch_size=3")
     nudge_lora_b(trainer)
     episode = first_episode(trainer)[0]
-    task = trainer.experiment.train[episode.task].task
+    task = trainer.splits.train[episode.task].task
     wrt = list(trainer.shared.values())
     results = {}
     for grouped in (False, True):

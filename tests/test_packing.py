@@ -17,7 +17,7 @@ def trainer_for(*overrides: str):
 
 def support_pairs(trainer, count: int = 4):
     episode = trainer.sampler.sample(0)[0]
-    task = trainer.experiment.train[episode.task].task
+    task = trainer.splits.train[episode.task].task
     return task, episode, [trainer.encoder.encode(task, e) for e in episode.support[:count]]
 
 
@@ -110,7 +110,7 @@ def test_meta_gradients_are_the_same_packed_and_padded(nudge_lora_b):
         trainer = trainer_for(f"speed.pack_tokens={pack_tokens}", "meta.inner_optimizer=adam")
         nudge_lora_b(trainer)
         episodes = trainer.sampler.sample(0)
-        tasks = {n: p.task for n, p in trainer.experiment.train.items()}
+        tasks = trainer.tasks
         g, s = meta_gradients(trainer.model, trainer.shared, episodes, tasks, trainer.encoder, trainer.cfg.meta,
                               total_tasks=len(episodes))  # fmt: skip
         grads.append(g)

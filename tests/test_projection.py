@@ -79,7 +79,7 @@ def test_meta_gradients_and_statistics_equal_with_nn_linear(nudge_lora_b):
         trainer = build_parts(load_config(SMOKE, [f"speed.weight_first_logits={weight_first}"]))
         assert isinstance(trainer.model.get_output_embeddings(), WeightFirstProjection) == (weight_first == "true")
         nudge_lora_b(trainer)
-        tasks = {name: pool.task for name, pool in trainer.experiment.train.items()}
+        tasks = trainer.tasks
         torch.manual_seed(0)  # the same dropout masks in both runs
         episodes = trainer.sampler.sample(0)
         results.append(meta_gradients(trainer.model, trainer.shared, episodes, tasks, trainer.encoder,

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(files or ["params/base.yaml", "params/demo.yaml"], ["meta.measure_gap=false", *overrides])
     torch.manual_seed(cfg.train.seed)
     trainer = build_parts(cfg, pick_device(cfg.train.cpu))
-    tasks = {name: pool.task for name, pool in trainer.experiment.train.items()}
+    tasks = trainer.tasks
     settings = {"padded": dataclasses.replace(cfg.speed, pack_tokens=0),
                 "packed": dataclasses.replace(cfg.speed, pack_tokens=args.pack_tokens)}  # fmt: skip
     seconds: dict[str, list[float]] = {name: [] for name in settings}

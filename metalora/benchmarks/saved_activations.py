@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     model = trainer.model
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     episode = trainer.sampler.sample(0)[0]
-    task = trainer.experiment.train[episode.task].task
+    task = trainer.splits.train[episode.task].task
     support = trainer.encoder.batches(task, episode.support, cfg.meta.inner_batch_size)[0]
     query = trainer.encoder.batches(task, episode.query, cfg.meta.query_batch_size, group_by_length=True)[0]
     shared = {name: tensor.detach().requires_grad_(True) for name, tensor in trainer.shared.items()}

@@ -20,7 +20,13 @@ from metalora.config import Config, save_config, to_yaml
 from metalora.data.splits import EvalPools, Splits, build_splits
 from metalora.evaluation.fewshot import EvalRow, rows_as_dicts
 from metalora.evaluation.stats import per_task, significance, summarise
-from metalora.experiments.integrity import check_no_leak, check_run_record, check_same_split, check_shots
+from metalora.experiments.integrity import (
+    check_no_leak,
+    check_run_record,
+    check_same_split,
+    check_shots,
+    checksum_record,
+)
 from metalora.experiments.journal import PointJournal, fingerprint
 from metalora.experiments.methods import curve_points, evaluate_methods, planned_curves
 from metalora.experiments.runs import EvaluationError, config_for_method, ensure_trained
@@ -28,9 +34,6 @@ from metalora.io import atomic_directory, atomic_write_json, atomic_write_text
 from metalora.modeling.models import pick_device
 from metalora.reporting.efficiency import efficiency_table
 from metalora.reporting.plots import efficiency_figure, few_shot_figure, per_task_figure
-
-# The weight file a trained run is fingerprinted by: its adapter, or for fomaml (True) its full model.
-WEIGHT_FILES = {False: "adapter_model.safetensors", True: "model.safetensors"}
 
 
 def evaluated_pools(experiment: Splits) -> dict[str, dict[str, EvalPools]]:
@@ -87,7 +90,7 @@ def run_evaluation(cfg: Config, train_missing: bool = False) -> Path:
     mine = shard(evaluated, rank, world)
     curves = planned_curves(cfg, runs)
     planned = sum(len(curve_points(c, mine, cfg.eval.seeds)) for c in curves)
-    digest = fingerprint(to_yaml(cfg), [r.weights / WEIGHT_FILES[r.method == "fomaml"] for r in runs])
+    digest = fingerprint(to_yaml(cfg), [checksum_record(r) for r in runs])
     # The main process sets aside the points of another evaluation before the others open their files.
     with state.main_process_first() if state else contextlib.nullcontext():
         journal = PointJournal(cfg.run_dir, digest, rank, planned, show=rank == 0)

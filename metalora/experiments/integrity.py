@@ -113,14 +113,23 @@ def check_run_record(cfg: Config, run: TrainedRun) -> TrainedRun:
     return replace(run, train_seed=theirs.train.seed, steps=steps)
 
 
-def _check_weights_verified(run: TrainedRun) -> None:
-    """The weights' checksums.json (beside them, or in the checkpoint holding them) exists and matches."""
+def checksum_record(run: TrainedRun) -> Path:
+    """The checksums.json covering a run's weights: beside them, or in the checkpoint holding them.
+
+    Raises:
+        EvaluationError: there is none (the kit writes one beside every weight file it saves).
+    """
     holder = next((d for d in (run.weights, run.weights.parent) if (d / CHECKSUMS).is_file()), None)
     if holder is None:
         raise EvaluationError(f"{run.method} run {run.run_dir}: {run.weights} has no {CHECKSUMS}, so its weights "
                               "cannot be verified (the kit writes one beside every weight file it saves)")  # fmt: skip
+    return holder / CHECKSUMS
+
+
+def _check_weights_verified(run: TrainedRun) -> None:
+    """The weights' checksum record exists and matches the files."""
     try:
-        verify_checksums(holder)
+        verify_checksums(checksum_record(run).parent)
     except ChecksumError as err:
         raise EvaluationError(f"{run.method} run {run.run_dir}: {err}") from err
 

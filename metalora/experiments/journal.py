@@ -36,14 +36,16 @@ def point_key(row: EvalRow) -> PointKey:
     return (row.setting, row.method, row.train_seed, row.task, row.n_shots, row.seed)
 
 
-def fingerprint(config_text: str, weight_files: list[Path]) -> str:
-    """A digest of the resolved evaluation config and the bytes of every trained weight file it evaluates."""
+def fingerprint(config_text: str, checksum_records: list[Path]) -> str:
+    """A digest of the resolved evaluation config and the checksum records of the trained weights it evaluates.
+
+    The records hold each weight file's SHA-256 and were verified against the files before the evaluation, so
+    hashing them identifies the weights without reading the weights a second time.
+    """
     digest = hashlib.sha256(config_text.encode())
-    for path in sorted(weight_files):
+    for path in sorted(checksum_records):
         digest.update(str(path).encode())
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        digest.update(path.read_bytes())
     return digest.hexdigest()
 
 

@@ -34,7 +34,7 @@ class TrainingParts:
     cfg: Config
     model: torch.nn.Module
     encoder: Encoder
-    experiment: Splits
+    splits: Splits
     # The weights meta-learning moves, by name: the LoRA weights, or every base weight for fomaml.
     shared: Params
     optimizer: torch.optim.Optimizer
@@ -44,7 +44,7 @@ class TrainingParts:
     @property
     def tasks(self) -> dict[str, Task]:
         """The meta-training tasks by name."""
-        return {name: pool.task for name, pool in self.experiment.train.items()}
+        return {name: pool.task for name, pool in self.splits.train.items()}
 
 
 def build_parts(cfg: Config, device: torch.device | str = "cpu") -> TrainingParts:

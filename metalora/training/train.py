@@ -128,7 +128,7 @@ def _truncate_metrics(path: Path, start: int) -> None:
 def warn_long_targets(parts: TrainingParts) -> None:
     """Log, per task, how many targets `data.max_target_tokens` cuts (exact match cannot reach them)."""
     limit = parts.cfg.data.max_target_tokens
-    for name, pools in parts.experiment.train.items():
+    for name, pools in parts.splits.train.items():
         lengths = [len(parts.encoder.tokenizer(" " + e.target, add_special_tokens=False)["input_ids"])
                    for e in pools.support + pools.query]  # fmt: skip
         cut = [n for n in lengths if n > limit]
@@ -272,7 +272,7 @@ def prepare_run(cfg: Config, resume: bool, accelerator: Accelerator, log_with: l
             accelerator.print(f"resuming at step {start} with changed settings: {changed}")
         warn_long_targets(parts)
         save_config(cfg, run_dir)
-        save_splits(parts.experiment, run_dir)
+        save_splits(parts.splits, run_dir)
         _truncate_metrics(run.metrics_path, start)
     if log_with:
         accelerator.init_trackers(cfg.train.run_name, config=tracker_config(cfg))
