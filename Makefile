@@ -13,7 +13,7 @@ TORCH_CHOICE := $(VENV)/.torch-spec
 
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: setup demo test test-fast test-numerics rehearsal lint clean gpu-check FORCE
+.PHONY: setup demo test test-fast test-numerics test-cluster rehearsal lint clean gpu-check FORCE
 
 setup: $(STAMP)
 
@@ -56,6 +56,14 @@ test-numerics: $(STAMP)
 		HF_HUB_OFFLINE=1 ATEN_CPU_CAPABILITY=$$capability OMP_NUM_THREADS=$$threads TORCHINDUCTOR_CACHE_DIR=$$cache \
 			$(PY) -m pytest -q -m numerics; status=$$?; rm -rf $$cache; [ $$status -eq 0 ] || exit $$status; \
 	done; done
+
+# The jobs against a real one-node SLURM (tests/test_cluster.py), which tests/slurm/local_slurm.sh installs (Debian's
+# packages; needs root), configures for this host and starts, and stops again however the tests end.
+test-cluster: $(STAMP)
+	@conf=$$(tests/slurm/local_slurm.sh start) || exit 1; \
+	trap 'tests/slurm/local_slurm.sh stop' EXIT; \
+	eval "$$conf"; \
+	METALORA_REQUIRE_SLURM=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -m cluster -p no:cacheprovider
 
 # The paper's params/paper/*.yaml end to end at their shapes on tiny models of the same families (CI runs it too).
 rehearsal: $(STAMP)

@@ -3,7 +3,8 @@
 The packages follow the architecture, each importing only those above it in this list:
 `speed` (how the method is computed), `method` (adapt, meta_gradients, loss), `data` (task suites, splits,
 episodes, collation), `modeling` (model and LoRA loading), `training`, `evaluation`, `reporting`,
-`experiments` (whole `metalora eval` runs and sweeps). What a notebook needs is exported here; the names
+`experiments` (whole `metalora eval` runs and sweeps), `jobs` (plans and sweeps as submitit jobs on SLURM, this
+machine or this process). What a notebook needs is exported here; the names
 are imported on first use, so `import metalora` stays cheap.
 """
 
@@ -19,7 +20,8 @@ _EXPORTS = {
     "launch_command": "metalora.experiments.notebook",
     "enter_project_root": "metalora.experiments.notebook",
     "run_evaluation": "metalora.experiments.compare",
-    "run_sweep": "metalora.experiments.sweep",
+    "run_sweep": "metalora.jobs.sweep",
+    "submit_plan": "metalora.jobs.submit",
     "aggregate_sweep": "metalora.experiments.sweep",
     "train": "metalora.training.train",
     "build_parts": "metalora.training.parts",

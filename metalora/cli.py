@@ -71,14 +71,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Submit what `metalora plan` lists: training runs, evaluation shards, then the tables and report."""
+    from metalora.jobs.submit import check_devices, submit_plan
+
+    overrides = [f"cluster.executor={args.executor}"] if args.executor else []
+    cfg = config_from_args([*args.config, *overrides])
+    devices = check_devices([d for d in args.devices.split(",") if d]) if args.devices else None
+    submission = submit_plan(cfg, devices)
+    print(submission.describe(f"metalora plan {' '.join(args.config)}"))
+    if cfg.cluster.executor != "slurm":
+        print(f"evaluation written to {cfg.run_dir / 'eval'}")
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
-    """Run an ablation sweep point by point with papermill, then aggregate."""
+    """Run an ablation sweep's points as jobs (papermill inside each), then aggregate."""
     import pandas as pd
 
-    from metalora.experiments.sweep import run_sweep
+    from metalora.jobs.submit import check_devices
+    from metalora.jobs.sweep import run_sweep
 
-    devices = [d for d in args.devices.split(",") if d] if args.devices else None
-    root = run_sweep(args.sweep, kernel=args.kernel, devices=devices)
+    devices = check_devices([d for d in args.devices.split(",") if d]) if args.devices else None
+    executor = args.executor or ("local" if devices else None)
+    root, submission = run_sweep(args.sweep, kernel=args.kernel, executor=executor, devices=devices)
+    print(submission.describe(f"ls {root}"))
+    if submission.executor == "slurm":
+        print(f"the sweep's aggregate tables will be written to {root} by its last job")
+        return 0
     print(f"sweep written to {root}")
     points = pd.read_csv(root / "points.csv")
     failed = points[points["status"] != "ok"]
@@ -131,11 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("config", nargs="*", help="YAML parameter files, then a.b=value overrides")
     evaluate.add_argument("--train-missing", action="store_true", help="train methods that have no finished run")
     evaluate.set_defaults(func=cmd_eval)
+    executors = ("slurm", "local", "debug")
+    submit = commands.add_parser("submit", help="submit the plan's training runs, evaluation shards and report as jobs")
+    submit.add_argument("config", nargs="*", help="YAML parameter files, then a.b=value overrides")
+    submit.add_argument("--executor", choices=executors, help="where the jobs run (default: cluster.executor)")
+    submit.add_argument("--devices", default="", help="local executor: this machine's GPUs, e.g. 0,1,2,3, one job "
+                        "per GPU at a time")  # fmt: skip
+    submit.set_defaults(func=cmd_submit)
     sweep = commands.add_parser("sweep", help="run an ablation grid through papermill (params/ablations/*.yaml)")
     sweep.add_argument("sweep", help="the sweep file")
     sweep.add_argument("--kernel", default=None, help="Jupyter kernel for papermill (default: the notebook's)")
+    sweep.add_argument("--executor", choices=executors, help="where the points run (default: the cluster.executor "
+                       "of the sweep's parameter files)")  # fmt: skip
     sweep.add_argument("--devices", default="", help="GPUs to spread the points over, e.g. 0,1,2,3: one point per GPU "
-                       "at a time, each in its own process, its output in the point's output.log")  # fmt: skip
+                       "at a time (local executor), each in its own process, logs under the sweep's jobs/")  # fmt: skip
     sweep.set_defaults(func=cmd_sweep)
     report = commands.add_parser("report", help="Markdown/HTML report of a run or sweep directory")
     report.add_argument("directory", help="a run directory or a sweep directory")

@@ -34,6 +34,7 @@ INNER_OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 CPU_DROPOUT_MASKS = ("numpy", "torch")
+EXECUTORS = ("slurm", "local", "debug")
 # Speed options that had their own groups before the `speed` group gathered them.
 MOVED_KEYS = {
     f"{group}.{name}": f"speed.{name}"
@@ -283,6 +284,46 @@ class SpeedConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Where `metalora submit` and `metalora sweep` run their jobs (through submitit), and what each job asks the
+    scheduler for. Hardware only: no setting here changes a result, and none is part of an experiment's identity."""
+
+    # slurm (sbatch on a cluster), local (this machine: one child process per job) or debug (in this process, one
+    # job after another).
+    executor: str = "local"
+    # SLURM partition, account and quality of service (empty: the cluster's defaults).
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    # Time limit of every job, in minutes. A training job near it checkpoints and requeues itself; an evaluation
+    # shard requeues and resumes from its journal.
+    time_min: int = 240
+    # Seconds before the time limit at which SLURM warns a job (SIGUSR2): enough to finish one meta-step.
+    signal_delay_s: int = 120
+    # How many times a job may requeue itself after reaching its time limit.
+    max_requeues: int = 10
+    # A training job's nodes, and processes per node (one per GPU on a GPU node; 0 = gpus_per_node, at least 1).
+    nodes: int = 1
+    processes_per_node: int = 0
+    # GPUs per node of every job (0: CPU jobs). An evaluation shard or a sweep point uses one node.
+    gpus_per_node: int = 0
+    # CPUs per process: torch's threads follow it.
+    cpus_per_task: int = 1
+    # Memory per node in GB (0: the partition's default).
+    mem_gb: int = 0
+    # SLURM node features, e.g. "a100|h100".
+    constraint: str = ""
+    # Any other sbatch option, name without dashes -> value (e.g. {exclude: node12, mail-type: FAIL}).
+    sbatch_options: dict[str, str] = field(default_factory=dict)
+    # Evaluation jobs: the evaluation's points are dealt round-robin over this many shards.
+    eval_shards: int = 4
+    # Jobs of one array running at once (0: as many as the scheduler allows).
+    array_parallelism: int = 0
+    # Where job scripts and logs go (empty: <train.output_dir>/jobs/<train.run_name>).
+    log_dir: str = ""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -292,6 +333,7 @@ class Config:
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -435,6 +477,18 @@ def _check_values(cfg: Config) -> None:
             cfg.train.run_name not in ("", ".", "..") and not set(cfg.train.run_name) & {"/", "\\"},
             "a plain directory name (not '.', '..' or a path)",
         ),
+        ("cluster.executor", cfg.cluster.executor in EXECUTORS, f"one of {EXECUTORS}"),
+        ("cluster.time_min", cfg.cluster.time_min > 0, "a positive number of minutes"),
+        ("cluster.signal_delay_s", 0 < cfg.cluster.signal_delay_s < 60 * cfg.cluster.time_min,
+         "positive and shorter than cluster.time_min"),
+        ("cluster.max_requeues", cfg.cluster.max_requeues >= 0, ">= 0"),
+        ("cluster.nodes", cfg.cluster.nodes > 0, "a positive number of nodes"),
+        ("cluster.processes_per_node", cfg.cluster.processes_per_node >= 0, ">= 0 (0 = one per GPU, at least 1)"),
+        ("cluster.gpus_per_node", cfg.cluster.gpus_per_node >= 0, ">= 0"),
+        ("cluster.cpus_per_task", cfg.cluster.cpus_per_task > 0, "a positive number of CPUs"),
+        ("cluster.mem_gb", cfg.cluster.mem_gb >= 0, ">= 0 (0 = the partition's default)"),
+        ("cluster.eval_shards", cfg.cluster.eval_shards > 0, "a positive number of evaluation jobs"),
+        ("cluster.array_parallelism", cfg.cluster.array_parallelism >= 0, ">= 0 (0 = no limit)"),
         (
             "train.log_with",
             set(cfg.train.log_with) <= set(TRACKERS),
@@ -595,6 +649,13 @@ def split_args(items: list[str]) -> tuple[list[str], list[str]]:
 def to_yaml(cfg: Config) -> str:
     """Return the config as YAML text (the form saved into run directories)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def experiment_yaml(cfg: Config) -> str:
+    """The config as YAML without the `cluster` group: what identifies an experiment, whatever machine runs it."""
+    resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
+    del resolved["cluster"]
+    return OmegaConf.to_yaml(OmegaConf.create(resolved))
 
 
 def save_config(cfg: Config, run_dir: str | Path) -> Path:

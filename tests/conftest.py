@@ -45,3 +45,14 @@ def nudge_lora_b():
                     p.copy_(torch.randn_like(p, generator=torch.Generator().manual_seed(len(name))) * 0.05)
 
     return nudge
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """One torch thread here and in the processes this test starts, as in a job given one CPU: the same summation
+    order, so the job's results can be held bit-identical to this process's."""
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

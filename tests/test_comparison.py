@@ -16,7 +16,7 @@ from metalora.config import ConfigError, load_config
 from metalora.data.splits import build_splits
 from metalora.evaluation.fewshot import draw_shots
 from metalora.evaluation.stats import SUMMARY_COLUMNS
-from metalora.experiments.compare import run_evaluation, shard
+from metalora.experiments.compare import deal_points, run_evaluation
 from metalora.experiments.integrity import check_no_leak
 from metalora.experiments.runs import EvaluationError, method_run_dir
 from metalora.method.loss import batch_loss
@@ -209,13 +209,13 @@ def test_shot_counts_beyond_a_pool_are_refused_before_any_training(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_evaluation_shards_cover_every_task_once():
-    experiment = build_splits(smoke_config(".", "eval.scenario=seen").data, "seen")
-    evaluated = {"seen": experiment.seen, "heldout": experiment.heldout}
-    shares = [shard(evaluated, rank, 3) for rank in range(3)]
-    pairs = [(setting, task) for share in shares for setting, pools in share.items() for task in pools]
-    assert sorted(pairs) == sorted((s, t) for s, pools in evaluated.items() for t in pools)
-    assert len(pairs) == len(set(pairs)) and all(shares)
+def test_dealt_points_cover_every_point_once_and_keep_every_share_busy():
+    keys = [("heldout", "lora", -1, f"task{t}", n, s) for t in range(2) for n in (0, 4) for s in range(3)]
+    shares = [deal_points(keys, index, 5) for index in range(5)]
+    dealt = [key for share in shares for key in share]
+    # Five shares of two tasks: split by task, three of them would have nothing to do.
+    assert sorted(dealt) == sorted(keys) and len(dealt) == len(set(dealt))
+    assert all(shares) and max(map(len, shares)) - min(map(len, shares)) <= 1
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import re
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -23,7 +24,7 @@ from metalora.data.splits import build_splits
 from metalora.data.tasks import TaskError, load_suite_dir
 from metalora.experiments.compare import run_evaluation
 from metalora.experiments.runs import EvaluationError
-from metalora.experiments.sweep import run_sweep
+from metalora.jobs.sweep import run_sweep
 from metalora.training.checkpoints import CheckpointError
 from metalora.training.train import main as train_main
 from metalora.training.train import train
@@ -208,30 +209,33 @@ def _sweep(tmp_path: Path, values: list[int], key: str = "meta.n_support") -> Pa
 @pytest.mark.slow
 def test_an_edited_sweep_reruns_points_whose_config_changed_and_failures_exit_non_zero(tmp_path):
     path = _sweep(tmp_path, [4])
-    root = run_sweep(path)
+    root, _ = run_sweep(path, executor="debug")
     first = json.loads((root / "meta.n_support=4" / "point.json").read_text())
     spec = json.loads(path.read_text())
     spec["overrides"].append("lora.r=2")  # same point name, another experiment
     path.write_text(json.dumps(spec))
-    run_sweep(path)
+    run_sweep(path, executor="debug")
     again = json.loads((root / "meta.n_support=4" / "point.json").read_text())
     assert again["config"] != first["config"] and "r: 2" in again["config"]
     # Edited a second time: both earlier versions are kept.
     spec["overrides"].append("lora.alpha=4")
     path.write_text(json.dumps(spec))
-    run_sweep(path)
+    run_sweep(path, executor="debug")
     kept = sorted(p.name for p in root.glob(".meta.n_support=4.replaced-*"))
     assert kept == [".meta.n_support=4.replaced-1", ".meta.n_support=4.replaced-2"]
     versions = [json.loads((root / name / "point.json").read_text())["config"] for name in kept]
     assert versions == [first["config"], again["config"]]
-    # Two points side by side, one per device, each in its own process with its own output log; the second
-    # asks for more tasks per meta-batch than the suite has, which only the data can tell.
+    # Two points side by side as local jobs, one per device, each with its own log; the second asks for more tasks
+    # per meta-batch than the suite has, which only the data can tell.
+    began = time.time()
     assert cli_main(["sweep", str(_sweep(tmp_path, [2, 999], "meta.meta_batch_size")), "--devices", "0,1"]) == 1
     names = ("meta.meta_batch_size=2", "meta.meta_batch_size=999")
     records = {p: json.loads((root / p / "point.json").read_text()) for p in names}
     assert {r["device"] for r in records.values()} == {"0", "1"}
     assert records[names[0]]["status"] == "ok" and records[names[1]]["status"] == "failed"
-    assert "run directory:" in (root / names[0] / "output.log").read_text()
+    logs = [path.read_text() for path in (root / "jobs").glob("*_0_log.out") if path.stat().st_mtime >= began]
+    # A job per device (one point each), then the aggregation's.
+    assert len(logs) == 3 and any("run directory:" in log for log in logs)
 
 
 # -- task data and suites -------------------------------------------------------------------------------------------

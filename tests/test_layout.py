@@ -11,7 +11,7 @@ from metalora.config import ConfigError, load_config
 
 PACKAGE = Path(metalora.__file__).parent
 # Each package may import those before it in this order (and the top-level modules), never those after it.
-LAYERS = ["speed", "method", "data", "modeling", "training", "evaluation", "reporting", "experiments"]
+LAYERS = ["speed", "method", "data", "modeling", "training", "evaluation", "reporting", "experiments", "jobs"]
 
 
 def _imported_packages(path: Path) -> set[str]:

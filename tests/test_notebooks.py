@@ -12,7 +12,8 @@ from smoke import SMOKE
 from metalora.config import load_config, to_yaml
 from metalora.errors import MetaloraError
 from metalora.experiments.compare import write_statistics
-from metalora.experiments.sweep import load_sweep, run_sweep, sweep_points
+from metalora.experiments.sweep import load_sweep, sweep_points
+from metalora.jobs.sweep import run_sweep
 from metalora.reporting.report import ReportError, write_report
 
 FAST = [
@@ -127,7 +128,7 @@ def test_sweep_files_are_checked_point_by_point(tmp_path):
 
 @pytest.mark.slow
 def test_sweep_skips_finished_points_records_failures_and_aggregates(tmp_path, capsys):
-    root = run_sweep(write_sweep(tmp_path))
+    root, _ = run_sweep(write_sweep(tmp_path), executor="debug")
     assert "run directory:" in capsys.readouterr().out, "the points' output did not stream"
     points = pd.read_csv(root / "points.csv").set_index("point")
     assert points.loc["meta.meta_batch_size=2", "status"] == "ok"
@@ -139,7 +140,7 @@ def test_sweep_skips_finished_points_records_failures_and_aggregates(tmp_path, c
     assert list(summary.columns[:3]) == ["meta.meta_batch_size", "setting", "method"] and (root / "sweep.png").is_file()
     finished = root / "meta.meta_batch_size=2" / "notebook.ipynb"
     stamp = finished.stat().st_mtime_ns
-    run_sweep(write_sweep(tmp_path))
+    run_sweep(write_sweep(tmp_path), executor="debug")
     assert finished.stat().st_mtime_ns == stamp, "a finished point ran again"
     assert "## Points" in write_report(root).read_text()
 

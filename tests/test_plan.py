@@ -20,7 +20,7 @@ FAST = ["data.heldout_tasks=[add_9,caesar_7]", "eval.n_shots=[0,2]", "eval.seeds
 def test_the_plan_counts_the_steps_and_points_the_evaluation_then_runs(tmp_path):
     cfg = load_config(SMOKE, [f"train.output_dir={tmp_path}", *FAST])
     plan = build_plan(cfg)
-    assert not any(run.finished for run in plan.training)
+    assert not any(run.finished or run.steps_done for run in plan.training) and not plan.points_done
     results = pd.read_csv(run_evaluation(cfg, train_missing=True) / "results.csv")
     # Scored points: every row but the constant answer's and lora's 0-shot rows (copies of the base model's).
     scored = results[(results["method"] != "constant") & ~((results["method"] == "lora") & (results["n_shots"] == 0))]
@@ -29,7 +29,10 @@ def test_the_plan_counts_the_steps_and_points_the_evaluation_then_runs(tmp_path)
     for run in plan.training:
         summary = json.loads((tmp_path / run.run_dir.split("/")[-1] / "summary.json").read_text())
         assert summary["steps"] == run.steps
-    assert all(run.finished for run in build_plan(cfg).training)
+    # On an existing experiment the plan is its progress, read from the run directories.
+    after = build_plan(cfg)
+    assert all(run.finished and run.steps_done == run.steps for run in after.training)
+    assert after.points_done == after.points
 
 
 def test_calibration_times_every_algorithm_and_shot_count(tmp_path, capsys):

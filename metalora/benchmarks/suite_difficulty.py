@@ -17,7 +17,7 @@ import torch
 from metalora.config import load_config, split_args
 from metalora.data.collation import Encoder
 from metalora.data.splits import build_splits
-from metalora.evaluation.fewshot import AdaptSettings, evaluate_init, rows_as_dicts, snapshot_lora
+from metalora.evaluation.fewshot import AdaptSettings, evaluate_init, evaluation_points, rows_as_dicts, snapshot_lora
 from metalora.io import atomic_write_json
 from metalora.machine import describe_machine, machine_line
 from metalora.modeling.lora import attach_lora
@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     model = attach_lora(model, cfg.lora, cpu_dropout_masks=cfg.speed.cpu_dropout_masks)
     encoder = Encoder.from_config(tokenizer, cfg.data)
     settings = AdaptSettings(cfg.eval.adapt_steps, cfg.eval.adapt_lr, cfg.meta.inner_optimizer, 4)
-    rows = evaluate_init(model, "lora", snapshot_lora(model), experiment.heldout, encoder, cfg.eval.n_shots,
-                         cfg.eval.seeds, settings, cfg.eval.max_test, cfg.eval.batch_size)  # fmt: skip
+    points = evaluation_points(list(experiment.heldout), cfg.eval.n_shots, cfg.eval.seeds)
+    rows = evaluate_init(model, "lora", snapshot_lora(model), experiment.heldout, encoder, points, settings,
+                         cfg.eval.max_test, cfg.eval.batch_size)  # fmt: skip
     seconds = time.perf_counter() - began
     shots = cfg.eval.n_shots
     print(f"| task | family | {' | '.join(f'EM@{n}' for n in shots)} |")

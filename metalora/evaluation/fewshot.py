@@ -106,8 +106,7 @@ def evaluate_init(
     init: Params,
     heldout: dict[str, EvalPools],
     encoder: Encoder,
-    n_shots: list[int],
-    seeds: int,
+    points: list[tuple[str, int, int]],
     settings: AdaptSettings,
     max_test: int,
     batch_size: int,
@@ -121,9 +120,8 @@ def evaluate_init(
         model: the model (LoRA attached when `init` holds LoRA weights).
         method: the name reported in the rows.
         heldout: held-out tasks with their adaptation pools and test sets.
-        n_shots: shot counts (0 = no adaptation).
-        seeds: seeds per (task, shots) point; 0 shots is scored once (seed 0), since nothing there
-            depends on the seed and repeated identical rows would inflate the n behind each CI.
+        points: the (task, shots, seed) points to score, in order (`evaluation_points` gives a whole curve's;
+            0 shots = no adaptation).
         settings: adaptation steps, learning rate, optimizer, batch size.
         max_test: test examples scored per task at most.
         batch_size: rows per scoring forward pass.
@@ -136,7 +134,6 @@ def evaluate_init(
         One row per (task, shots, seed).
     """
     rows = []
-    points = evaluation_points(list(heldout), n_shots, seeds)
     model.eval()
     for task_name, shots_count, seed in tqdm(points, desc=f"eval {method}", leave=False, disable=on_scored is not None):
         earlier = finished(task_name, shots_count, seed) if finished is not None else None
@@ -167,7 +164,8 @@ def evaluate_init(
 
 def evaluation_points(tasks: list[str], n_shots: list[int], seeds: int) -> list[tuple[str, int, int]]:
     """The (task, shots, seed) points of one few-shot curve, in scoring order: 0 shots once (nothing there depends
-    on the seed), every other shot count once per seed."""
+    on the seed, and repeated identical rows would inflate the n behind each interval), every other shot count once
+    per seed."""
     return [(t, n, s) for t in tasks for n in n_shots for s in range(1 if n == 0 else seeds)]
 
 

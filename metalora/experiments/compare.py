@@ -16,7 +16,7 @@ import pandas as pd
 from accelerate import PartialState
 from accelerate.utils import gather_object
 
-from metalora.config import Config, save_config, to_yaml
+from metalora.config import Config, experiment_yaml, save_config
 from metalora.data.splits import EvalPools, Splits, build_splits
 from metalora.evaluation.fewshot import EvalRow, rows_as_dicts
 from metalora.evaluation.stats import per_task, significance, summarise
@@ -27,8 +27,8 @@ from metalora.experiments.integrity import (
     check_shots,
     checksum_record,
 )
-from metalora.experiments.journal import PointJournal, fingerprint
-from metalora.experiments.methods import curve_points, evaluate_methods, planned_curves
+from metalora.experiments.journal import JOURNAL, PointJournal, PointKey, fingerprint
+from metalora.experiments.methods import curve_points, derived_rows, evaluate_methods, planned_curves
 from metalora.experiments.runs import EvaluationError, config_for_method, ensure_trained
 from metalora.io import atomic_directory, atomic_write_json, atomic_write_text
 from metalora.modeling.models import pick_device
@@ -42,7 +42,9 @@ def evaluated_pools(experiment: Splits) -> dict[str, dict[str, EvalPools]]:
     return {setting: pools for setting, pools in settings.items() if pools}
 
 
-def run_evaluation(cfg: Config, train_missing: bool = False) -> Path:
+def run_evaluation(
+    cfg: Config, train_missing: bool = False, shard: tuple[int, int] | None = None, score: bool = True
+) -> Path:
     """Evaluate every method of `cfg.eval.methods` and write the tables and figures.
 
     The held-out tasks are scored few-shot; in the seen scenario the training tasks are scored on their
@@ -51,16 +53,21 @@ def run_evaluation(cfg: Config, train_missing: bool = False) -> Path:
     Args:
         cfg: the config (data, LoRA, eval and baseline settings; the run directory receives eval/).
         train_missing: train methods whose run directory holds no finished run.
+        shard: (index, count): score only this job's share of the points (`deal_points`) into the journal, and
+            write no tables (`metalora submit`'s evaluation jobs).
+        score: False scores nothing: the tables are written from the journal once it holds every point
+            (`metalora submit`'s final job).
 
     Returns:
-        The eval directory.
+        The eval directory (the journal's directory for a shard).
 
     Every scored point is journaled as soon as it is done (`experiments/journal.py`): run again after a kill,
     the evaluation scores only the points still missing, and its tables equal an uninterrupted run's.
 
     Raises:
         EvaluationError: nothing to evaluate, a missing run, a run trained on another split or budget, a
-            run that saw evaluated data, or shot counts larger than a task's adaptation pool.
+            run that saw evaluated data, shot counts larger than a task's adaptation pool, or (score=False)
+            points the journal does not hold, named.
     """
     # The process group is joined only under a multi-process launch: in one process (a notebook that trains
     # next) accelerate's process-wide state stays untouched for the Accelerator training creates.
@@ -71,6 +78,9 @@ def run_evaluation(cfg: Config, train_missing: bool = False) -> Path:
             "--train-missing trains in one process: run `metalora eval --train-missing` without accelerate launch, "
             "or train first (accelerate launch -m metalora.training.train) and launch the evaluation alone"
         )
+    if world > 1 and (shard is not None or not score):
+        raise EvaluationError("under accelerate launch the processes share the evaluation among themselves: a "
+                              "shard, or the tables alone, runs in one process")  # fmt: skip
     experiment = build_splits(cfg.data, cfg.eval.scenario)
     evaluated = evaluated_pools(experiment)
     if not evaluated:
@@ -87,22 +97,38 @@ def run_evaluation(cfg: Config, train_missing: bool = False) -> Path:
         check_same_split(expected[key], run.method, run.run_dir)
         check_no_leak(experiment, run.method, run.run_dir)
     device = state.device if state and state.device.type == "cuda" else pick_device(cfg.train.cpu)
-    mine = shard(evaluated, rank, world)
     curves = planned_curves(cfg, runs)
-    planned = sum(len(curve_points(c, mine, cfg.eval.seeds)) for c in curves)
-    digest = fingerprint(to_yaml(cfg), [checksum_record(r) for r in runs])
+    keys = [key for curve in curves for key in curve_points(curve, evaluated, cfg.eval.seeds)]
+    index, count = shard if shard is not None else (rank, world)
+    mine = deal_points(keys, index, count) if score else []
+    digest = fingerprint(experiment_yaml(cfg), [checksum_record(r) for r in runs])
     # The main process sets aside the points of another evaluation before the others open their files.
     with state.main_process_first() if state else contextlib.nullcontext():
-        journal = PointJournal(cfg.run_dir, digest, rank, planned, show=rank == 0)
-    try:
-        rows = evaluate_methods(cfg, mine, curves, journal, device)
-    finally:
+        journal = PointJournal(cfg.run_dir, digest, index, len(mine), show=rank == 0)
+    if not score:
         journal.close()
+        missing = [key for key in keys if key not in journal.finished]
+        if missing:
+            shown = "; ".join(" ".join(map(str, key)) for key in missing[:5])
+            raise EvaluationError(
+                f"{cfg.run_dir / JOURNAL} holds {len(keys) - len(missing)} of the evaluation's {len(keys)} points; "
+                f"missing (setting method train_seed task shots seed): {shown}{' ...' * (len(missing) > 5)}; "
+                "run the evaluation jobs that failed again (metalora submit resubmits what is missing)"
+            )
+        rows = [journal.finished[key] for key in keys]
+    else:
+        try:
+            rows = evaluate_methods(cfg, evaluated, curves, journal, device, set(mine))
+        finally:
+            journal.close()
+    if shard is not None:
+        return journal.directory
     out = cfg.run_dir / "eval"
     if world > 1:
         rows = gather_object(rows)
         if rank != 0:
             return out
+    rows += derived_rows(cfg, evaluated, rows)
     results = pd.DataFrame(rows_as_dicts(sorted(rows, key=_row_order)), columns=list(EvalRow.__dataclass_fields__))
     # Written whole or not at all: a failed evaluation leaves the previous eval/ as it was, and a new one
     # replaces it entirely, so no file of an older evaluation survives beside newer results.
@@ -121,17 +147,13 @@ def run_evaluation(cfg: Config, train_missing: bool = False) -> Path:
     return out
 
 
-def shard(evaluated: dict[str, dict[str, EvalPools]], rank: int, world: int) -> dict[str, dict[str, EvalPools]]:
-    """This process's share of the evaluated tasks: every `world`-th (setting, task) pair from `rank` on.
+def deal_points(keys: list[PointKey], index: int, count: int) -> list[PointKey]:
+    """Share `index` of `count` of the evaluation's points: every `count`-th from `index` on.
 
-    Every evaluation point is a pure function of its task, shot count and seed, so the union of the shares
-    scores exactly what one process scores.
+    Every point is a pure function of its key, so the shares together score exactly what one process scores, no
+    point twice, and any number of processes or jobs can share an evaluation (not only as many as it has tasks).
     """
-    pairs = [(setting, task) for setting in sorted(evaluated) for task in sorted(evaluated[setting])]
-    mine: dict[str, dict[str, EvalPools]] = {}
-    for setting, task in pairs[rank::world]:
-        mine.setdefault(setting, {})[task] = evaluated[setting][task]
-    return mine
+    return keys[index::count]
 
 
 def _row_order(row: EvalRow) -> tuple:

@@ -1,15 +1,16 @@
 """Evaluation points written the moment they are scored, so that a killed `metalora eval` resumes where it stopped.
 
 `<run_dir>/eval.points/` sits beside `eval/` (which is replaced whole at the end): `fingerprint.json` says which
-evaluation the points belong to (the resolved config and the trained weights it reads), and each process appends
-its points to `points-<rank>.jsonl`, one line per point, flushed to disk before the next point starts. A line torn
-by a kill is cut off on the next start. Points of another evaluation (a changed config, retrained weights) are set
-aside under a new name, never deleted, and the evaluation starts over. Once the final tables are written the
-journal is removed.
+evaluation the points belong to (the resolved experiment and the trained weights it reads), and each process, or
+each evaluation job of `metalora submit`, appends its points to `points-<index>.jsonl`, one line per point, flushed
+to disk before the next point starts. A line torn by a kill is cut off on the next start. Points of another
+evaluation (a changed config, retrained weights) are set aside under a new name, never deleted, and the evaluation
+starts over. Once the final tables are written the journal is removed.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -61,6 +62,12 @@ def _read_points(path: Path) -> list[EvalRow]:
     return rows
 
 
+def journaled_points(run_dir: Path) -> set[PointKey]:
+    """The points the journal of `run_dir` holds, whichever evaluation scored them (for progress, not for tables)."""
+    return {point_key(row) for path in sorted((Path(run_dir) / JOURNAL).glob("points-*.jsonl"))
+            for row in _read_points(path)}  # fmt: skip
+
+
 def _cut_torn_tail(path: Path) -> None:
     """Drop a last line without its newline (a write cut short), so that the next point starts on its own line."""
     if not path.is_file():
@@ -77,16 +84,20 @@ class PointJournal:
     Args:
         run_dir: the run directory that receives `eval/`.
         digest: `fingerprint` of this evaluation.
-        rank: this process's index (its own points file).
+        rank: this process's or job's index (its own points file).
         planned: how many points this process scores in all (the progress bar's total).
         show: draw the progress bar (the main process).
     """
 
     def __init__(self, run_dir: Path, digest: str, rank: int, planned: int, show: bool):
         self.directory = Path(run_dir) / JOURNAL
-        self._set_aside_other_evaluations(digest)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.directory / "fingerprint.json", {"fingerprint": digest})
+        # Evaluation jobs of one plan start together: one at a time judges (and sets aside) what the journal holds.
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        with (Path(run_dir) / f".{JOURNAL}.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._set_aside_other_evaluations(digest)
+            self.directory.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.directory / "fingerprint.json", {"fingerprint": digest})
         files = sorted(self.directory.glob("points-*.jsonl"))
         self.finished = {point_key(row): row for path in files for row in _read_points(path)}
         path = self.directory / f"points-{rank}.jsonl"

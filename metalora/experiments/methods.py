@@ -84,14 +84,22 @@ def curve_points(curve: Curve, evaluated: Evaluated, seeds: int) -> list[PointKe
 
 
 def evaluate_methods(
-    cfg: Config, evaluated: Evaluated, curves: list[Curve], journal: PointJournal, device: torch.device
+    cfg: Config,
+    evaluated: Evaluated,
+    curves: list[Curve],
+    journal: PointJournal,
+    device: torch.device,
+    points: set[PointKey],
 ) -> list[EvalRow]:
-    """Score every curve over the evaluated tasks, skipping points the journal already holds; returns all rows."""
+    """Score the curves' points among `points` (this process's or job's share), skipping those the journal already
+    holds; returns their rows, the journal's included."""
     model, encoder = load_base(cfg, device)
     rows: list[EvalRow] = []
 
     def score(net: torch.nn.Module, init: dict[str, torch.Tensor], curve: Curve) -> None:
         for setting, pools in evaluated.items():
+            mine = [(task, n, seed) for task, n, seed in evaluation_points(list(pools), curve.shots, cfg.eval.seeds)
+                    if (setting, curve.method, curve.train_seed, task, n, seed) in points]  # fmt: skip
 
             def finished(task: str, n: int, seed: int, setting: str = setting) -> EvalRow | None:
                 return journal.done((setting, curve.method, curve.train_seed, task, n, seed))
@@ -99,13 +107,12 @@ def evaluate_methods(
             def scored(row: EvalRow, setting: str = setting) -> None:
                 journal.record(replace(row, setting=setting, train_seed=curve.train_seed))
 
-            got = evaluate_init(net, curve.method, init, pools, encoder, curve.shots, cfg.eval.seeds,
-                                curve.settings, cfg.eval.max_test, cfg.eval.batch_size, cfg.eval.test_loss,
-                                finished, scored)  # fmt: skip
+            got = evaluate_init(net, curve.method, init, pools, encoder, mine, curve.settings, cfg.eval.max_test,
+                                cfg.eval.batch_size, cfg.eval.test_loss, finished, scored)  # fmt: skip
             rows.extend(replace(row, setting=setting, train_seed=curve.train_seed) for row in got)
 
     for curve in (c for c in curves if c.method == "fomaml"):
-        keys = curve_points(curve, evaluated, cfg.eval.seeds)
+        keys = [k for k in curve_points(curve, evaluated, cfg.eval.seeds) if k in points]
         if all(k in journal.finished for k in keys):  # nothing left to score: no full model to load
             rows.extend(journal.done(k) for k in keys)
             continue
@@ -119,7 +126,14 @@ def evaluate_methods(
     fresh = snapshot_lora(peft_model)
     for curve in (c for c in curves if c.method != "fomaml"):
         score(peft_model, fresh if curve.run is None else adapter_init(peft_model, curve.run.weights), curve)
+    return rows
+
+
+def derived_rows(cfg: Config, evaluated: Evaluated, scored: list[EvalRow]) -> list[EvalRow]:
+    """The rows nothing scores, made from the evaluated tasks and the scored rows: the best constant answer
+    (`constant`), and a fresh LoRA's 0-shot rows, which are the base model's."""
     methods = list(cfg.eval.methods)
+    rows: list[EvalRow] = []
     if "constant" in methods:
         for setting, pools in evaluated.items():
             rows += [replace(r, setting=setting) for r in constant_answer_rows(pools, list(cfg.eval.n_shots),
@@ -127,5 +141,5 @@ def evaluate_methods(
     if "lora" in methods and "base" in methods and 0 in cfg.eval.n_shots:
         # A fresh LoRA's B matrices are zero, so unadapted it computes exactly the base model: its 0-shot rows
         # are the base model's, scored once.
-        rows += [replace(row, method="lora") for row in rows if row.method == "base"]
+        rows += [replace(row, method="lora") for row in scored if row.method == "base"]
     return rows

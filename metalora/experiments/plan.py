@@ -11,19 +11,23 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import pandas as pd
 from accelerate import Accelerator
 
 from metalora.config import TRAINED_METHODS, Config
 from metalora.data.splits import build_splits
 from metalora.evaluation.fewshot import evaluate_init, snapshot_lora
 from metalora.experiments.compare import evaluated_pools
+from metalora.experiments.journal import PointKey, journaled_points
 from metalora.experiments.methods import adapt_settings, curve_points, planned_curves
 from metalora.experiments.runs import TrainedRun, config_for_method, method_run_dir, training_seeds
 from metalora.modeling.build import load_base
 from metalora.modeling.lora import attach_lora
 from metalora.modeling.models import pick_device
 from metalora.training.budgets import FULL_DATA_SHOTS, planned_steps
+from metalora.training.checkpoints import STEP_DIR, latest_checkpoint
 from metalora.training.parts import build_parts
 from metalora.training.step import training_step
 
@@ -40,6 +44,8 @@ class TrainingRunPlan:
     run_dir: str
     steps: int
     finished: bool
+    # Steps its latest checkpoint holds (all of them once finished).
+    steps_done: int = 0
 
     @property
     def algorithm(self) -> str:
@@ -54,6 +60,8 @@ class Plan:
     training: list[TrainingRunPlan]
     # (method, shots) -> scored points over every training seed, setting and task
     points: Counter[tuple[str, int]]
+    # (method, shots) -> those of them already scored (in the evaluation's journal or its finished tables)
+    points_done: Counter[tuple[str, int]] = field(default_factory=Counter)
     seconds_per_step: dict[str, float] = field(default_factory=dict)
     # shots -> seconds of one point (adaptation at those shots, then scoring); FULL_DATA_SHOTS for full_data
     seconds_per_point: dict[int, float] = field(default_factory=dict)
@@ -78,13 +86,28 @@ def build_plan(cfg: Config) -> Plan:
         for seed in training_seeds(cfg):
             run_dir = method_run_dir(cfg, method, seed)
             steps = planned_steps(config_for_method(cfg, method, seed))
-            training.append(TrainingRunPlan(method, seed, str(run_dir), steps, (run_dir / "summary.json").is_file()))
+            finished = (run_dir / "summary.json").is_file()
+            checkpoint = latest_checkpoint(run_dir)
+            if finished or checkpoint is None:
+                done = steps if finished else 0
+            else:
+                done = int(STEP_DIR.match(checkpoint.name).group(1))
+            training.append(TrainingRunPlan(method, seed, str(run_dir), steps, finished, done))
             runs.append(TrainedRun(method, seed, run_dir, run_dir))
     evaluated = evaluated_pools(build_splits(cfg.data, cfg.eval.scenario))
-    points: Counter[tuple[str, int]] = Counter()
-    for curve in planned_curves(cfg, runs):
-        points.update((curve.method, key[4]) for key in curve_points(curve, evaluated, cfg.eval.seeds))
-    return Plan(training, points)
+    keys = [key for curve in planned_curves(cfg, runs) for key in curve_points(curve, evaluated, cfg.eval.seeds)]
+    scored = journaled_points(cfg.run_dir) | tabled_points(cfg.run_dir)
+    return Plan(training, Counter((k[1], k[4]) for k in keys), Counter((k[1], k[4]) for k in keys if k in scored))
+
+
+def tabled_points(run_dir: Path) -> set[PointKey]:
+    """The points of the finished evaluation tables in `run_dir/eval/`, if any."""
+    path = run_dir / "eval" / "results.csv"
+    if not path.is_file():
+        return set()
+    results = pd.read_csv(path)
+    columns = ["setting", "method", "train_seed", "task", "n_shots", "seed"]
+    return {(s, m, int(t), k, int(n), int(e)) for s, m, t, k, n, e in results[columns].itertuples(index=False)}
 
 
 def calibrate(cfg: Config, plan: Plan) -> None:
@@ -112,8 +135,8 @@ def calibrate(cfg: Config, plan: Plan) -> None:
     for shots in sorted({shots for _, shots in plan.points}):
         settings = adapt_settings(cfg, full_data=shots == FULL_DATA_SHOTS)
         began = time.perf_counter()
-        evaluate_init(model, "calibration", fresh, {task: evaluated[setting][task]}, encoder, [shots], 1, settings,
-                      cfg.eval.max_test, cfg.eval.batch_size, cfg.eval.test_loss)  # fmt: skip
+        evaluate_init(model, "calibration", fresh, {task: evaluated[setting][task]}, encoder, [(task, shots, 0)],
+                      settings, cfg.eval.max_test, cfg.eval.batch_size, cfg.eval.test_loss)  # fmt: skip
         plan.seconds_per_point[shots] = time.perf_counter() - began
 
 
@@ -125,12 +148,15 @@ def describe(plan: Plan) -> str:
             return "not calibrated (add --calibrate)"
         return f"{int(seconds // 3600)}:{time.strftime('%M:%S', time.gmtime(seconds))}"
 
-    lines = ["training runs (method, training seed, steps, run directory):"]
-    lines += [f"  {r.method:<15} seed {r.train_seed:<4} {r.steps:>7} steps  {r.run_dir}{'  (finished)' * r.finished}"
-              for r in plan.training] or ["  none (no trained method in eval.methods)"]  # fmt: skip
-    lines.append("evaluation points (method, shots: points; shots -1 = the full-data reference):")
-    lines += [f"  {method:<15} {shots:>4} shots: {n:>6}" for (method, shots), n in sorted(plan.points.items())]
-    lines.append(f"  {'total':<26} {sum(plan.points.values()):>6}")
+    lines = ["training runs (method, training seed, steps done / planned, run directory):"]
+    lines += [f"  {r.method:<15} seed {r.train_seed:<4} {r.steps_done:>7} / {r.steps:<7} steps  {r.run_dir}"
+              f"{'  (finished)' * r.finished}" for r in plan.training]  # fmt: skip
+    if not plan.training:
+        lines.append("  none (no trained method in eval.methods)")
+    lines.append("evaluation points (method, shots: points scored / planned; shots -1 = the full-data reference):")
+    lines += [f"  {method:<15} {shots:>4} shots: {plan.points_done[method, shots]:>6} / {n}"
+              for (method, shots), n in sorted(plan.points.items())]  # fmt: skip
+    lines.append(f"  {'total':<26} {sum(plan.points_done.values()):>6} / {sum(plan.points.values())}")
     if plan.seconds_per_step:
         rates = ", ".join(f"{a} {s:.2f} s/step" for a, s in plan.seconds_per_step.items())
         lines.append(f"calibration on this machine: {rates}")

@@ -4,8 +4,9 @@ A sweep file names a notebook, the parameter files every point starts from, fixe
 either a `grid` (every combination of the listed values) or named `cases` (sets of values that go
 together, e.g. the reptile switch), or both (their product). Each point runs the notebook into
 `outputs/sweeps/<name>/<point>/` with `train.output_dir` and `train.run_name` pointing there, so
-its run directory, eval/ tables and executed notebook sit together. With several GPUs, points run side by side,
-one per GPU (`--devices`). Finished points are skipped on
+its run directory, eval/ tables and executed notebook sit together. The points run as jobs (`metalora/jobs/sweep.py`):
+one SLURM job each on a cluster, child processes side by side on this machine (one per GPU with `--devices`), or
+one after another in this process. Finished points are skipped on
 a re-run unless their resolved config changed (an edited sweep file: the old directory is set aside and the
 point runs again); a failing point is recorded with its error in point.json and the sweep goes on, and
 `metalora sweep` exits non-zero at the end. At the end
@@ -14,15 +15,11 @@ the points' results are aggregated into results.csv, summary.csv, points.csv and
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
-import queue
-import subprocess
 import sys
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -30,7 +27,7 @@ from typing import Any, TextIO
 import pandas as pd
 from omegaconf import OmegaConf
 
-from metalora.config import ConfigError, load_config, to_yaml
+from metalora.config import ConfigError, experiment_yaml, load_config
 from metalora.evaluation.stats import summarise
 from metalora.io import atomic_write_json, atomic_write_text
 from metalora.reporting.plots import SETTING_LABELS, sweep_figure, sweep_heatmap
@@ -140,9 +137,10 @@ def point_parameters(spec: SweepSpec, point: SweepPoint) -> dict[str, Any]:
 
 
 def point_config(spec: SweepSpec, point: SweepPoint) -> str:
-    """The point's resolved config as YAML: what decides whether a finished point still answers the sweep."""
+    """The point's resolved experiment as YAML (its cluster settings left out): what decides whether a finished point
+    still answers the sweep."""
     parameters = point_parameters(spec, point)
-    return to_yaml(load_config(parameters["config_files"], parameters["overrides"]))
+    return experiment_yaml(load_config(parameters["config_files"], parameters["overrides"]))
 
 
 def is_finished(point_dir: Path, config: str | None = None) -> bool:
@@ -178,7 +176,9 @@ def run_point(
 
     point_dir = sweep_dir(spec) / point.name
     point_dir.mkdir(parents=True, exist_ok=True)
-    record: dict[str, Any] = {"name": point.name, "values": point.values, "config": point_config(spec, point)}
+    # The GPUs the point's job was given (empty: all of the machine's, or none).
+    record: dict[str, Any] = {"name": point.name, "values": point.values, "config": point_config(spec, point),
+                              "device": os.environ.get("CUDA_VISIBLE_DEVICES", "")}  # fmt: skip
     try:
         # The point's own output (training progress, printed sentences) streams as it comes, so a half-hour
         # point is not silent; the executed notebook keeps it too.
@@ -198,26 +198,12 @@ def run_point(
     return record
 
 
-def run_sweep(path: str | Path, kernel: str | None = None, devices: list[str] | None = None) -> Path:
-    """Run every unfinished point of a sweep, then aggregate.
-
-    Args:
-        kernel: Jupyter kernel name for papermill (default: the notebook's).
-        devices: run up to this many points at once, each in its own process that sees one of these GPUs
-            (`CUDA_VISIBLE_DEVICES`), its output in the point's output.log; None runs the points one after
-            another in this process, their output streaming here.
-
-    Returns:
-        The sweep directory.
-    """
+def todo_points(spec: SweepSpec) -> list[SweepPoint]:
+    """The points still to run: not finished, or finished with another config (their directory is set aside, kept,
+    and the point runs again)."""
     from tqdm.auto import tqdm
 
-    if devices:
-        _check_devices(devices)
-    spec = load_sweep(path)
     root = sweep_dir(spec)
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(root / "sweep.yaml", Path(path).read_text())
     todo = []
     for point in sweep_points(spec):
         if is_finished(root / point.name, point_config(spec, point)):
@@ -226,65 +212,7 @@ def run_sweep(path: str | Path, kernel: str | None = None, devices: list[str] | 
             stale = _set_aside(root / point.name)
             tqdm.write(f"point {point.name}: its directory ran another config; kept as {stale.name}, running again")
         todo.append(point)
-    if devices:
-        records = _run_on_devices(Path(path), spec, todo, kernel, devices)
-    else:
-        records = [run_point(spec, point, kernel) for point in tqdm(todo, desc=f"sweep {spec.name}")]
-    for record in records:
-        if record["status"] != "ok":
-            tqdm.write(f"point {record['name']} failed: {record['error'].splitlines()[0]}")
-    aggregate_sweep(root)
-    return root
-
-
-def _check_devices(devices: list[str]) -> None:
-    """GPU indices, each once: a name CUDA cannot parse or a GPU listed twice would put two points on one GPU."""
-    if not all(d.isdigit() for d in devices) or len(set(devices)) != len(devices):
-        raise ConfigError(f"--devices {','.join(devices)}: expected distinct GPU indices such as 0,1,2,3")
-
-
-def _run_on_devices(
-    path: Path, spec: SweepSpec, points: list[SweepPoint], kernel: str | None, devices: list[str]
-) -> list[dict[str, Any]]:
-    """Run `points` concurrently, one child process per device at a time (a device is never shared)."""
-    free: queue.Queue[str] = queue.Queue()
-    for device in devices:
-        free.put(device)
-
-    def run(point: SweepPoint) -> dict[str, Any]:
-        device = free.get()
-        try:
-            return _run_point_in_child(path, spec, point, kernel, device)
-        finally:
-            free.put(device)
-
-    with ThreadPoolExecutor(max_workers=len(devices)) as pool:
-        return list(pool.map(run, points))
-
-
-def _run_point_in_child(
-    path: Path, spec: SweepSpec, point: SweepPoint, kernel: str | None, device: str
-) -> dict[str, Any]:
-    point_dir = sweep_dir(spec) / point.name
-    point_dir.mkdir(parents=True, exist_ok=True)
-    # A record left by an earlier failed attempt must not pass for this one's.
-    (point_dir / POINT_FILE).unlink(missing_ok=True)
-    command = [sys.executable, "-m", "metalora.experiments.sweep", str(path), "--point", point.name]
-    if kernel:
-        command += ["--kernel", kernel]
-    with open(point_dir / "output.log", "w") as log:
-        child = subprocess.run(command, env={**os.environ, "CUDA_VISIBLE_DEVICES": device}, stdout=log,
-                               stderr=subprocess.STDOUT, check=False)  # fmt: skip
-    record_path = point_dir / POINT_FILE
-    if record_path.is_file():
-        record = json.loads(record_path.read_text())
-    else:  # the child died before it could record anything (killed, out of memory)
-        error = f"the point's process exited with {child.returncode}; see output.log"
-        record = {"name": point.name, "values": point.values, "config": point_config(spec, point),
-                  "status": "failed", "error": error}  # fmt: skip
-    record["device"] = device
-    atomic_write_json(record_path, record)
-    return record
+    return todo
 
 
 def aggregate_sweep(root: str | Path) -> pd.DataFrame:
@@ -337,21 +265,3 @@ def aggregate_sweep(root: str | Path) -> pd.DataFrame:
     elif len(keys) == 2:
         sweep_heatmap(shown, keys[0], keys[1], root / "sweep_heatmap.png", title=title)
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    """One point of a sweep in this process (what `run_sweep(..., devices=...)` starts per point)."""
-    parser = argparse.ArgumentParser(prog="python -m metalora.experiments.sweep")
-    parser.add_argument("sweep", help="the sweep file")
-    parser.add_argument("--point", required=True, help="the point's name (its directory)")
-    parser.add_argument("--kernel", default=None)
-    args = parser.parse_args(argv)
-    spec = load_sweep(args.sweep)
-    chosen = [p for p in sweep_points(spec) if p.name == args.point]
-    if not chosen:
-        parser.error(f"{args.sweep}: no point named {args.point!r}")
-    return 0 if run_point(spec, chosen[0], args.kernel)["status"] == "ok" else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -98,7 +98,9 @@ def resume_changes(run_dir: Path, cfg: Config) -> dict[str, list[Any]]:
         raise CheckpointError(f"{run_dir}: resume asked for, but the run's config.yaml is missing: the kit cannot tell "
                               "whether this config continues the same experiment (restore the file, or start over)")
     saved, new = _flat(load_config([saved_path])), _flat(cfg)
-    changed = {key: [saved.get(key), value] for key, value in new.items() if saved.get(key) != value}
+    # Where the run's jobs run (the cluster group) is no part of the experiment, and no change to record.
+    changed = {key: [saved.get(key), value] for key, value in new.items()
+               if saved.get(key) != value and not key.startswith("cluster.")}  # fmt: skip
     refused = {k: v for k, v in changed.items() if k not in FREE_ON_RESUME | APPLIED_ON_RESUME}
     if refused:
         diff = "; ".join(f"{key}: {old!r} -> {value!r}" for key, (old, value) in sorted(refused.items()))

@@ -17,6 +17,7 @@ import logging
 import resource
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,11 @@ LOGGER = logging.getLogger("metalora")
 
 class TrainingDivergedError(MetaloraError):
     """A loss became NaN or infinite; the last good state was saved first."""
+
+
+class TrainingStopped(MetaloraError):
+    """Training stopped between two steps because it was asked to (a job near its time limit); the state after the
+    last step is checkpointed, and a resume continues from it."""
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -149,11 +155,13 @@ def _export_final(parts: TrainingParts, run_dir: Path) -> Path:
     return save_adapter(parts.model, run_dir / "adapter")
 
 
-def train(cfg: Config, resume: bool = False) -> Path:
+def train(cfg: Config, resume: bool = False, stop: Callable[[], bool] | None = None) -> Path:
     """Run meta-training as configured; returns the run directory.
 
     Args:
         resume: continue from the latest checkpoint (also `train.resume=true`).
+        stop: asked after every step; once it says True in any process, every process checkpoints that step and
+            raises TrainingStopped (a job near its time limit, see `metalora/jobs/work.py`).
 
     Returns:
         The run directory, holding config.yaml, splits.json, metrics.jsonl, summary.json,
@@ -163,6 +171,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
         CheckpointError: resume without a checkpoint, a corrupt checkpoint, or a fresh run into a
             directory that already holds checkpoints.
         TrainingDivergedError: a NaN/inf loss (after saving the last good state).
+        TrainingStopped: `stop` said so (after saving the state).
     """
     resume = resume or cfg.train.resume
     run_dir = cfg.run_dir
@@ -183,7 +192,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
             accelerator.print(f"{run.run_dir} already finished its {run.total_steps} steps: nothing to do, nothing "
                               "rewritten")  # fmt: skip
             return run.run_dir
-        run_loop(run, accelerator)
+        run_loop(run, accelerator, stop)
         finish_run(run, accelerator)
         return run.run_dir
 
@@ -279,11 +288,12 @@ def prepare_run(cfg: Config, resume: bool, accelerator: Accelerator, log_with: l
     return run
 
 
-def run_loop(run: PreparedRun, accelerator: Accelerator) -> None:
+def run_loop(run: PreparedRun, accelerator: Accelerator, stop: Callable[[], bool] | None = None) -> None:
     """The meta-training loop: each step (`training_step`), its metrics line, and a checkpoint when one is due.
 
     Raises:
         TrainingDivergedError: a loss or the meta-gradient was not finite (the state before that step is saved).
+        TrainingStopped: `stop` said so after a step (the state after that step is saved).
     """
     cfg = run.parts.cfg
     bar = tqdm(range(run.start, run.total_steps), disable=not accelerator.is_main_process, desc=cfg.meta.algorithm)
@@ -306,9 +316,25 @@ def run_loop(run: PreparedRun, accelerator: Accelerator) -> None:
             bar.set_postfix(meta_loss=f"{metrics['stage2/meta_loss']:.4f}")
         accelerator.log(metrics, step=step)
         done = step + 1
-        if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and accelerator.is_main_process:
+        due = cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0
+        if due and accelerator.is_main_process:
             run.save_checkpoint(done)
+        if stop is not None and stop_agreed(stop(), accelerator):
+            if not due and accelerator.is_main_process:
+                run.save_checkpoint(done)
+            accelerator.wait_for_everyone()
+            raise TrainingStopped(f"{run.run_dir}: stopped as asked after step {done} of {run.total_steps}; the state "
+                                  f"is checkpointed in checkpoints/step_{done}, and a resume continues from it")
     accelerator.wait_for_everyone()
+
+
+def stop_agreed(asked: bool, accelerator: Accelerator) -> bool:
+    """Whether any process was asked to stop: a signal reaches processes at different moments, and a process that
+    stopped alone would leave the others waiting in the next step's reduce."""
+    if accelerator.num_processes == 1:
+        return asked
+    votes = accelerator.reduce(torch.tensor([float(asked)], device=accelerator.device), reduction="sum")
+    return bool(votes.item() > 0)
 
 
 def finish_run(run: PreparedRun, accelerator: Accelerator) -> None:
