@@ -216,6 +216,9 @@ def test_dealt_points_cover_every_point_once_and_keep_every_share_busy():
     # Five shares of two tasks: split by task, three of them would have nothing to do.
     assert sorted(dealt) == sorted(keys) and len(dealt) == len(set(dealt))
     assert all(shares) and max(map(len, shares)) - min(map(len, shares)) <= 1
+    # The costly points (4 shots) spread evenly too: two shares of this plan each get three of them.
+    halves = [deal_points(keys, index, 2) for index in range(2)]
+    assert [sum(key[4] == 4 for key in half) for half in halves] == [3, 3]
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from metalora.data.tasks import TaskError
 from metalora.method.adapt import adapt, inner_update
 from metalora.method.loss import batch_loss
 from metalora.method.meta import meta_gradients
+from metalora.speed.compiled_layers import decoder_layers
 from metalora.training.parts import build_parts
 from metalora.training.step import StepResult, training_step
 
@@ -461,18 +462,28 @@ def test_two_processes_reduce_the_meta_gradient_in_one_flattened_call_to_the_one
 @pytest.mark.parametrize("first_order", [True, False])
 def test_micro_batches_give_the_meta_gradient_of_whole_batches(first_order):
     algorithm = ["meta.first_order=true"] if first_order else ["meta.first_order=false"]
-    grads, losses = {}, {}
+    grads, losses, rows = {}, {}, {}
     for micro in (0, 1):
         trainer = trainer_for("meta.inner_steps=3", "meta.query_batch_size=4", f"meta.micro_batch_size={micro}",
                               *algorithm)  # fmt: skip
         nudge_lora_b(trainer)
+        # The rows of every forward pass through the first decoder layer: split batches show as passes of one row.
+        rows[micro] = []
+        first_layer = decoder_layers(trainer.model)[0]
+        hook = first_layer.register_forward_pre_hook(
+            lambda _, args, kwargs, seen=rows[micro]: seen.append((args or [kwargs["hidden_states"]])[0].shape[0]),
+            with_kwargs=True,
+        )
         grads[micro], stats = meta_gradients(trainer.model, trainer.shared, trainer.sampler.sample(0),
                                              tasks_of(trainer), trainer.encoder, trainer.cfg.meta, 2)  # fmt: skip
+        hook.remove()
         losses[micro] = [v for s in stats for v in (s.first_inner_loss, s.last_inner_loss, s.support_loss_after,
                                                      s.query_loss)]  # fmt: skip
     for whole, micro in zip(grads[0], grads[1], strict=True):
         assert_close_at_scale(micro, whole, SCALE_SHARE if first_order else SECOND_ORDER_SHARE)
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    # Really split: whole batches of several rows, one row per pass with micro-batches of one, the same rows in all.
+    assert max(rows[0]) > 1 and set(rows[1]) == {1} and sum(rows[1]) == sum(rows[0])
 
 
 def test_step_batches_split_each_inner_batch_into_micro_batches_in_order():

@@ -60,10 +60,14 @@ def test_a_killed_evaluation_resumes_to_the_tables_of_an_uninterrupted_one(tmp_p
         kill_after(overrides, cfg.run_dir, point)
         assert (cfg.run_dir / "eval" / "results.csv").stat().st_mtime_ns == stamp, "a killed run touched eval/"
         assert points_written(cfg.run_dir) >= point
-    # A line torn by the kill at its last write: cut off, and that point scored again.
-    with next((cfg.run_dir / JOURNAL).glob("points-*.jsonl")).open("a") as handle:
+    # A line torn by the kill at its last write: cut off, and that point scored again. A line damaged so that it
+    # still parses (a score of 7.5): set aside, and that point scored again too.
+    points = next((cfg.run_dir / JOURNAL).glob("points-*.jsonl"))
+    first, *rest = points.read_text().splitlines()
+    points.write_text("\n".join([json.dumps({**json.loads(first), "value": 7.5}), *rest]) + "\n")
+    with points.open("a") as handle:
         handle.write('{"method": "lora", "task": "add')
-    kept = points_written(cfg.run_dir) - 1
+    kept = points_written(cfg.run_dir) - 2
     scored = []
     monkeypatch.setattr(fewshot, "score_task", lambda *args: scored.append(args[3].name) or score_task(*args))
     resumed = results(run_evaluation(cfg))

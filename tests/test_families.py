@@ -85,6 +85,25 @@ def test_few_shot_evaluation_scores_by_generation_and_by_option_ranking(family):
     assert {(r.task, r.n_shots) for r in rows} == {(t, n) for t in pools for n in (0, 3)}
     assert all(r.finite and 0.0 <= r.value <= 1.0 and math.isfinite(r.test_loss) for r in rows)
     assert {r.metric for r in rows} == {"exact_match", "accuracy"}
+    # Unadapted, option ranking scores what the options' log-likelihoods say, computed here one sequence at a time.
+    unadapted = next(r for r in rows if r.task == "parity" and r.n_shots == 0)
+    assert unadapted.value == option_accuracy_by_hand(model, encoder, labelled, pools["parity"].test)
+
+
+def option_accuracy_by_hand(model, encoder, task, examples) -> float:
+    """Accuracy of picking, per example, the option whose tokens the model finds likeliest after the prompt."""
+    correct = 0
+    with torch.no_grad():
+        for example in examples:
+            prompt = encoder.prompt_ids(task, example)
+            likelihoods = []
+            for option in task.options:
+                tokens = encoder.target_ids(option)
+                logits = model(input_ids=torch.tensor([prompt + tokens])).logits[0].float()
+                logprobs = torch.log_softmax(logits, dim=-1)
+                likelihoods.append(sum(float(logprobs[len(prompt) - 1 + i, t]) for i, t in enumerate(tokens)))
+            correct += task.options[likelihoods.index(max(likelihoods))] == example.target
+    return correct / len(examples)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -43,12 +43,22 @@ def config(tmp_path: Path, name: str = "run", *overrides: str):
 # -- resume ------------------------------------------------------------------------------------------------------
 
 
-def test_resume_refuses_a_changed_experiment_with_a_readable_diff(tmp_path):
-    train(config(tmp_path, "r", "train.steps=2"))
-    with pytest.raises(CheckpointError, match=r"data.heldout_tasks: \['add_9', 'caesar_7'\] -> \['add_9'\]"):
-        train(config(tmp_path, "r", "train.steps=3", "data.heldout_tasks=[add_9]"), resume=True)
-    with pytest.raises(CheckpointError, match=r"lora.alpha: 8 -> 16"):
-        train(config(tmp_path, "r", "train.steps=3", "lora.alpha=16"), resume=True)
+# One key of each kind docs/architecture.md says a resume refuses: data, model, LoRA, algorithm (and the method's own
+# settings), seeds.
+@pytest.mark.parametrize(
+    "change, diff",
+    [("data.heldout_tasks=[add_9]", r"data.heldout_tasks: \['add_9', 'caesar_7'\] -> \['add_9'\]"),
+     ("data.samples_per_task=30", "data.samples_per_task: 40 -> 30"),
+     ("model.name=tiny-random-qwen2", "model.name: 'tiny-random' -> 'tiny-random-qwen2'"),
+     ("lora.alpha=16", "lora.alpha: 8 -> 16"), ("lora.r=2", "lora.r: 4 -> 2"),
+     ("meta.algorithm=reptile", "meta.algorithm: 'metalora' -> 'reptile'"),
+     ("meta.inner_steps=3", "meta.inner_steps: 2 -> 3"), ("train.seed=5", "train.seed: 0 -> 5")],
+)  # fmt: skip
+def test_resume_refuses_a_changed_experiment_with_a_readable_diff(tmp_path, change, diff):
+    run_dir = train(config(tmp_path, "r", "train.steps=2"))
+    with pytest.raises(CheckpointError, match=f"cannot resume .*: the experiment changed \\({diff}\\)"):
+        train(config(tmp_path, "r", "train.steps=3", change), resume=True)
+    assert not (run_dir / "checkpoints" / "step_3").exists()
 
 
 def test_resume_applies_a_changed_optimizer_setting_and_records_it(tmp_path):
@@ -112,6 +122,10 @@ def test_eval_refuses_a_run_trained_with_other_lora_settings(tmp_path):
         run_evaluation(config(tmp_path, "run"))
     with pytest.raises(EvaluationError, match=r"lora.r: the run has 4, this evaluation 8"):
         run_evaluation(config(tmp_path, "run", "lora.alpha=64", "lora.r=8"))
+    with pytest.raises(EvaluationError, match=r"model.name: the run has tiny-random, this evaluation tiny-random-qw"):
+        run_evaluation(config(tmp_path, "run", "lora.alpha=64", "model.name=tiny-random-qwen2"))
+    with pytest.raises(EvaluationError, match=r"(?s)data.prompt_template: the run has .*Output:, this evaluation Q {"):
+        run_evaluation(config(tmp_path, "run", "lora.alpha=64", "data.prompt_template=Q {input} A"))
 
 
 def test_eval_directory_is_written_whole_or_not_at_all(tmp_path):
@@ -159,15 +173,16 @@ def test_identical_examples_never_sit_in_two_pools(tmp_path):
 def test_an_input_with_another_target_never_sits_beside_its_twin_in_the_test_set(tmp_path, caplog):
     suite = tmp_path / "twins"
     suite.mkdir()
-    manifest = {"tasks": {"a": {}, "b": {}, "c": {}, "d": {"instruction": "Other."}}}
+    manifest = {"tasks": {"a": {}, "b": {}, "c": {}, "d": {"instruction": "Other."}, "e": {"instruction": "New."}}}
     (suite / "tasks.json").write_text(json.dumps(manifest))
-    # Each input twice in a, c and d, with two targets (a one-to-many relation); c copies a's lines, and d has them
-    # under another instruction (answers that coincide, no copy).
-    rows = {name: [{"input": f"x{i % 10}", "target": f"y{i}"} for i in range(20)] for name in "acd"}
+    # Each input twice in a, c, d and e, with two targets (a one-to-many relation); c copies a's lines; d shares half
+    # of them under another instruction (answers that coincide, no copy); e is all of a renamed, another instruction.
+    rows = {name: [{"input": f"x{i % 10}", "target": f"y{i}"} for i in range(20)] for name in "ace"}
+    rows["d"] = [{"input": f"x{i % 10}", "target": f"y{i}" if i % 2 else f"w{i}"} for i in range(20)]
     rows["b"] = [{"input": f"b{i}", "target": "z"} for i in range(20)]
     for name, lines in rows.items():
         (suite / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    cfg = load_config(overrides=[f"data.suites=[{suite}]", "data.heldout_tasks=[c,d]", "data.n_test=4",
+    cfg = load_config(overrides=[f"data.suites=[{suite}]", "data.heldout_tasks=[c,d,e]", "data.n_test=4",
                                  "data.samples_per_task=all", "meta.n_support=1", "meta.n_query=1",
                                  "eval.scenario=seen", "eval.n_shots=[0,1]"])  # fmt: skip
     with caplog.at_level("WARNING", logger="metalora"):
@@ -177,10 +192,21 @@ def test_an_input_with_another_target_never_sits_beside_its_twin_in_the_test_set
     train_a = experiment.train["a"]
     assert not {e.input for e in experiment.seen["a"].test} & {e.input for e in train_a.support + train_a.query}
     assert "task 'c':" in caplog.text and "training examples of task 'a'" in caplog.text
+    assert re.search(r"task 'e': \d+ of its \d+ evaluated \(input, target\) pairs are examples of training task 'a' "
+                     r"under another instruction", caplog.text)  # fmt: skip
     assert "task 'b':" not in caplog.text and "task 'd':" not in caplog.text
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------------
+
+
+def test_a_fresh_run_does_not_write_through_a_dangling_link(tmp_path):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").symlink_to(tmp_path / "elsewhere.jsonl")
+    with pytest.raises(CheckpointError, match=r"metrics.jsonl is a symbolic link \(to .*elsewhere.jsonl\)"):
+        train(config(tmp_path, "r", "train.steps=1"))
+    assert not (tmp_path / "elsewhere.jsonl").exists()
 
 
 def test_a_flipped_byte_in_a_checkpoint_is_detected(tmp_path):
@@ -190,6 +216,10 @@ def test_a_flipped_byte_in_a_checkpoint_is_detected(tmp_path):
     data[-3] ^= 0xFF  # inside the tensor data: safetensors would load it without complaint
     weights.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"adapter_model.safetensors.*checksum"):
+        train(config(tmp_path, "r", "train.steps=3"), resume=True)
+    # Its checksum record deleted too: refused all the same, not resumed from unverified weights.
+    (weights.parent.parent / "checksums.json").unlink()
+    with pytest.raises(CheckpointError, match=r"step_2 has no checksums.json, so its weights cannot be verified"):
         train(config(tmp_path, "r", "train.steps=3"), resume=True)
 
 
@@ -427,6 +457,15 @@ def test_a_truncated_splits_record_is_an_evaluation_error(tmp_path):
     (run_dir / "splits.json").write_text('{"train": {"add')
     with pytest.raises(EvaluationError, match="splits.json is missing or unreadable"):
         run_evaluation(config(tmp_path, "run"))
+
+
+def test_a_swept_value_holding_a_path_is_named_with_how_to_name_its_point(tmp_path):
+    from metalora.experiments.sweep import load_sweep
+
+    path = _sweep(tmp_path, [["params/suites/a"]], key="data.suites")
+    with pytest.raises(ConfigError, match=r"point 'data.suites=\[params/suites/a\]': .* give such values a name with "
+                                          r"`cases`"):  # fmt: skip
+        load_sweep(path)
 
 
 def test_a_sweep_file_with_a_yaml_error_is_named(tmp_path):

@@ -4,6 +4,7 @@ import ast
 from pathlib import Path
 
 import pytest
+import torch
 from smoke import SMOKE
 
 import metalora
@@ -60,3 +61,7 @@ def test_the_readme_meta_step_by_hand_runs_and_moves_the_shared_lora():
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the README's own example, run as a user would
     assert scope["result"].stepped and len(scope["stats"]) == scope["cfg"].meta.meta_batch_size
+    # build_parts seeds the LoRA init: a fresh build holds the weights the README's steps started from.
+    start = metalora.build_parts(scope["cfg"]).shared
+    moved = scope["parts"].shared
+    assert start.keys() == moved.keys() and all(not torch.equal(start[k], moved[k]) for k in start if "lora_B" in k)

@@ -1,6 +1,7 @@
 """The paper's runs rehearsed at their real shapes (`make rehearsal`): each `params/paper/*.yaml` end to end, with
 only the model swapped for a random 2-layer model of the same family and the step counts, test sets and evaluation
-seeds cut. Sequence lengths, support/query sizes, inner steps, LoRA rank, meta-batch, scenario, methods and shot
+seeds cut (two training seeds of the files' three kept, so that per-seed runs and their statistics are rehearsed).
+Sequence lengths, support/query sizes, inner steps, LoRA rank, meta-batch, scenario, methods and shot
 counts are the files' own. The data comes from `metalora prepare-data` run on local parquet and JSON files written in
 the schemas of the datasets params/paper/README.md names, read through `datasets.load_dataset` as a hub copy is."""
 
@@ -12,15 +13,16 @@ import pandas as pd
 import pytest
 
 from metalora.cli import main as cli_main
-from metalora.config import load_config
+from metalora.config import TRAINED_METHODS, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = sorted((ROOT / "params" / "paper").glob("*.yaml"))
 XCOPA = ROOT.parent / "shared" / "data" / "xcopa"
 # The paper files' hub models -> the tiny random model of the same family.
 SAME_FAMILY = {"meta-llama/Llama-3.2-1B": "tiny-random-llama", "Qwen/Qwen2.5-0.5B": "tiny-random-qwen2"}
-# What is cut: steps, test-set sizes, evaluation seeds and the full-data reference's steps; never a shape.
-CUTS = ["train.steps=2", "train.seeds=1", "train.checkpoint_every=1", "eval.seeds=1", "eval.max_test=3",
+# What is cut: steps, training seeds (3 -> 2), test-set sizes, evaluation seeds and the full-data reference's steps;
+# never a shape. params/paper/README.md lists the same cuts.
+CUTS = ["train.steps=2", "train.seeds=2", "train.checkpoint_every=1", "eval.seeds=1", "eval.max_test=3",
         "baseline.full_data_steps=2"]  # fmt: skip
 # Enough examples per task for the files' budgets and test sets (seen: 200 test + 100 budget; held-out: 200 test
 # carved from half the task, and 100 shots from the rest).
@@ -92,7 +94,11 @@ def test_a_paper_file_runs_end_to_end_at_its_shapes(paper, paper_data, monkeypat
 
     cfg = load_config(files, overrides)
     run_dir = Path(cfg.train.output_dir) / cfg.train.run_name
-    trained = load_config([run_dir / "config.yaml"])
+    seeds = {cfg.train.seed, cfg.train.seed + 1}
+    # One run directory per trained method and training seed, each with its own seed recorded.
+    for seed in seeds:
+        assert load_config([run_dir.with_name(f"{run_dir.name}-seed{seed}") / "config.yaml"]).train.seed == seed
+    trained = load_config([run_dir.with_name(f"{run_dir.name}-seed{cfg.train.seed}") / "config.yaml"])
     shapes = ("max_prompt_tokens", "max_target_tokens", "samples_per_task", "support_fraction")
     assert all(getattr(trained.data, k) == getattr(original.data, k) for k in shapes)
     assert trained.meta == original.meta and trained.lora == original.lora
@@ -103,3 +109,8 @@ def test_a_paper_file_runs_end_to_end_at_its_shapes(paper, paper_data, monkeypat
     lora = results[results["method"] == "lora"]
     assert set(original.eval.n_shots) - {0} <= set(lora["n_shots"])
     assert results["finite"].all()
+    for method in expected & set(TRAINED_METHODS):
+        assert set(results[results["method"] == method]["train_seed"]) == seeds, method
+    # Two training runs per method: the comparisons include run-to-run variation.
+    significance = pd.read_csv(run_dir / "eval" / "significance.csv")
+    assert significance["run_variation_included"].all()

@@ -109,6 +109,16 @@ def test_generic_needs_its_fields(tmp_path, capsys):
     assert "--input-field and --target-field" in capsys.readouterr().err
 
 
+def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path, capsys):
+    data = tmp_path / "latin1.jsonl"
+    data.write_bytes(b'{"question": "a", "answer": "#### 1"}\n{"question": "caf\xe9", "answer": "#### 2"}\n')
+    code = main(["prepare-data", "gsm8k", "--dataset", "json", "--data-files", str(data), "--out", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{data}: line 2 is not UTF-8 (byte 0xe9 at column 18)" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_prepare_data_never_writes_over_its_input(tmp_path, capsys):
     data = write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(3)])
     before = data.read_bytes()

@@ -154,6 +154,28 @@ SOURCES: dict[str, tuple[Callable[[dict, PrepareOptions], Row | None], tuple[str
 }
 
 
+# Local files read as text: datasets decodes them as UTF-8 only once it iterates the rows, deep inside pyarrow.
+TEXT_SUFFIXES = {".json", ".jsonl", ".csv", ".tsv", ".txt"}
+
+
+def check_utf8(path: Path) -> None:
+    """Refuse a local text file that is not UTF-8, naming its first undecodable line.
+
+    Raises:
+        PrepareError: the file's line and byte that do not decode.
+    """
+    if path.suffix not in TEXT_SUFFIXES or not path.is_file():
+        return
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                where = f"byte {line[err.start]:#04x} at column {err.start + 1}"
+                raise PrepareError(f"{path}: line {number} is not UTF-8 ({where}); convert the file, e.g. iconv -f "
+                                   "latin1 -t utf-8") from err  # fmt: skip
+
+
 def convert_rows(kind: str, rows: Iterable[dict], args: PrepareOptions) -> list[Row]:
     """Convert dataset rows with the source kind's rules; rows without an extractable answer are skipped.
 
@@ -233,6 +255,8 @@ def prepare(args: PrepareOptions) -> Path:
             "and orphan its tasks; choose another directory, or merge suites by listing both in data.suites"
         )
     data_files = args.data_files or None
+    for path in data_files or []:
+        check_utf8(Path(path))
     try:
         dataset = datasets.load_dataset(args.dataset, args.config, split=args.split, data_files=data_files)
     except Exception as err:  # datasets raises many types for missing ids, files and offline mode

@@ -118,10 +118,17 @@ def _without_inputs(examples: list[Example], taken: set[str]) -> list[Example]:
     return [e for e in examples if e.input not in taken]
 
 
+# Share of an evaluated task's (input, target) pairs that a training task holds, under any instruction, from which on
+# the evaluated task is taken for a renamed copy of it. Tasks over the same inputs agree on some answers by chance
+# (x mod 3 and x mod 6 on half of them); a copy agrees on all.
+RENAMED_COPY_SHARE = 0.9
+
+
 def _warn_copied_examples(pools: dict[str, MetaPools], evaluated: dict[str, list[Example]],
                           tasks: dict[str, Task]) -> None:  # fmt: skip
     """Warn about each evaluated task holding examples a training task trains on, the same instruction, input and
-    target (an answer that merely coincides under another instruction is no copy): its score would measure recall."""
+    target, and about each evaluated task that is a training task under another name and instruction (nearly all of
+    its pairs are the training task's; an answer that merely coincides is no copy): its score would measure recall."""
 
     def copies(name: str, examples: list[Example]) -> set[tuple[str, str, str]]:
         return {(tasks[name].instruction, e.input, e.target) for e in examples}
@@ -135,6 +142,17 @@ def _warn_copied_examples(pools: dict[str, MetaPools], evaluated: dict[str, list
                 LOGGER.warning("task '%s': %d of its %d evaluated examples are training examples of task '%s' (the "
                                "same instruction, input and target: a copy scores recall, not transfer)", name, shared,
                                len(own), source)  # fmt: skip
+    held = {name: {(e.input, e.target) for e in tasks[name].examples} for name in pools}
+    for name, examples in evaluated.items():
+        own_pairs = {(e.input, e.target) for e in examples}
+        for source, pairs in held.items():
+            if source == name or not own_pairs or tasks[source].instruction == tasks[name].instruction:
+                continue  # the same instruction is the rule above's
+            shared = len(own_pairs & pairs)
+            if shared >= RENAMED_COPY_SHARE * len(own_pairs):
+                LOGGER.warning("task '%s': %d of its %d evaluated (input, target) pairs are examples of training task "
+                               "'%s' under another instruction: a renamed copy scores recall, not transfer", name,
+                               shared, len(own_pairs), source)  # fmt: skip
 
 
 def _without_groups(examples: list[Example], taken: set[str]) -> list[Example]:

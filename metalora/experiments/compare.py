@@ -34,6 +34,7 @@ from metalora.io import atomic_directory, atomic_write_json, atomic_write_text
 from metalora.modeling.models import pick_device
 from metalora.reporting.efficiency import efficiency_table
 from metalora.reporting.plots import efficiency_figure, few_shot_figure, per_task_figure
+from metalora.training.budgets import FULL_DATA_SHOTS
 
 
 def evaluated_pools(experiment: Splits) -> dict[str, dict[str, EvalPools]]:
@@ -148,12 +149,16 @@ def run_evaluation(
 
 
 def deal_points(keys: list[PointKey], index: int, count: int) -> list[PointKey]:
-    """Share `index` of `count` of the evaluation's points: every `count`-th from `index` on.
+    """Share `index` of `count` of the evaluation's points, dealt like cards from the costliest down: the full-data
+    reference, then the most shots (adapting costs more than scoring alone), then 0 shots.
 
     Every point is a pure function of its key, so the shares together score exactly what one process scores, no
     point twice, and any number of processes or jobs can share an evaluation (not only as many as it has tasks).
+    Dealt in the plan's order instead, two shares of a curve at 0 and 5 shots would split into one of every 0-shot
+    point and one of every 5-shot point.
     """
-    return keys[index::count]
+    costliest_first = sorted(keys, key=lambda key: (key[4] != FULL_DATA_SHOTS, -key[4]))  # stable within a count
+    return costliest_first[index::count]
 
 
 def _row_order(row: EvalRow) -> tuple:

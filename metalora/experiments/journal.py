@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -26,6 +27,7 @@ from tqdm import tqdm
 
 from metalora.evaluation.fewshot import EvalRow
 from metalora.io import atomic_write_json
+from metalora.training.budgets import FULL_DATA_SHOTS
 
 LOGGER = logging.getLogger("metalora")
 JOURNAL = "eval.points"
@@ -50,15 +52,27 @@ def fingerprint(config_text: str, checksum_records: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def _plausible(row: EvalRow) -> bool:
+    """A row a scorer could have written: a score in [0, 1] (NaN where adaptation diverged), tested items, shots."""
+    if not isinstance(row.value, int | float) or not isinstance(row.n_test, int) or not isinstance(row.n_shots, int):
+        return False
+    score_ok = 0.0 <= row.value <= 1.0 if row.finite else math.isnan(row.value)
+    return score_ok and row.n_test > 0 and row.n_shots >= FULL_DATA_SHOTS
+
+
 def _read_points(path: Path) -> list[EvalRow]:
     names = {f.name for f in fields(EvalRow)}
     rows = []
     for line in path.read_text().splitlines():
         try:
-            record = json.loads(line)
-            rows.append(EvalRow(**{k: v for k, v in record.items() if k in names}))
+            row = EvalRow(**{k: v for k, v in json.loads(line).items() if k in names})
         except (json.JSONDecodeError, TypeError):
             LOGGER.warning("%s: skipped a line torn by an interrupted write: %.60s", path, line)
+            continue
+        if _plausible(row):
+            rows.append(row)
+        else:  # damaged but parseable: scored again rather than carried into the tables and figures
+            LOGGER.warning("%s: skipped a damaged point (it will be scored again): %.80s", path, line)
     return rows
 
 

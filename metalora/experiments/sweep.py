@@ -104,6 +104,12 @@ def load_sweep(path: str | Path) -> SweepSpec:
             raise ConfigError(f"{path}: grid key '{key}' needs a non-empty list of values")
     spec = SweepSpec(name=path.stem, **raw)
     for point in sweep_points(spec):
+        if set(point.name) & {"/", "\\"}:
+            raise ConfigError(
+                f"{path}: point '{point.name}': a point's directory is named by its values, and a value holding a "
+                "path separator cannot name one; give such values a name with `cases` instead of `grid` (e.g. "
+                "cases: {mine: {data.suites: [path/to/suite]}})"
+            )
         try:
             load_config(spec.config_files, [*spec.overrides, *point.overrides()])
         except ConfigError as err:

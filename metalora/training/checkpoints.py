@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from metalora.errors import MetaloraError
 from metalora.io import (
+    CHECKSUMS,
     ChecksumError,
     atomic_directory,
     atomic_write_json,
@@ -160,6 +161,10 @@ def load_checkpoint(
         CheckpointError: a file is missing or corrupt, or the checkpoint belongs to another setup.
     """
     directory = Path(directory)
+    if not (directory / CHECKSUMS).is_file():
+        # Without the record a changed byte would load without a word: refused, as an evaluation refuses it.
+        raise CheckpointError(f"{directory} has no {CHECKSUMS}, so its weights cannot be verified: restore the file, "
+                              "or resume from an earlier checkpoint by moving this one aside")  # fmt: skip
     try:
         verify_checksums(directory)
     except ChecksumError as err:

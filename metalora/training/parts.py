@@ -10,7 +10,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_scheduler
 
-from metalora.config import Config
+from metalora.config import Config, ConfigError
 from metalora.data.collation import Encoder
 from metalora.data.episodes import EpisodeSampler
 from metalora.data.splits import Splits, build_splits
@@ -90,7 +90,15 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> LambdaLR:
 
     The configured rate (`optimizer_settings`) is the peak the schedule multiplies; it is set on every
     parameter group first, so a checkpoint's stored rate never becomes the base of a resumed schedule.
+
+    Raises:
+        ConfigError: a warmup as long as the run or longer, which would keep every step below the peak rate.
     """
+    steps = planned_steps(cfg)
+    if 0 < steps <= cfg.meta.warmup_steps:
+        raise ConfigError(f"meta.warmup_steps={cfg.meta.warmup_steps} is not shorter than this {cfg.meta.algorithm} "
+                          f"run's {steps} steps: every step would train below the peak rate meta.meta_lr; shorten the "
+                          "warmup or lengthen train.steps")  # fmt: skip
     for group in optimizer.param_groups:
         group.update(optimizer_settings(cfg))
         group.pop("initial_lr", None)
@@ -98,7 +106,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> LambdaLR:
         SCHEDULES[cfg.meta.lr_scheduler],
         optimizer,
         num_warmup_steps=cfg.meta.warmup_steps,
-        num_training_steps=planned_steps(cfg),
+        num_training_steps=steps,
     )
 
 

@@ -66,8 +66,12 @@ def locked(run_dir: Path) -> Iterator[None]:
 
 
 def refuse_used(run_dir: Path) -> None:
-    """Refuse a fresh run into a directory that holds another run's files."""
+    """Refuse a fresh run into a directory that holds another run's files, or a link where one of them goes."""
     for name in RUN_FILES:
+        if (run_dir / name).is_symlink():
+            # Even a dangling link would be written through, outside the run directory.
+            raise CheckpointError(f"{run_dir / name} is a symbolic link (to {(run_dir / name).readlink()}): a run "
+                                  "writes its files inside its own directory; remove the link")  # fmt: skip
         if (run_dir / name).exists():
             if latest_checkpoint(run_dir) is None:
                 raise CheckpointError(
