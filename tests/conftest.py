@@ -13,7 +13,7 @@ from metalora.config import ModelConfig  # noqa: E402
 from metalora.modeling.models import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_TASKS = ROOT.parent / "shared" / "data" / "tasks"
+SHARED_TASKS = ROOT / "data" / "tasks"
 
 
 @pytest.fixture
@@ -24,9 +24,8 @@ def tiny():
 
 @pytest.fixture
 def shared_tasks() -> Path:
-    """The real task suite beside the project; skipped when absent."""
-    if not (SHARED_TASKS / "tasks.json").is_file():
-        pytest.skip(f"real task data not found at {SHARED_TASKS}")
+    """The real task suite shipped with the project (LAMA, classic classification, BIG-Bench Hard, GSM8K)."""
+    assert (SHARED_TASKS / "tasks.json").is_file(), f"the project's task data is missing at {SHARED_TASKS}"
     return SHARED_TASKS
 
 

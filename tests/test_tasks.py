@@ -246,9 +246,6 @@ def test_bad_budgets_name_the_task_or_key(tmp_path, overrides, message):
 
 @pytest.mark.slow
 def test_no_xcopa_group_straddles_sides(tmp_path):
-    xcopa = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "xcopa"
-    if not (xcopa / "tasks.json").is_file():
-        pytest.skip(f"the XCOPA suite is not at {xcopa}")
     cfg = load_config(["params/base.yaml", "params/xcopa_cpu.yaml"])
     experiment = build_splits(cfg.data, cfg.eval.scenario)
     assert experiment.seen and experiment.heldout
