@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,26 @@ def test_a_run_that_trained_on_a_heldout_task_is_refused(tmp_path):
     splits = {"train": {"add_2": {"support": [test_id], "query": []}}, "heldout": {}}
     (run_dir / "splits.json").write_text(json.dumps(splits))
     with pytest.raises(EvaluationError, match="evaluated example"):
+        check_no_leak(experiment, "metalora", run_dir)
+
+
+@pytest.mark.slow
+def test_a_run_that_trained_on_a_translation_of_an_evaluated_item_is_refused(tmp_path):
+    # XCOPA: every language translates the same items, each example's group naming its item. Held out (no test sets
+    # of the training languages), a translation of an evaluated item is no evaluated example itself: only its group
+    # tells.
+    cfg = load_config(["params/base.yaml", "params/xcopa_cpu.yaml"])
+    experiment = build_splits(cfg.data, "heldout")
+    evaluated = next(iter(experiment.heldout.values())).test[0]
+    trainer_task = next(iter(experiment.train))
+    translation = next(i for i, group in experiment.groups.items()
+                       if group == evaluated.group and i.startswith(f"{trainer_task}:"))  # fmt: skip
+    run_dir = tmp_path / "leaky"
+    run_dir.mkdir()
+    # A run whose record says it trained on that item in another language (as a run under another split would).
+    (run_dir / "splits.json").write_text(json.dumps({"train": {trainer_task: {"support": [translation], "query": []}}}))
+    said = rf"trained on translations of evaluated item\(s\): groups \['{re.escape(evaluated.group)}'"
+    with pytest.raises(EvaluationError, match=said):
         check_no_leak(experiment, "metalora", run_dir)
 
 

@@ -490,6 +490,47 @@ def test_a_model_folder_with_pickle_weights_only_is_refused(tmp_path):
         load_model(ModelConfig(name=str(tmp_path)))
 
 
+def test_a_file_is_written_under_a_temporary_name_and_only_then_renamed(tmp_path, monkeypatch):
+    import metalora.io as io
+
+    target = tmp_path / "summary.json"
+    target.write_text("old")
+    seen = []
+
+    def rename_fails(source, destination):
+        # At the rename the new content is whole, under another name, and the old file is untouched.
+        seen.append((Path(source).name, Path(source).read_text(), Path(destination).read_text()))
+        raise OSError("the disk vanished")
+
+    monkeypatch.setattr(io.os, "replace", rename_fails)
+    with pytest.raises(OSError, match="vanished"):
+        io.atomic_write_text(target, "new and complete")
+    assert seen and seen[0][0].startswith(".summary.json.") and seen[0][1:] == ("new and complete", "old")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_an_evaluation_interrupted_while_writing_its_tables_leaves_eval_as_it_was(tmp_path, monkeypatch):
+    import metalora.experiments.compare as compare
+
+    cfg = config(tmp_path, "run", "eval.methods=[base,lora]")
+    out = compare.run_evaluation(cfg)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def figure_fails(*_args, **_kwargs):
+        raise KeyboardInterrupt  # a kill while the new eval/ is half written
+
+    monkeypatch.setattr(compare, "per_task_figure", figure_fails)
+    with pytest.raises(KeyboardInterrupt):
+        compare.run_evaluation(config(tmp_path, "run", "eval.methods=[base,lora]", "eval.seeds=2"))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not [p.name for p in cfg.run_dir.iterdir() if p.name.startswith((".eval.tmp", ".eval.old"))]
+    # The first evaluation of a run interrupted the same way leaves no eval/ at all.
+    fresh = config(tmp_path, "fresh", "eval.methods=[base,lora]")
+    with pytest.raises(KeyboardInterrupt):
+        compare.run_evaluation(fresh)
+    assert not (fresh.run_dir / "eval").exists()
+
+
 def test_a_directory_swap_cut_between_its_renames_is_restored_by_the_next_write(tmp_path):
     from metalora.io import atomic_directory
 
