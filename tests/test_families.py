@@ -3,6 +3,7 @@ with every algorithm, evaluates by generation and by option ranking, decodes as 
 adapter in plain peft and trains over a bfloat16 base."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -72,8 +73,15 @@ def test_few_shot_evaluation_scores_by_generation_and_by_option_ranking(family):
     model, encoder = load_base(cfg)
     model = attach_lora(model, cfg.lora, seed=0)
     words = ["red", "green", "blue", "black", "white", "grey", "pink", "brown", "gold", "teal"]
-    free = Task("colour_copy", "Repeat the word.", "exact_match",
-                [Example(f"colour_copy:{i}", w, w) for i, w in enumerate(words)])  # fmt: skip
+    draft = Task("colour_copy", "Repeat the word.", "exact_match",
+                 [Example(f"colour_copy:{i}", w, w) for i, w in enumerate(words)])  # fmt: skip
+    # A known answer for generation: the test items' targets are the first lines transformers' own generate gives for
+    # their prompts, so the unadapted model scores exactly 1. A long target among the shots fixes the generation
+    # budget at its cap whatever the test targets are.
+    budget = encoder.max_target_tokens + 1
+    known = model_first_lines(model, encoder, draft, draft.examples[:4], budget)
+    free = replace(draft, examples=[replace(e, target=t) for e, t in zip(draft.examples[:4], known, strict=True)]
+                   + draft.examples[4:-1] + [replace(draft.examples[-1], target=" ".join(words * 8))])  # fmt: skip
     labelled = Task("parity", "Is the number even?", "accuracy",
                     [Example(f"parity:{i}", str(i), "yes" if i % 2 == 0 else "no") for i in range(10)],
                     options=["yes", "no"])  # fmt: skip
@@ -85,9 +93,27 @@ def test_few_shot_evaluation_scores_by_generation_and_by_option_ranking(family):
     assert {(r.task, r.n_shots) for r in rows} == {(t, n) for t in pools for n in (0, 3)}
     assert all(r.finite and 0.0 <= r.value <= 1.0 and math.isfinite(r.test_loss) for r in rows)
     assert {r.metric for r in rows} == {"exact_match", "accuracy"}
-    # Unadapted, option ranking scores what the options' log-likelihoods say, computed here one sequence at a time.
-    unadapted = next(r for r in rows if r.task == "parity" and r.n_shots == 0)
-    assert unadapted.value == option_accuracy_by_hand(model, encoder, labelled, pools["parity"].test)
+    # Unadapted, option ranking scores what the options' log-likelihoods say, computed here one sequence at a time,
+    # and generation scores the answers transformers' generate gives.
+    unadapted = {r.task: r.value for r in rows if r.n_shots == 0}
+    assert unadapted["parity"] == option_accuracy_by_hand(model, encoder, labelled, pools["parity"].test)
+    assert unadapted["colour_copy"] == 1.0
+
+
+def model_first_lines(model, encoder, task, examples, budget: int) -> list[str]:
+    """The first line of each example's greedy continuation, by transformers' `generate`."""
+    tokenizer = encoder.tokenizer
+    lines = []
+    with torch.no_grad():
+        for example in examples:
+            prompt = encoder.prompt_ids(task, example)
+            ids = torch.tensor([prompt])
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget,
+                                 do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+            text = tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True).strip()
+            lines.append(text.splitlines()[0].strip() if text else "")
+    return lines
 
 
 def option_accuracy_by_hand(model, encoder, task, examples) -> float:
