@@ -12,7 +12,8 @@ set -uo pipefail
 
 DIR=${METALORA_SLURM_DIR:-/tmp/metalora-slurm}
 CONF=$DIR/etc/slurm.conf
-PACKAGES=(slurmctld slurmd slurm-client munge)
+# procps gives pgrep and pkill, which a minimal image may lack.
+PACKAGES=(slurmctld slurmd slurm-client munge procps)
 
 fail() {
     echo "local_slurm: $*" >&2
