@@ -47,8 +47,8 @@ test-fast: $(STAMP)
 
 # The numerical equivalence tests (marker `numerics`) again under other processors' kernels (ATEN_CPU_CAPABILITY avx2
 # and default) with one and two threads, so that a tolerance too tight for another summation order fails here and
-# not on a user's machine. Each run gets its own inductor cache: compiled code cached under one capability and
-# reused under another gave NaN gradients.
+# not on a user's machine. Each run gets its own inductor cache: with the shared one, runs under one capability after
+# runs under another gave NaN compiled-layer gradients.
 test-numerics: $(STAMP)
 	@for capability in avx2 default; do for threads in 1 2; do \
 		echo "numerics: ATEN_CPU_CAPABILITY=$$capability, $$threads thread(s)"; \
