@@ -26,8 +26,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     """Print package versions, the machine, and parameter counts for the configured model."""
     from metalora.machine import describe_machine
+    from metalora.modeling.build import load_base
     from metalora.modeling.lora import attach_lora
-    from metalora.modeling.models import count_parameters, load_model
+    from metalora.modeling.models import count_parameters
 
     cfg = config_from_args(args.config)
     info: dict[str, object] = {
@@ -41,7 +42,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "samples_per_task": cfg.data.samples_per_task,
         "training_seeds": cfg.train.seeds,
     }
-    model, _ = load_model(cfg.model, weight_first_logits=cfg.speed.weight_first_logits)
+    model, _ = load_base(cfg)
     info["base_parameters"] = count_parameters(model)["total"]
     peft_model = attach_lora(model, cfg.lora, cpu_dropout_masks=cfg.speed.cpu_dropout_masks)
     info["lora_parameters"] = count_parameters(peft_model)["trainable"]

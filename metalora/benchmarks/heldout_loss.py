@@ -14,14 +14,14 @@ import sys
 import time
 
 from metalora.config import load_config, split_args
-from metalora.data.collation import Encoder
 from metalora.data.splits import build_splits
 from metalora.evaluation.fewshot import AdaptSettings, adapt_on_shots, adapter_init, draw_shots, snapshot_lora
 from metalora.evaluation.scoring import test_loss
 from metalora.io import atomic_write_json
 from metalora.machine import describe_machine, machine_line
+from metalora.modeling.build import load_base
 from metalora.modeling.lora import attach_lora
-from metalora.modeling.models import load_model
+from metalora.modeling.models import pick_device
 from metalora.training.checkpoints import latest_checkpoint
 from metalora.training.train import train
 
@@ -35,13 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     train_seconds = time.perf_counter() - began
 
     experiment = build_splits(cfg.data, cfg.eval.scenario)
-    model, tokenizer = load_model(cfg.model, weight_first_logits=cfg.speed.weight_first_logits)
+    model, encoder = load_base(cfg, pick_device(cfg.train.cpu))
     # The initialisation meta-training started from.
     model = attach_lora(model, cfg.lora, cfg.train.seed, cfg.speed.cpu_dropout_masks)
     model.eval()
     fresh = snapshot_lora(model)
     meta = adapter_init(model, run_dir / "adapter")
-    encoder = Encoder.from_config(tokenizer, cfg.data)
     settings = AdaptSettings(cfg.meta.inner_steps, cfg.meta.inner_lr, cfg.meta.inner_optimizer,
                              cfg.meta.inner_batch_size)  # fmt: skip
     n_shots = cfg.eval.n_shots[-1]

@@ -273,22 +273,22 @@ def run_variant(
     device = pick_device(cfg.train.cpu)
     cfg = variant_config(cfg, variant)
     torch.manual_seed(cfg.train.seed)
-    trainer = build_parts(cfg, device)
-    tasks = trainer.tasks
+    parts = build_parts(cfg, device)
+    tasks = parts.tasks
     # One process; its autocast is off, so the `autocast` below decides the precision for every variant alike.
     accelerator = Accelerator(cpu=device.type != "cuda", mixed_precision="no")
     # Before any step: on CPU the base weights are memory-mapped and become resident as the first step reads them.
     setup_memory = _current_memory_mb(device)
-    parameter_bytes = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    parameter_bytes = sum(p.numel() * p.element_size() for p in parts.model.parameters())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def one_step(step: int) -> None:
         with autocast:
             if variant == "naive":
-                naive_meta_step(trainer.model, trainer.sampler.sample(step), tasks, trainer.encoder, cfg,
-                                trainer.optimizer)  # fmt: skip
+                naive_meta_step(parts.model, parts.sampler.sample(step), tasks, parts.encoder, cfg,
+                                parts.optimizer)  # fmt: skip
             else:
-                training_step(trainer, step, accelerator)
+                training_step(parts, step, accelerator)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
@@ -298,7 +298,7 @@ def run_variant(
         one_step(step)
         if step >= warmup:
             seconds.append(time.perf_counter() - began)
-            tokens.append(step_positions(trainer.sampler.sample(step), tasks, trainer.encoder, cfg)[0])
+            tokens.append(step_positions(parts.sampler.sample(step), tasks, parts.encoder, cfg)[0])
     peak = _peak_memory_mb(device)
     flops_per_token = None  # null in the record: JSON has no NaN
     if variant in ("metalora", "fomaml"):  # the kit's own per-task path defines the useful work
@@ -306,17 +306,17 @@ def run_variant(
         extra = warmup + steps
         with counter:
             one_step(extra)
-        real_tokens, _ = step_positions(trainer.sampler.sample(extra), tasks, trainer.encoder, cfg)
+        real_tokens, _ = step_positions(parts.sampler.sample(extra), tasks, parts.encoder, cfg)
         flops_per_token = counter.get_total_flops() / real_tokens
     with tempfile.TemporaryDirectory() as tmp:
         if variant == "fomaml":
-            trainer.model.save_pretrained(Path(tmp) / "model")
+            parts.model.save_pretrained(Path(tmp) / "model")
         else:
-            save_adapter(trainer.model, Path(tmp) / "adapter")
+            save_adapter(parts.model, Path(tmp) / "adapter")
         weights_bytes = directory_bytes(Path(tmp))
     breakdown, rates, calls = None, None, None
     if profile_time:
-        vocab = trainer.model.get_output_embeddings().weight.shape[0]
+        vocab = parts.model.get_output_embeddings().weight.shape[0]
         # Recording shapes keeps every operator's input tensors alive until the profile ends
         # (pytorch/pytorch#133444); FOMAML's full-weight inner loop then held over 24 GiB of CPU memory
         # on the embedded model, so its step is profiled without shapes and without matmul rates.

@@ -37,22 +37,22 @@ def main(argv: list[str] | None = None) -> int:
     files, overrides = split_args(args.config)
     cfg = load_config(files or ["params/base.yaml", "params/demo.yaml"], ["meta.measure_gap=false", *overrides])
     torch.manual_seed(cfg.train.seed)
-    trainer = build_parts(cfg, pick_device(cfg.train.cpu))
-    tasks = trainer.tasks
+    parts = build_parts(cfg, pick_device(cfg.train.cpu))
+    tasks = parts.tasks
     settings = {"padded": dataclasses.replace(cfg.speed, pack_tokens=0),
                 "packed": dataclasses.replace(cfg.speed, pack_tokens=args.pack_tokens)}  # fmt: skip
     seconds: dict[str, list[float]] = {name: [] for name in settings}
     for step in range(args.steps + 1):
-        episodes = trainer.sampler.sample(step)
+        episodes = parts.sampler.sample(step)
         order = list(settings) if step % 2 == 0 else list(reversed(settings))
         for name in order:
             began = time.perf_counter()
-            meta_gradients(trainer.model, trainer.shared, episodes, tasks, trainer.encoder, cfg.meta,
+            meta_gradients(parts.model, parts.shared, episodes, tasks, parts.encoder, cfg.meta,
                            total_tasks=len(episodes), speed=settings[name])  # fmt: skip
             if step > 0:  # the first meta-batch warms both up
                 seconds[name].append(time.perf_counter() - began)
     ratios = [padded / packed for padded, packed in zip(seconds["padded"], seconds["packed"], strict=True)]
-    counts = [step_positions(trainer.sampler.sample(s), tasks, trainer.encoder, cfg) for s in range(1, args.steps + 1)]
+    counts = [step_positions(parts.sampler.sample(s), tasks, parts.encoder, cfg) for s in range(1, args.steps + 1)]
     real, positions = sum(c[0] for c in counts), sum(c[1] for c in counts)
     print(f"machine: {machine_line(describe_machine())}")
     print(f"{args.steps} meta-batches; padding share of the padded batches: "

@@ -72,14 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     files, overrides = split_args(args.config)
     cfg = load_config(files or ["params/base.yaml", "params/demo.yaml"], overrides)
     torch.manual_seed(cfg.train.seed)
-    trainer = build_parts(cfg)
-    model = trainer.model
+    parts = build_parts(cfg)
+    model = parts.model
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    episode = trainer.sampler.sample(0)[0]
-    task = trainer.splits.train[episode.task].task
-    support = trainer.encoder.batches(task, episode.support, cfg.meta.inner_batch_size)[0]
-    query = trainer.encoder.batches(task, episode.query, cfg.meta.query_batch_size, group_by_length=True)[0]
-    shared = {name: tensor.detach().requires_grad_(True) for name, tensor in trainer.shared.items()}
+    episode = parts.sampler.sample(0)[0]
+    task = parts.splits.train[episode.task].task
+    support = parts.encoder.batches(task, episode.support, cfg.meta.inner_batch_size)[0]
+    query = parts.encoder.batches(task, episode.query, cfg.meta.query_batch_size, group_by_length=True)[0]
+    shared = {name: tensor.detach().requires_grad_(True) for name, tensor in parts.shared.items()}
     leave_out = parameters | {t.untyped_storage().data_ptr() for t in shared.values()}
 
     def reference(batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 
 from metalora.config import load_config, split_args
-from metalora.data.collation import Encoder
 from metalora.data.splits import build_splits
 from metalora.evaluation.scoring import score_task
 from metalora.machine import describe_machine, machine_line
+from metalora.modeling.build import load_base
 from metalora.modeling.lora import attach_lora, lora_params
-from metalora.modeling.models import load_model, pick_device
+from metalora.modeling.models import pick_device
 
 
 def _timed(run) -> tuple[float, float]:
@@ -43,14 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     files, overrides = split_args(args.config)
     cfg = load_config(files or ["params/base.yaml", "params/demo.yaml"], overrides)
     device = pick_device(cfg.train.cpu)
-    model, tokenizer = load_model(cfg.model, device.type != "cuda", cfg.speed.weight_first_logits)
-    model = attach_lora(model.to(device), cfg.lora, cfg.train.seed, cfg.speed.cpu_dropout_masks).eval()
+    model, encoder = load_base(cfg, device)
+    model = attach_lora(model, cfg.lora, cfg.train.seed, cfg.speed.cpu_dropout_masks).eval()
     params = {k: v.detach() for k, v in lora_params(model).items()}
     experiment = build_splits(cfg.data, cfg.eval.scenario)
     name = args.task or sorted(experiment.heldout)[0]
     pools = experiment.heldout[name]
     examples = pools.test[: cfg.eval.max_test]
-    encoder = Encoder.from_config(tokenizer, cfg.data, device)
     score_task(model, params, encoder, pools.task, examples[:2], 2)  # warm-up: kernels, caches
     batched_s, batched_value = _timed(lambda: score_task(model, params, encoder, pools.task, examples,
                                                          cfg.eval.batch_size))  # fmt: skip

@@ -15,13 +15,13 @@ import time
 import torch
 
 from metalora.config import load_config, split_args
-from metalora.data.collation import Encoder
 from metalora.data.splits import build_splits
 from metalora.evaluation.fewshot import AdaptSettings, evaluate_init, evaluation_points, rows_as_dicts, snapshot_lora
 from metalora.io import atomic_write_json
 from metalora.machine import describe_machine, machine_line
+from metalora.modeling.build import load_base
 from metalora.modeling.lora import attach_lora
-from metalora.modeling.models import load_model
+from metalora.modeling.models import pick_device
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,9 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(cfg.train.seed)
     began = time.perf_counter()
     experiment = build_splits(cfg.data, cfg.eval.scenario)
-    model, tokenizer = load_model(cfg.model, weight_first_logits=cfg.speed.weight_first_logits)
+    model, encoder = load_base(cfg, pick_device(cfg.train.cpu))
     model = attach_lora(model, cfg.lora, cpu_dropout_masks=cfg.speed.cpu_dropout_masks)
-    encoder = Encoder.from_config(tokenizer, cfg.data)
     settings = AdaptSettings(cfg.eval.adapt_steps, cfg.eval.adapt_lr, cfg.meta.inner_optimizer, 4)
     points = evaluation_points(list(experiment.heldout), cfg.eval.n_shots, cfg.eval.seeds)
     rows = evaluate_init(model, "lora", snapshot_lora(model), experiment.heldout, encoder, points, settings,

@@ -37,9 +37,9 @@ from metalora.reporting.plots import efficiency_figure, few_shot_figure, per_tas
 from metalora.training.budgets import FULL_DATA_SHOTS
 
 
-def evaluated_pools(experiment: Splits) -> dict[str, dict[str, EvalPools]]:
+def evaluated_pools(splits: Splits) -> dict[str, dict[str, EvalPools]]:
     """The pools scored per setting: held-out tasks always, training tasks' test sets in the seen scenario."""
-    settings = {"heldout": experiment.heldout, "seen": experiment.seen}
+    settings = {"heldout": splits.heldout, "seen": splits.seen}
     return {setting: pools for setting, pools in settings.items() if pools}
 
 
@@ -82,8 +82,8 @@ def run_evaluation(
     if world > 1 and (shard is not None or not score):
         raise EvaluationError("under accelerate launch the processes share the evaluation among themselves: a "
                               "shard, or the tables alone, runs in one process")  # fmt: skip
-    experiment = build_splits(cfg.data, cfg.eval.scenario)
-    evaluated = evaluated_pools(experiment)
+    splits = build_splits(cfg.data, cfg.eval.scenario)
+    evaluated = evaluated_pools(splits)
     if not evaluated:
         raise EvaluationError("no tasks to evaluate on: set data.heldout_tasks (glob patterns) or eval.scenario=seen")
     check_shots(cfg, evaluated)
@@ -96,7 +96,7 @@ def run_evaluation(
         if key not in expected:
             expected[key] = build_splits(method_cfg.data, cfg.eval.scenario)
         check_same_split(expected[key], run.method, run.run_dir)
-        check_no_leak(experiment, run.method, run.run_dir)
+        check_no_leak(splits, run.method, run.run_dir)
     device = state.device if state and state.device.type == "cuda" else pick_device(cfg.train.cpu)
     curves = planned_curves(cfg, runs)
     keys = [key for curve in curves for key in curve_points(curve, evaluated, cfg.eval.seeds)]

@@ -34,7 +34,7 @@ def recorded_splits(method: str, run_dir: Path) -> dict:
     return splits
 
 
-def check_no_leak(experiment: Splits, method: str, run_dir: Path) -> None:
+def check_no_leak(evaluation: Splits, method: str, run_dir: Path) -> None:
     """Refuse a trained run that saw a held-out task, any evaluated example, or any group of one.
 
     Evaluated examples are the held-out tasks' adaptation pools and test sets and, in the seen scenario,
@@ -44,17 +44,17 @@ def check_no_leak(experiment: Splits, method: str, run_dir: Path) -> None:
     Raises:
         EvaluationError: naming the method, the run and the overlapping tasks, examples or groups.
     """
-    splits = recorded_splits(method, run_dir)
-    seen_tasks = set(splits["train"]) & set(experiment.heldout)
+    recorded = recorded_splits(method, run_dir)
+    seen_tasks = set(recorded["train"]) & set(evaluation.heldout)
     if seen_tasks:
         raise EvaluationError(f"{method} run {run_dir} meta-trained on held-out task(s) {sorted(seen_tasks)}")
-    trained = {i for pools in splits["train"].values() for i in pools["support"] + pools["query"]}
-    evaluated = [e for p in experiment.heldout.values() for e in p.adapt + p.test]
-    evaluated += [e for p in experiment.seen.values() for e in p.test]
+    trained = {i for pools in recorded["train"].values() for i in pools["support"] + pools["query"]}
+    evaluated = [e for p in evaluation.heldout.values() for e in p.adapt + p.test]
+    evaluated += [e for p in evaluation.seen.values() for e in p.test]
     leaked = sorted(e.id for e in evaluated if e.id in trained)
     if leaked:
         raise EvaluationError(f"{method} run {run_dir} trained on evaluated example(s) {leaked[:5]}")
-    trained_groups = {experiment.groups[i] for i in trained if i in experiment.groups}
+    trained_groups = {evaluation.groups[i] for i in trained if i in evaluation.groups}
     shared = sorted({e.group for e in evaluated if e.group is not None} & trained_groups)
     if shared:
         raise EvaluationError(

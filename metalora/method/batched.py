@@ -24,11 +24,10 @@ import torch.nn.functional as F
 from torch.func import vmap
 
 from metalora.method.adapt import Moments, Params, inner_update
-from metalora.method.batch import IGNORE_INDEX
+from metalora.method.batch import IGNORE_INDEX, Batch
 from metalora.method.loss import target_window, window_logits
 from metalora.speed.dropout_masks import torch_dropout_masks
 
-Batch = dict[str, torch.Tensor]
 PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "position_ids": 0, "labels": IGNORE_INDEX}
 
 

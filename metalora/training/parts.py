@@ -52,7 +52,7 @@ def build_parts(cfg: Config, device: torch.device | str = "cpu") -> TrainingPart
 
     The schedule starts at step 0; a resumed run repositions it with `position_scheduler`.
     """
-    experiment = build_splits(cfg.data, cfg.eval.scenario)
+    splits = build_splits(cfg.data, cfg.eval.scenario)
     model, encoder = load_base(cfg, device)
     if not cfg.meta.first_order and cfg.meta.algorithm == "metalora":
         # Second order needs a double backward, which fused SDPA attention kernels do not implement.
@@ -72,9 +72,9 @@ def build_parts(cfg: Config, device: torch.device | str = "cpu") -> TrainingPart
     else:
         optimizer = torch.optim.AdamW(shared.values(), **optimizer_settings(cfg))
     sampler = EpisodeSampler(
-        experiment.train, cfg.meta.n_support, cfg.meta.n_query, cfg.meta.meta_batch_size, cfg.train.seed
+        splits.train, cfg.meta.n_support, cfg.meta.n_query, cfg.meta.meta_batch_size, cfg.train.seed
     )
-    return TrainingParts(cfg, model, encoder, experiment, shared, optimizer, build_scheduler(optimizer, cfg), sampler)
+    return TrainingParts(cfg, model, encoder, splits, shared, optimizer, build_scheduler(optimizer, cfg), sampler)
 
 
 def optimizer_settings(cfg: Config) -> dict[str, float]:
