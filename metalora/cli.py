@@ -7,7 +7,7 @@ import importlib.metadata
 import json
 import sys
 
-from metalora.config import Config, load_config, split_args
+from metalora.config import EXECUTORS, Config, load_config, split_args
 from metalora.errors import exit_status
 
 
@@ -74,12 +74,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """Submit what `metalora plan` lists: training runs, evaluation shards, then the tables and report."""
-    from metalora.jobs.submit import check_devices, submit_plan
+    from metalora.jobs.submit import parse_devices, submit_plan
 
     overrides = [f"cluster.executor={args.executor}"] if args.executor else []
     cfg = config_from_args([*args.config, *overrides])
-    devices = check_devices([d for d in args.devices.split(",") if d]) if args.devices else None
-    submission = submit_plan(cfg, devices)
+    submission = submit_plan(cfg, parse_devices(args.devices))
     print(submission.describe(f"metalora plan {' '.join(args.config)}"))
     if cfg.cluster.executor != "slurm":
         print(f"evaluation written to {cfg.run_dir / 'eval'}")
@@ -90,10 +89,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     """Run an ablation sweep's points as jobs (papermill inside each), then aggregate."""
     import pandas as pd
 
-    from metalora.jobs.submit import check_devices
+    from metalora.jobs.submit import parse_devices
     from metalora.jobs.sweep import run_sweep
 
-    devices = check_devices([d for d in args.devices.split(",") if d]) if args.devices else None
+    devices = parse_devices(args.devices)
     executor = args.executor or ("local" if devices else None)
     root, submission = run_sweep(args.sweep, kernel=args.kernel, executor=executor, devices=devices)
     print(submission.describe(f"ls {root}"))
@@ -152,17 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("config", nargs="*", help="YAML parameter files, then a.b=value overrides")
     evaluate.add_argument("--train-missing", action="store_true", help="train methods that have no finished run")
     evaluate.set_defaults(func=cmd_eval)
-    executors = ("slurm", "local", "debug")
     submit = commands.add_parser("submit", help="submit the plan's training runs, evaluation shards and report as jobs")
     submit.add_argument("config", nargs="*", help="YAML parameter files, then a.b=value overrides")
-    submit.add_argument("--executor", choices=executors, help="where the jobs run (default: cluster.executor)")
+    submit.add_argument("--executor", choices=EXECUTORS, help="where the jobs run (default: cluster.executor)")
     submit.add_argument("--devices", default="", help="local executor: this machine's GPUs, e.g. 0,1,2,3, one job "
                         "per GPU at a time")  # fmt: skip
     submit.set_defaults(func=cmd_submit)
     sweep = commands.add_parser("sweep", help="run an ablation grid through papermill (params/ablations/*.yaml)")
     sweep.add_argument("sweep", help="the sweep file")
     sweep.add_argument("--kernel", default=None, help="Jupyter kernel for papermill (default: the notebook's)")
-    sweep.add_argument("--executor", choices=executors, help="where the points run (default: the cluster.executor "
+    sweep.add_argument("--executor", choices=EXECUTORS, help="where the points run (default: the cluster.executor "
                        "of the sweep's parameter files)")  # fmt: skip
     sweep.add_argument("--devices", default="", help="GPUs to spread the points over, e.g. 0,1,2,3: one point per GPU "
                        "at a time (local executor), each in its own process, logs under the sweep's jobs/")  # fmt: skip

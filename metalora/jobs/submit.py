@@ -156,8 +156,12 @@ def _run_locally(
     return jobs
 
 
-def check_devices(devices: list[str]) -> list[int]:
-    """GPU indices, each once: a name CUDA cannot parse or a GPU listed twice would put two jobs on one GPU."""
+def parse_devices(option: str) -> list[int] | None:
+    """The GPU indices of a `--devices 0,1,2,3` option (None when empty), each once: a name CUDA cannot parse or a GPU
+    listed twice would put two jobs on one GPU."""
+    devices = [d for d in option.split(",") if d]
+    if not devices:
+        return None
     if not all(d.isdigit() for d in devices) or len(set(devices)) != len(devices):
-        raise ConfigError(f"--devices {','.join(devices)}: expected distinct GPU indices such as 0,1,2,3")
+        raise ConfigError(f"--devices {option}: expected distinct GPU indices such as 0,1,2,3")
     return [int(d) for d in devices]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import submitit
 
-from metalora.config import EXECUTORS, ConfigError, load_config
+from metalora.config import ConfigError, load_config
 from metalora.experiments.sweep import aggregate_sweep, load_sweep, sweep_dir, todo_points
 from metalora.io import atomic_write_text
 from metalora.jobs.executor import single_process_shape
@@ -42,11 +42,8 @@ def run_sweep(
     """
     path = Path(path).resolve()
     spec = load_sweep(path)
-    cfg = load_config(spec.config_files, spec.overrides)
-    if executor is not None:
-        if executor not in EXECUTORS:
-            raise ConfigError(f"--executor {executor}: expected one of {EXECUTORS}")
-        cfg.cluster.executor = executor
+    chosen = [f"cluster.executor={executor}"] if executor is not None else []
+    cfg = load_config(spec.config_files, [*spec.overrides, *chosen])
     if devices and cfg.cluster.executor != "local":
         raise ConfigError(f"--devices spreads points over this machine's GPUs: it needs the local executor, not "
                           f"{cfg.cluster.executor}")  # fmt: skip
