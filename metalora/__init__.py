@@ -2,7 +2,7 @@
 
 The packages follow the architecture, each importing only those above it in this list:
 `speed` (how the method is computed), `method` (adapt, meta_gradients, loss), `data` (task suites, splits,
-episodes, collation), `modeling` (model and LoRA loading), `training`, `evaluation`, `reporting`,
+episodes and their batches, collation), `modeling` (model and LoRA loading), `training`, `evaluation`, `reporting`,
 `experiments` (whole `metalora eval` runs and sweeps), `jobs` (plans and sweeps as submitit jobs on SLURM, this
 machine or this process). What a notebook needs is exported here; the names
 are imported on first use, so `import metalora` stays cheap.
@@ -26,10 +26,15 @@ _EXPORTS = {
     "train": "metalora.training.train",
     "build_parts": "metalora.training.parts",
     "training_step": "metalora.training.step",
+    "episode_gradients": "metalora.training.step",
+    "apply_meta_gradient": "metalora.training.step",
     "latest_checkpoint": "metalora.training.checkpoints",
     "adapt": "metalora.method.adapt",
     "meta_gradients": "metalora.method.meta",
+    "adapt_task": "metalora.method.meta",
+    "seeded": "metalora.method.meta",
     "EpisodeSampler": "metalora.data.episodes",
+    "episode_batches": "metalora.data.episode_batches",
     "Encoder": "metalora.data.collation",
     "build_splits": "metalora.data.splits",
     "load_suite_dir": "metalora.data.tasks",

@@ -31,15 +31,15 @@ def shared_tasks() -> Path:
 
 @pytest.fixture
 def nudge_lora_b():
-    """A function that sets a trainer's LoRA B weights to small values fixed by each weight's name.
+    """A function that sets the LoRA B weights of built training parts to small values fixed by each weight's name.
 
-    B = 0 (peft's start) makes the gradient wrt A zero; a non-zero B, the same in every trainer built
-    alike, exercises every LoRA weight in comparisons between two trainers.
+    B = 0 (peft's start) makes the gradient wrt A zero; a non-zero B, the same in all parts built
+    alike, exercises every LoRA weight in comparisons between two builds.
     """
 
-    def nudge(trainer) -> None:
+    def nudge(parts) -> None:
         with torch.no_grad():
-            for name, p in trainer.shared.items():
+            for name, p in parts.shared.items():
                 if "lora_B" in name:
                     p.copy_(torch.randn_like(p, generator=torch.Generator().manual_seed(len(name))) * 0.05)
 

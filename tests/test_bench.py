@@ -30,15 +30,15 @@ def test_the_naive_reference_takes_the_same_meta_step_as_the_kit(nudge_lora_b, q
     updated = []
     for naive in (False, True):
         torch.manual_seed(0)
-        trainer = build_parts(cfg)
-        nudge_lora_b(trainer)
-        tasks = trainer.tasks
-        episodes = trainer.sampler.sample(0)
+        parts = build_parts(cfg)
+        nudge_lora_b(parts)
+        tasks = parts.tasks
+        episodes = parts.sampler.sample(0)
         if naive:
-            naive_meta_step(trainer.model, episodes, tasks, trainer.encoder, cfg, trainer.optimizer)
+            naive_meta_step(parts.model, episodes, tasks, parts.encoder, cfg, parts.optimizer)
         else:
-            training_step(trainer, 0, Accelerator(cpu=True))
-        updated.append({k: v.detach().clone() for k, v in lora_params(trainer.model).items()})
+            training_step(parts, 0, Accelerator(cpu=True))
+        updated.append({k: v.detach().clone() for k, v in lora_params(parts.model).items()})
     for name in updated[0]:
         assert_close_at_scale(updated[0][name], updated[1][name])
 

@@ -21,10 +21,10 @@ from metalora.experiments.compare import deal_points, run_evaluation
 from metalora.experiments.integrity import check_no_leak
 from metalora.experiments.runs import EvaluationError, method_run_dir
 from metalora.method.loss import batch_loss
-from metalora.method.meta import meta_gradients
 from metalora.reporting.efficiency import EFFICIENCY_COLUMNS
 from metalora.training.budgets import FULL_DATA_SHOTS, meta_example_gradients, multitask_plan
 from metalora.training.parts import build_parts
+from metalora.training.step import episode_gradients
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = [
@@ -57,19 +57,17 @@ def test_multitask_budget_matches_the_meta_training_run_or_the_set_value():
 
 @pytest.mark.numerics
 def test_multitask_gradient_is_the_pooled_loss_gradient_at_the_shared_weights():
-    trainer = build_parts(load_config(SMOKE, ["lora.dropout=0.0", "meta.algorithm=multitask"]))
+    parts = build_parts(load_config(SMOKE, ["lora.dropout=0.0", "meta.algorithm=multitask"]))
     with torch.no_grad():
-        for name, p in trainer.shared.items():
+        for name, p in parts.shared.items():
             if "lora_B" in name:
                 p.copy_(torch.randn_like(p) * 0.05)
-    episode = trainer.sampler.sample(0)[0]
-    task = trainer.splits.train[episode.task].task
-    tasks = trainer.tasks
-    grads, _ = meta_gradients(trainer.model, trainer.shared, [episode], tasks, trainer.encoder,
-                              trainer.cfg.meta, total_tasks=1)  # fmt: skip
-    pooled = trainer.encoder.batches(task, episode.support + episode.query, 10_000)
+    episode = parts.sampler.sample(0)[0]
+    task = parts.splits.train[episode.task].task
+    grads, _ = episode_gradients(parts, [episode], total_tasks=1)
+    pooled = parts.encoder.batches(task, episode.support + episode.query, 10_000)
     assert len(pooled) == 1
-    reference = torch.autograd.grad(batch_loss(trainer.model, trainer.shared, pooled[0]), list(trainer.shared.values()))
+    reference = torch.autograd.grad(batch_loss(parts.model, parts.shared, pooled[0]), list(parts.shared.values()))
     for got, want in zip(grads, reference, strict=True):
         assert_close_at_scale(got, want)
 
@@ -112,13 +110,14 @@ def test_a_run_that_trained_on_a_translation_of_an_evaluated_item_is_refused(tmp
     cfg = load_config(["params/base.yaml", "params/xcopa_cpu.yaml"])
     experiment = build_splits(cfg.data, "heldout")
     evaluated = next(iter(experiment.heldout.values())).test[0]
-    trainer_task = next(iter(experiment.train))
+    training_task = next(iter(experiment.train))
     translation = next(i for i, group in experiment.groups.items()
-                       if group == evaluated.group and i.startswith(f"{trainer_task}:"))  # fmt: skip
+                       if group == evaluated.group and i.startswith(f"{training_task}:"))  # fmt: skip
     run_dir = tmp_path / "leaky"
     run_dir.mkdir()
     # A run whose record says it trained on that item in another language (as a run under another split would).
-    (run_dir / "splits.json").write_text(json.dumps({"train": {trainer_task: {"support": [translation], "query": []}}}))
+    recorded = {"train": {training_task: {"support": [translation], "query": []}}}
+    (run_dir / "splits.json").write_text(json.dumps(recorded))
     said = rf"trained on translations of evaluated item\(s\): groups \['{re.escape(evaluated.group)}'"
     with pytest.raises(EvaluationError, match=said):
         check_no_leak(experiment, "metalora", run_dir)

@@ -6,27 +6,25 @@ from numerics import assert_close_at_scale
 from smoke import SMOKE
 
 from metalora.config import ConfigError, load_config
-from metalora.method.meta import meta_gradients
 from metalora.speed.compiled_layers import compile_decoder_layers, decoder_layers
 from metalora.speed.dropout_masks import NumpyMaskDropout
 from metalora.training.parts import build_parts
+from metalora.training.step import episode_gradients
 
 
 def meta_gradients_of(nudge_lora_b, *overrides: str):
-    trainer = build_parts(load_config(SMOKE, ["lora.dropout=0.0", *overrides]))
-    nudge_lora_b(trainer)
-    episodes = trainer.sampler.sample(0)
-    tasks = trainer.tasks
-    return trainer, meta_gradients(trainer.model, trainer.shared, episodes, tasks, trainer.encoder,
-                                   trainer.cfg.meta, total_tasks=len(episodes), speed=trainer.cfg.speed)  # fmt: skip
+    parts = build_parts(load_config(SMOKE, ["lora.dropout=0.0", *overrides]))
+    nudge_lora_b(parts)
+    episodes = parts.sampler.sample(0)
+    return parts, episode_gradients(parts, episodes, total_tasks=len(episodes))
 
 
 @pytest.mark.numerics
 @pytest.mark.slow
 def test_compiled_layers_give_the_eager_meta_gradients_and_statistics(nudge_lora_b):
     _, (eager_grads, eager_stats) = meta_gradients_of(nudge_lora_b)
-    trainer, (compiled_grads, compiled_stats) = meta_gradients_of(nudge_lora_b, "speed.compile_layers=true")
-    layers = decoder_layers(trainer.model)
+    parts, (compiled_grads, compiled_stats) = meta_gradients_of(nudge_lora_b, "speed.compile_layers=true")
+    layers = decoder_layers(parts.model)
     assert layers and all(layer._compiled_call_impl is not None for layer in layers)
     assert any(float(g.abs().max()) > 0 for g in eager_grads)
     for a, b in zip(eager_grads, compiled_grads, strict=True):

@@ -11,6 +11,8 @@ from metalora.data.collation import Encoder
 from metalora.data.tasks import Example, Task
 from metalora.evaluation.fewshot import (
     AdaptSettings,
+    CurveLabel,
+    Scorer,
     adapt_on_shots,
     adapter_init,
     constant_answer_rows,
@@ -150,14 +152,17 @@ def test_evaluate_init_rows(setup):
     model, _, encoder, task = setup
     pools = {"t": heldout_pools(task, n_test=6, seed=0)}
     points = evaluation_points(["t"], [0, 3], 2)
-    rows = evaluate_init(model, "lora", snapshot_lora(model), pools, encoder, points, AdaptSettings(2, 1e-2),
-                         max_test=4, batch_size=4)  # fmt: skip
+    scorer = Scorer(model, encoder, max_test=4, batch_size=4)
+    rows = evaluate_init(scorer, CurveLabel("lora", "seen", 3), snapshot_lora(model), AdaptSettings(2, 1e-2), pools,
+                         points)  # fmt: skip
     # 0 shots: nothing depends on the seed, so it is scored once rather than repeated per seed
     assert [(r.n_shots, r.seed) for r in rows] == [(0, 0), (3, 0), (3, 1)]
+    assert {(r.method, r.setting, r.train_seed) for r in rows} == {("lora", "seen", 3)}  # labelled as asked
     assert all(r.metric == "accuracy" and 0.0 <= r.value <= 1.0 and r.n_test == 4 for r in rows)
     assert all(r.test_loss > 0 for r in rows)
-    without = evaluate_init(model, "lora", snapshot_lora(model), pools, encoder, points, AdaptSettings(2, 1e-2),
-                            max_test=4, batch_size=4, with_test_loss=False)  # fmt: skip
+    scorer.test_loss = False
+    without = evaluate_init(scorer, CurveLabel("lora", "seen", 3), snapshot_lora(model), AdaptSettings(2, 1e-2), pools,
+                            points)  # fmt: skip
     assert all(math.isnan(r.test_loss) for r in without)
     assert [r.value for r in without] == [r.value for r in rows]
 
@@ -201,7 +206,7 @@ def test_finite_weights_whose_forward_pass_overflows_are_flagged_not_scored(setu
     pools = {"t": heldout_pools(task, n_test=6, seed=0)}
     # Finite, but large enough that the activations overflow to inf and the logits to NaN.
     huge = {k: torch.full_like(v, 3e38) for k, v in snapshot_lora(model).items()}
-    rows = evaluate_init(model, "lora", huge, pools, encoder, [("t", 0, 0)], AdaptSettings(0, 1e-2), max_test=4,
-                         batch_size=4)  # fmt: skip
+    scorer = Scorer(model, encoder, max_test=4, batch_size=4)
+    rows = evaluate_init(scorer, CurveLabel("lora"), huge, AdaptSettings(0, 1e-2), pools, [("t", 0, 0)])
     assert all(torch.isfinite(v).all() for v in huge.values())
     assert [(r.finite, math.isnan(r.value), math.isnan(r.test_loss)) for r in rows] == [(False, True, True)]

@@ -15,7 +15,7 @@ from torch.func import functional_call
 from metalora.config import ModelConfig, load_config
 from metalora.data.splits import EvalPools
 from metalora.data.tasks import Example, Task
-from metalora.evaluation.fewshot import AdaptSettings, evaluate_init, evaluation_points
+from metalora.evaluation.fewshot import AdaptSettings, CurveLabel, Scorer, evaluate_init, evaluation_points
 from metalora.evaluation.scoring import greedy_generate
 from metalora.modeling.build import load_base
 from metalora.modeling.lora import attach_lora, lora_params, save_adapter
@@ -88,8 +88,8 @@ def test_few_shot_evaluation_scores_by_generation_and_by_option_ranking(family):
     pools = {t.name: EvalPools(t, adapt=t.examples[4:], test=t.examples[:4]) for t in (free, labelled)}
     fresh = {k: v.detach().clone() for k, v in lora_params(model).items()}
     points = evaluation_points(list(pools), [0, 3], 1)
-    rows = evaluate_init(model, "lora", fresh, pools, encoder, points, AdaptSettings(2, 1e-3), max_test=4,
-                         batch_size=4)  # fmt: skip
+    rows = evaluate_init(Scorer(model, encoder, max_test=4, batch_size=4), CurveLabel("lora"), fresh,
+                         AdaptSettings(2, 1e-3), pools, points)  # fmt: skip
     assert {(r.task, r.n_shots) for r in rows} == {(t, n) for t in pools for n in (0, 3)}
     assert all(r.finite and 0.0 <= r.value <= 1.0 and math.isfinite(r.test_loss) for r in rows)
     assert {r.metric for r in rows} == {"exact_match", "accuracy"}

@@ -79,7 +79,8 @@ def test_meta_train_notebook_walks_through_one_step_then_trains_in_process(tmp_p
         return next(c for c in notebook["cells"] if call in "".join(c["source"]))["outputs"]
 
     assert any("text/html" in o.get("data", {}) for o in outputs_of("episode_table("))
-    for call in ("adapt(", "meta_gradients(", "training_step("):
+    assert any("support step 0" in "".join(o.get("data", {}).get("text/plain", "")) for o in outputs_of("batch_table("))
+    for call in ("adapt_task(", "meta_gradients(", "apply_meta_gradient("):
         assert any("image/png" in o.get("data", {}) for o in outputs_of(call)), f"no figure after {call}"
     assert "meta-gradient norm" in printed
 

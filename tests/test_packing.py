@@ -8,18 +8,18 @@ from smoke import SMOKE
 from metalora.config import ConfigError, load_config
 from metalora.method.batch import IGNORE_INDEX
 from metalora.method.loss import batch_loss, count_input_tokens, count_target_tokens
-from metalora.method.meta import meta_gradients
 from metalora.training.parts import build_parts
+from metalora.training.step import episode_gradients
 
 
-def trainer_for(*overrides: str):
+def parts_for(*overrides: str):
     return build_parts(load_config(SMOKE, ["lora.dropout=0.0", *overrides]))
 
 
-def support_pairs(trainer, count: int = 4):
-    episode = trainer.sampler.sample(0)[0]
-    task = trainer.splits.train[episode.task].task
-    return task, episode, [trainer.encoder.encode(task, e) for e in episode.support[:count]]
+def support_pairs(parts, count: int = 4):
+    episode = parts.sampler.sample(0)[0]
+    task = parts.splits.train[episode.task].task
+    return task, episode, [parts.encoder.encode(task, e) for e in episode.support[:count]]
 
 
 def uneven_pairs(pairs):
@@ -28,10 +28,10 @@ def uneven_pairs(pairs):
 
 
 def test_a_packed_batch_lays_examples_end_to_end_with_positions_from_zero():
-    trainer = trainer_for()
-    _, _, pairs = support_pairs(trainer, 3)
+    parts = parts_for()
+    _, _, pairs = support_pairs(parts, 3)
     pairs = uneven_pairs(pairs)
-    batch = trainer.encoder.pack(pairs)
+    batch = parts.encoder.pack(pairs)
     lengths = [len(p) + len(t) for p, t in pairs]
     assert batch["input_ids"][0].tolist() == [token for p, t in pairs for token in p + t]
     assert batch["position_ids"][0].tolist() == [i for n in lengths for i in range(n)]
@@ -46,13 +46,13 @@ def test_a_packed_batch_lays_examples_end_to_end_with_positions_from_zero():
 
 
 def test_token_counts_stay_on_the_cpu_when_batches_go_to_another_device():
-    trainer = trainer_for()
-    _, _, pairs = support_pairs(trainer, 3)
+    parts = parts_for()
+    _, _, pairs = support_pairs(parts, 3)
     pairs = uneven_pairs(pairs)
-    on_cpu = {"padded": trainer.encoder.collate(pairs), "packed": trainer.encoder.pack(pairs)}
+    on_cpu = {"padded": parts.encoder.collate(pairs), "packed": parts.encoder.pack(pairs)}
     # The meta device stands in for a GPU: data moves, and reading a count must not need it.
-    trainer.encoder.device = torch.device("meta")
-    elsewhere = {"padded": trainer.encoder.collate(pairs), "packed": trainer.encoder.pack(pairs)}
+    parts.encoder.device = torch.device("meta")
+    elsewhere = {"padded": parts.encoder.collate(pairs), "packed": parts.encoder.pack(pairs)}
     expected_targets = sum(len(t) for _, t in pairs)
     expected_inputs = sum(len(p) + len(t) for p, t in pairs)
     for layout, batch in elsewhere.items():
@@ -66,17 +66,17 @@ def test_token_counts_stay_on_the_cpu_when_batches_go_to_another_device():
 @pytest.mark.numerics
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_packed_loss_and_gradients_equal_the_padded_batch(attention, nudge_lora_b):
-    trainer = trainer_for()
-    trainer.model.set_attn_implementation(attention)  # eager is what second-order training uses
-    nudge_lora_b(trainer)
-    _, _, pairs = support_pairs(trainer)
+    parts = parts_for()
+    parts.model.set_attn_implementation(attention)  # eager is what second-order training uses
+    nudge_lora_b(parts)
+    _, _, pairs = support_pairs(parts)
     pairs = uneven_pairs(pairs)
-    padded, packed = trainer.encoder.collate(pairs), trainer.encoder.pack(pairs)
+    padded, packed = parts.encoder.collate(pairs), parts.encoder.pack(pairs)
     assert count_input_tokens(padded) == count_input_tokens(packed) < padded["input_ids"].numel()
-    params = list(trainer.shared.values())
+    params = list(parts.shared.values())
     losses, grads = [], []
     for batch in (padded, packed):
-        loss = batch_loss(trainer.model, trainer.shared, batch)
+        loss = batch_loss(parts.model, parts.shared, batch)
         losses.append(loss)
         grads.append(torch.autograd.grad(loss, params))
     assert_close_at_scale(losses[1], losses[0])
@@ -84,20 +84,20 @@ def test_packed_loss_and_gradients_equal_the_padded_batch(attention, nudge_lora_
     for want, got in zip(*grads, strict=True):
         assert_close_at_scale(got, want)
     # Each example alone: packing must not let one example attend to another.
-    alone = [batch_loss(trainer.model, trainer.shared, trainer.encoder.pack([pair])) for pair in pairs]
+    alone = [batch_loss(parts.model, parts.shared, parts.encoder.pack([pair])) for pair in pairs]
     weights = [len(t) for _, t in pairs]
     pooled = sum(loss * w for loss, w in zip(alone, weights, strict=True)) / sum(weights)
     assert_close_at_scale(pooled, losses[1])
 
 
 def test_batches_are_packed_only_when_they_fit_the_token_bound():
-    trainer = trainer_for()
-    task, episode, pairs = support_pairs(trainer, 2)
+    parts = parts_for()
+    task, episode, pairs = support_pairs(parts, 2)
     examples = episode.support[:2]
     tokens = sum(len(p) + len(t) for p, t in pairs)
-    fits = trainer.encoder.batches(task, examples, 2, pack_tokens=tokens)
-    too_long = trainer.encoder.batches(task, examples, 2, pack_tokens=tokens - 1)
-    never = trainer.encoder.batches(task, examples, 2)
+    fits = parts.encoder.batches(task, examples, 2, pack_tokens=tokens)
+    too_long = parts.encoder.batches(task, examples, 2, pack_tokens=tokens - 1)
+    never = parts.encoder.batches(task, examples, 2)
     assert "attention_mask" not in fits[0] and fits[0]["input_ids"].shape == (1, tokens)
     assert (
         too_long[0]["attention_mask"].shape
@@ -110,12 +110,10 @@ def test_batches_are_packed_only_when_they_fit_the_token_bound():
 def test_meta_gradients_are_the_same_packed_and_padded(nudge_lora_b):
     grads, stats = [], []
     for pack_tokens in (0, 4096):
-        trainer = trainer_for(f"speed.pack_tokens={pack_tokens}", "meta.inner_optimizer=adam")
-        nudge_lora_b(trainer)
-        episodes = trainer.sampler.sample(0)
-        tasks = trainer.tasks
-        g, s = meta_gradients(trainer.model, trainer.shared, episodes, tasks, trainer.encoder, trainer.cfg.meta,
-                              total_tasks=len(episodes))  # fmt: skip
+        parts = parts_for(f"speed.pack_tokens={pack_tokens}", "meta.inner_optimizer=adam")
+        nudge_lora_b(parts)
+        episodes = parts.sampler.sample(0)
+        g, s = episode_gradients(parts, episodes, total_tasks=len(episodes))
         grads.append(g)
         stats.append(s)
     for want, got in zip(*grads, strict=True):
@@ -127,10 +125,10 @@ def test_meta_gradients_are_the_same_packed_and_padded(nudge_lora_b):
 
 
 def test_packing_refuses_an_empty_prompt_and_a_negative_bound():
-    trainer = trainer_for()
-    _, _, pairs = support_pairs(trainer, 2)
+    parts = parts_for()
+    _, _, pairs = support_pairs(parts, 2)
     with pytest.raises(ValueError, match="empty prompt"):
-        trainer.encoder.pack([pairs[0], ([], pairs[1][1])])
+        parts.encoder.pack([pairs[0], ([], pairs[1][1])])
     with pytest.raises(ConfigError, match="speed.pack_tokens"):
         load_config(SMOKE, ["speed.pack_tokens=-1"])
 

@@ -7,10 +7,10 @@ from smoke import SMOKE
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from metalora.config import ModelConfig, load_config
-from metalora.method.meta import meta_gradients
 from metalora.modeling.models import load_model
 from metalora.speed.weight_first_logits import WeightFirstProjection, use_weight_first_projection
 from metalora.training.parts import build_parts
+from metalora.training.step import episode_gradients
 
 
 class MatmulOperands(TorchDispatchMode):
@@ -80,14 +80,12 @@ def test_load_model_installs_it_and_keeps_the_model_as_it_was():
 def test_meta_gradients_and_statistics_equal_with_nn_linear(nudge_lora_b):
     results = []
     for weight_first in ("true", "false"):
-        trainer = build_parts(load_config(SMOKE, [f"speed.weight_first_logits={weight_first}"]))
-        assert isinstance(trainer.model.get_output_embeddings(), WeightFirstProjection) == (weight_first == "true")
-        nudge_lora_b(trainer)
-        tasks = trainer.tasks
+        parts = build_parts(load_config(SMOKE, [f"speed.weight_first_logits={weight_first}"]))
+        assert isinstance(parts.model.get_output_embeddings(), WeightFirstProjection) == (weight_first == "true")
+        nudge_lora_b(parts)
         torch.manual_seed(0)  # the same dropout masks in both runs
-        episodes = trainer.sampler.sample(0)
-        results.append(meta_gradients(trainer.model, trainer.shared, episodes, tasks, trainer.encoder,
-                                      trainer.cfg.meta, len(episodes), trainer.cfg.speed))  # fmt: skip
+        episodes = parts.sampler.sample(0)
+        results.append(episode_gradients(parts, episodes, total_tasks=len(episodes)))
     (grads, stats), (reference_grads, reference_stats) = results
     assert any(float(g.abs().max()) > 0 for g in reference_grads)
     for got, want in zip(grads, reference_grads, strict=True):

@@ -21,6 +21,7 @@ import torch
 
 from metalora.benchmarks.meta_step import step_positions
 from metalora.config import load_config, split_args
+from metalora.data.episode_batches import episode_batches
 from metalora.machine import describe_machine, machine_line
 from metalora.method.meta import meta_gradients
 from metalora.modeling.models import pick_device
@@ -47,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         order = list(settings) if step % 2 == 0 else list(reversed(settings))
         for name in order:
             began = time.perf_counter()
-            meta_gradients(parts.model, parts.shared, episodes, tasks, parts.encoder, cfg.meta,
-                           total_tasks=len(episodes), speed=settings[name])  # fmt: skip
+            batches = episode_batches(episodes, tasks, parts.encoder, cfg.meta, settings[name])
+            meta_gradients(parts.model, parts.shared, batches, cfg.meta, total_tasks=len(episodes))
             if step > 0:  # the first meta-batch warms both up
                 seconds[name].append(time.perf_counter() - began)
     ratios = [padded / packed for padded, packed in zip(seconds["padded"], seconds["packed"], strict=True)]

@@ -16,7 +16,15 @@ import torch
 
 from metalora.config import load_config, split_args
 from metalora.data.splits import build_splits
-from metalora.evaluation.fewshot import AdaptSettings, evaluate_init, evaluation_points, rows_as_dicts, snapshot_lora
+from metalora.evaluation.fewshot import (
+    AdaptSettings,
+    CurveLabel,
+    Scorer,
+    evaluate_init,
+    evaluation_points,
+    rows_as_dicts,
+    snapshot_lora,
+)
 from metalora.io import atomic_write_json
 from metalora.machine import describe_machine, machine_line
 from metalora.modeling.build import load_base
@@ -36,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     model = attach_lora(model, cfg.lora, cpu_dropout_masks=cfg.speed.cpu_dropout_masks)
     settings = AdaptSettings(cfg.eval.adapt_steps, cfg.eval.adapt_lr, cfg.meta.inner_optimizer, 4)
     points = evaluation_points(list(experiment.heldout), cfg.eval.n_shots, cfg.eval.seeds)
-    rows = evaluate_init(model, "lora", snapshot_lora(model), experiment.heldout, encoder, points, settings,
-                         cfg.eval.max_test, cfg.eval.batch_size)  # fmt: skip
+    scorer = Scorer(model, encoder, cfg.eval.max_test, cfg.eval.batch_size)
+    rows = evaluate_init(scorer, CurveLabel("lora"), snapshot_lora(model), settings, experiment.heldout, points)
     seconds = time.perf_counter() - began
     shots = cfg.eval.n_shots
     print(f"| task | family | {' | '.join(f'EM@{n}' for n in shots)} |")

@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -60,6 +60,55 @@ class EvalRow:
     finite: bool = True
 
 
+# What identifies a scored point: setting, method, training seed, task, shots, evaluation seed.
+PointKey = tuple[str, str, int, str, int, int]
+
+
+@dataclass(frozen=True)
+class CurveLabel:
+    """Whose few-shot curve a row belongs to: the method, where its tasks come from (heldout or seen) and the
+    training seed of the initialisation (-1 for an untrained method)."""
+
+    method: str
+    setting: str = "heldout"
+    train_seed: int = -1
+
+    def key(self, task: str, n_shots: int, seed: int) -> PointKey:
+        """The point of this curve at (task, shots, seed)."""
+        return (self.setting, self.method, self.train_seed, task, n_shots, seed)
+
+
+class PointRecord(Protocol):
+    """Where finished points are kept (`metalora.experiments.journal.PointJournal` is one)."""
+
+    def done(self, key: PointKey) -> EvalRow | None:
+        """The row of a point scored before, or None."""
+        ...
+
+    def record(self, row: EvalRow) -> None:
+        """Keep a newly scored point."""
+        ...
+
+
+@dataclass
+class Scorer:
+    """What scoring an initialisation needs besides the initialisation: the model (LoRA attached when the
+    initialisations are LoRA weights) and its encoder, the test items scored per task at most, rows per scoring
+    forward pass, whether the test loss is taken (else NaN), and where finished points are kept."""
+
+    model: torch.nn.Module
+    encoder: Encoder
+    max_test: int
+    batch_size: int
+    test_loss: bool = True
+    record: PointRecord | None = None
+
+
+def point_key(row: EvalRow) -> PointKey:
+    """The point a row scored."""
+    return CurveLabel(row.method, row.setting, row.train_seed).key(row.task, row.n_shots, row.seed)
+
+
 def draw_shots(pools: EvalPools, n_shots: int, seed: int) -> list[Example]:
     """Draw `n_shots` examples from the task's adaptation pool only.
 
@@ -101,65 +150,56 @@ def adapt_on_shots(
 
 
 def evaluate_init(
-    model: torch.nn.Module,
-    method: str,
+    scorer: Scorer,
+    label: CurveLabel,
     init: Params,
-    heldout: dict[str, EvalPools],
-    encoder: Encoder,
-    points: list[tuple[str, int, int]],
     settings: AdaptSettings,
-    max_test: int,
-    batch_size: int,
-    with_test_loss: bool = True,
-    finished: Callable[[str, int, int], EvalRow | None] | None = None,
-    on_scored: Callable[[EvalRow], None] | None = None,
+    pools: dict[str, EvalPools],
+    points: list[tuple[str, int, int]],
 ) -> list[EvalRow]:
-    """Few-shot curves of one initialisation over the held-out tasks.
-
-    Args:
-        model: the model (LoRA attached when `init` holds LoRA weights).
-        method: the name reported in the rows.
-        heldout: held-out tasks with their adaptation pools and test sets.
-        points: the (task, shots, seed) points to score, in order (`evaluation_points` gives a whole curve's;
-            0 shots = no adaptation).
-        settings: adaptation steps, learning rate, optimizer, batch size.
-        max_test: test examples scored per task at most.
-        batch_size: rows per scoring forward pass.
-        with_test_loss: also score the test loss (else the rows' test_loss is NaN).
-        finished: called with (task, shots, seed) before a point; a row it returns is taken as that point's,
-            unscored (a resumed evaluation).
-        on_scored: called with each newly scored row as soon as it is done (the caller then shows the progress).
-
-    Returns:
-        One row per (task, shots, seed).
-    """
+    """Score one initialisation at `points`, (task, shots, seed) in order (`evaluation_points` gives a whole curve's;
+    0 shots = no adaptation), adapting on each point's shots from the task's adaptation pool in `pools`. A point
+    the scorer's record already holds is taken from it unscored; each newly scored one goes to it at once.
+    Returns one row per point, labelled with `label`."""
     rows = []
-    model.eval()
-    for task_name, shots_count, seed in tqdm(points, desc=f"eval {method}", leave=False, disable=on_scored is not None):
-        earlier = finished(task_name, shots_count, seed) if finished is not None else None
+    scorer.model.eval()
+    progress = tqdm(points, desc=f"eval {label.method}", leave=False, disable=scorer.record is not None)
+    for task, n_shots, seed in progress:
+        earlier = scorer.record.done(label.key(task, n_shots, seed)) if scorer.record is not None else None
         if earlier is not None:
             rows.append(earlier)
             continue
-        pools = heldout[task_name]
-        test = pools.test[:max_test]
-        shots = draw_shots(pools, shots_count, seed)
-        began = time.perf_counter()
-        params = adapt_on_shots(model, init, encoder, pools, shots, settings, seed)
-        seconds = time.perf_counter() - began
-        metric = pools.task.metric if pools.task.options else "exact_match"
-        row = EvalRow(method, task_name, shots_count, seed, metric, math.nan, len(test), seconds, math.nan,
-                      finite=False)  # fmt: skip
-        if all(bool(torch.isfinite(v).all()) for v in params.values()):
-            metric, value = score_task(model, params, encoder, pools.task, test, batch_size)
-            loss = test_loss(model, params, encoder, pools.task, test, batch_size) if with_test_loss else math.nan
-            # Finite weights whose forward pass overflows score garbage (the argmax of NaN logits): a NaN test loss
-            # flags them like weights that diverged.
-            if not with_test_loss or math.isfinite(loss):
-                row = EvalRow(method, task_name, shots_count, seed, metric, value, len(test), seconds, loss)
+        row = score_point(scorer, label, init, settings, pools[task], n_shots, seed)
+        if scorer.record is not None:
+            scorer.record.record(row)
         rows.append(row)
-        if on_scored is not None:
-            on_scored(row)
     return rows
+
+
+def score_point(
+    scorer: Scorer, label: CurveLabel, init: Params, settings: AdaptSettings, pools: EvalPools, n_shots: int, seed: int
+) -> EvalRow:
+    """Draw the shots, adapt, score the test set (at most `scorer.max_test` items). Weights that diverged, or whose
+    forward pass overflows, give a row flagged not finite with NaN scores."""
+    test = pools.test[: scorer.max_test]
+    shots = draw_shots(pools, n_shots, seed)
+    began = time.perf_counter()
+    params = adapt_on_shots(scorer.model, init, scorer.encoder, pools, shots, settings, seed)
+    seconds = time.perf_counter() - began
+    point = {"method": label.method, "task": pools.task.name, "n_shots": n_shots, "seed": seed,
+             "n_test": len(test), "adapt_seconds": seconds, "setting": label.setting, "train_seed": label.train_seed}
+    diverged = EvalRow(**point, metric=pools.task.metric if pools.task.options else "exact_match", value=math.nan,
+                       test_loss=math.nan, finite=False)  # fmt: skip
+    if not all(bool(torch.isfinite(v).all()) for v in params.values()):
+        return diverged
+    model, encoder, batch_size = scorer.model, scorer.encoder, scorer.batch_size
+    metric, value = score_task(model, params, encoder, pools.task, test, batch_size)
+    loss = test_loss(model, params, encoder, pools.task, test, batch_size) if scorer.test_loss else math.nan
+    # Finite weights whose forward pass overflows score garbage (the argmax of NaN logits): a NaN test loss flags
+    # them like weights that diverged.
+    if scorer.test_loss and not math.isfinite(loss):
+        return diverged
+    return EvalRow(**point, metric=metric, value=value, test_loss=loss)
 
 
 def evaluation_points(tasks: list[str], n_shots: list[int], seeds: int) -> list[tuple[str, int, int]]:
@@ -169,17 +209,20 @@ def evaluation_points(tasks: list[str], n_shots: list[int], seeds: int) -> list[
     return [(t, n, s) for t in tasks for n in n_shots for s in range(1 if n == 0 else seeds)]
 
 
-def constant_answer_rows(heldout: dict[str, EvalPools], n_shots: list[int], max_test: int) -> list[EvalRow]:
+def constant_answer_rows(
+    pools: dict[str, EvalPools], n_shots: list[int], max_test: int, setting: str = "heldout"
+) -> list[EvalRow]:
     """The best constant answer on each task's scored test items (`best_constant_answer`), as method `constant`.
 
     Nothing is adapted, so the same value stands at every shot count: each comparison at a shot count then
     has the floor beside it.
     """
     rows = []
-    for task_name, pools in heldout.items():
-        test = pools.test[:max_test]
-        metric, value = best_constant_answer(pools.task, test)
-        rows += [EvalRow("constant", task_name, n, 0, metric, value, len(test), 0.0, math.nan) for n in n_shots]
+    for task_name, task_pools in pools.items():
+        test = task_pools.test[:max_test]
+        metric, value = best_constant_answer(task_pools.task, test)
+        rows += [EvalRow("constant", task_name, n, 0, metric, value, len(test), 0.0, math.nan, setting=setting)
+                 for n in n_shots]  # fmt: skip
     return rows
 
 

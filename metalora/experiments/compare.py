@@ -18,7 +18,7 @@ from accelerate.utils import gather_object
 
 from metalora.config import Config, experiment_yaml, save_config
 from metalora.data.splits import EvalPools, Splits, build_splits
-from metalora.evaluation.fewshot import EvalRow, rows_as_dicts
+from metalora.evaluation.fewshot import EvalRow, PointKey, rows_as_dicts
 from metalora.evaluation.stats import per_task, significance, summarise
 from metalora.experiments.integrity import (
     check_no_leak,
@@ -27,7 +27,7 @@ from metalora.experiments.integrity import (
     check_shots,
     checksum_record,
 )
-from metalora.experiments.journal import JOURNAL, PointJournal, PointKey, fingerprint
+from metalora.experiments.journal import JOURNAL, PointJournal, fingerprint
 from metalora.experiments.methods import curve_points, derived_rows, evaluate_methods, planned_curves
 from metalora.experiments.runs import EvaluationError, config_for_method, ensure_trained
 from metalora.io import atomic_directory, atomic_write_json, atomic_write_text

@@ -25,18 +25,12 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-from metalora.evaluation.fewshot import EvalRow
+from metalora.evaluation.fewshot import EvalRow, PointKey, point_key
 from metalora.io import atomic_write_json
 from metalora.training.budgets import FULL_DATA_SHOTS
 
 LOGGER = logging.getLogger("metalora")
 JOURNAL = "eval.points"
-PointKey = tuple[str, str, int, str, int, int]
-
-
-def point_key(row: EvalRow) -> PointKey:
-    """What identifies a scored point: setting, method, training seed, task, shots, evaluation seed."""
-    return (row.setting, row.method, row.train_seed, row.task, row.n_shots, row.seed)
 
 
 def fingerprint(config_text: str, checksum_records: list[Path]) -> str:

@@ -15,7 +15,10 @@ from metalora.config import TRAINED_METHODS, Config
 from metalora.data.splits import EvalPools
 from metalora.evaluation.fewshot import (
     AdaptSettings,
+    CurveLabel,
     EvalRow,
+    PointKey,
+    Scorer,
     adapter_init,
     constant_answer_rows,
     evaluate_init,
@@ -23,7 +26,7 @@ from metalora.evaluation.fewshot import (
     snapshot_lora,
 )
 from metalora.evaluation.stats import SINGLE_TRAINING_SEED
-from metalora.experiments.journal import PointJournal, PointKey
+from metalora.experiments.journal import PointJournal
 from metalora.experiments.runs import TrainedRun
 from metalora.modeling.build import load_base
 from metalora.modeling.lora import attach_lora
@@ -47,6 +50,10 @@ class Curve:
     def train_seed(self) -> int:
         """The training seed of the run scored, or the marker of an untrained method."""
         return self.run.train_seed if self.run is not None else SINGLE_TRAINING_SEED
+
+    def label(self, setting: str) -> CurveLabel:
+        """What the curve's rows in `setting` are labelled with."""
+        return CurveLabel(self.method, setting, self.train_seed)
 
 
 def adapt_settings(cfg: Config, full_data: bool = False) -> AdaptSettings:
@@ -78,9 +85,8 @@ def planned_curves(cfg: Config, runs: list[TrainedRun]) -> list[Curve]:
 
 def curve_points(curve: Curve, evaluated: Evaluated, seeds: int) -> list[PointKey]:
     """The journal keys of a curve's points over every evaluated setting and task."""
-    return [(setting, curve.method, curve.train_seed, task, n, seed)
-            for setting, pools in evaluated.items()
-            for task, n, seed in evaluation_points(list(pools), curve.shots, seeds)]  # fmt: skip
+    return [curve.label(setting).key(*point) for setting, pools in evaluated.items()
+            for point in evaluation_points(list(pools), curve.shots, seeds)]  # fmt: skip
 
 
 def evaluate_methods(
@@ -97,19 +103,12 @@ def evaluate_methods(
     rows: list[EvalRow] = []
 
     def score(net: torch.nn.Module, init: dict[str, torch.Tensor], curve: Curve) -> None:
+        scorer = Scorer(net, encoder, cfg.eval.max_test, cfg.eval.batch_size, cfg.eval.test_loss, journal)
         for setting, pools in evaluated.items():
-            mine = [(task, n, seed) for task, n, seed in evaluation_points(list(pools), curve.shots, cfg.eval.seeds)
-                    if (setting, curve.method, curve.train_seed, task, n, seed) in points]  # fmt: skip
-
-            def finished(task: str, n: int, seed: int, setting: str = setting) -> EvalRow | None:
-                return journal.done((setting, curve.method, curve.train_seed, task, n, seed))
-
-            def scored(row: EvalRow, setting: str = setting) -> None:
-                journal.record(replace(row, setting=setting, train_seed=curve.train_seed))
-
-            got = evaluate_init(net, curve.method, init, pools, encoder, mine, curve.settings, cfg.eval.max_test,
-                                cfg.eval.batch_size, cfg.eval.test_loss, finished, scored)  # fmt: skip
-            rows.extend(replace(row, setting=setting, train_seed=curve.train_seed) for row in got)
+            label = curve.label(setting)
+            mine = [point for point in evaluation_points(list(pools), curve.shots, cfg.eval.seeds)
+                    if label.key(*point) in points]  # fmt: skip
+            rows.extend(evaluate_init(scorer, label, init, curve.settings, pools, mine))
 
     for curve in (c for c in curves if c.method == "fomaml"):
         keys = [k for k in curve_points(curve, evaluated, cfg.eval.seeds) if k in points]
@@ -136,8 +135,7 @@ def derived_rows(cfg: Config, evaluated: Evaluated, scored: list[EvalRow]) -> li
     rows: list[EvalRow] = []
     if "constant" in methods:
         for setting, pools in evaluated.items():
-            rows += [replace(r, setting=setting) for r in constant_answer_rows(pools, list(cfg.eval.n_shots),
-                                                                               cfg.eval.max_test)]  # fmt: skip
+            rows += constant_answer_rows(pools, list(cfg.eval.n_shots), cfg.eval.max_test, setting)
     if "lora" in methods and "base" in methods and 0 in cfg.eval.n_shots:
         # A fresh LoRA's B matrices are zero, so unadapted it computes exactly the base model: its 0-shot rows
         # are the base model's, scored once.

@@ -14,6 +14,8 @@ from metalora.config import Config, load_config
 from metalora.data.episodes import Episode
 from metalora.data.tasks import Task
 from metalora.errors import MetaloraError
+from metalora.method.batch import EpisodeBatches
+from metalora.method.loss import count_input_tokens, count_target_tokens
 from metalora.modeling.lora import LORA_MARKER
 from metalora.reporting.report import comparison_sentences
 
@@ -79,6 +81,17 @@ def episode_table(episodes: list[Episode], tasks: dict[str, Task]) -> pd.DataFra
           "query": len(e.query), "first support input": e.support[0].input, "its target": e.support[0].target}
          for e in episodes]  # fmt: skip
     )
+
+
+def batch_table(episode: EpisodeBatches) -> pd.DataFrame:
+    """One row per batch of one task as the method receives it: support steps (with their micro-batches) in inner-step
+    order, then the query batches, with rows, width (positions per row) and real and target tokens."""
+    parts = [(f"support step {i}", micro, b) for i, step in enumerate(episode.support) for micro, b in enumerate(step)]
+    parts += [(f"query {j}", 0, b) for j, b in enumerate(episode.query)]
+    return pd.DataFrame(
+        [{"batch": name, "micro-batch": micro, "rows": b["input_ids"].shape[0], "width": b["input_ids"].shape[1],
+          "real tokens": count_input_tokens(b), "target tokens": count_target_tokens(b)} for name, micro, b in parts]
+    )  # fmt: skip
 
 
 def _module_of(name: str) -> tuple[str, str, str]:

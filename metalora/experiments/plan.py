@@ -18,9 +18,9 @@ from accelerate import Accelerator
 
 from metalora.config import TRAINED_METHODS, Config
 from metalora.data.splits import build_splits
-from metalora.evaluation.fewshot import evaluate_init, snapshot_lora
+from metalora.evaluation.fewshot import CurveLabel, PointKey, Scorer, evaluate_init, snapshot_lora
 from metalora.experiments.compare import evaluated_pools
-from metalora.experiments.journal import PointKey, journaled_points
+from metalora.experiments.journal import journaled_points
 from metalora.experiments.methods import adapt_settings, curve_points, planned_curves
 from metalora.experiments.runs import TrainedRun, config_for_method, method_run_dir, training_seeds
 from metalora.modeling.build import load_base
@@ -132,11 +132,11 @@ def calibrate(cfg: Config, plan: Plan) -> None:
     model, encoder = load_base(cfg, device)
     model = attach_lora(model, cfg.lora, cfg.train.seed, cfg.speed.cpu_dropout_masks)
     fresh = snapshot_lora(model)
+    scorer = Scorer(model, encoder, cfg.eval.max_test, cfg.eval.batch_size, cfg.eval.test_loss)
     for shots in sorted({shots for _, shots in plan.points}):
         settings = adapt_settings(cfg, full_data=shots == FULL_DATA_SHOTS)
         began = time.perf_counter()
-        evaluate_init(model, "calibration", fresh, {task: evaluated[setting][task]}, encoder, [(task, shots, 0)],
-                      settings, cfg.eval.max_test, cfg.eval.batch_size, cfg.eval.test_loss)  # fmt: skip
+        evaluate_init(scorer, CurveLabel("calibration"), fresh, settings, evaluated[setting], [(task, shots, 0)])
         plan.seconds_per_point[shots] = time.perf_counter() - began
 
 

@@ -7,7 +7,7 @@ positions whose logits predict them (position p predicts token p + 1).
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from dataclasses import dataclass
 
 import torch
 
@@ -29,25 +29,15 @@ def window_positions(width: int, window: int, device: torch.device | str | None 
 Batch = dict[str, torch.Tensor]
 
 
-class EpisodeLike(Protocol):
-    """What the meta-step reads of an episode (`metalora.data.episodes.Episode` is one)."""
+@dataclass
+class EpisodeBatches:
+    """One task of a meta-batch as the method receives it: batches ready to forward, made on the data side
+    (`metalora.data.episode_batches`), so the method knows nothing of examples, prompts or tokenizers."""
 
     task: str
+    # Seeds the task's dropout masks, so its result does not depend on which process adapts it or what ran before.
     seed: int
-    support: list[Any]
-    query: list[Any]
-
-
-class BatchMaker(Protocol):
-    """Turns a task's examples into batches (`metalora.data.collation.Encoder` is one).
-
-    The method passes tasks and examples through untouched, so it needs to know nothing of their format.
-    """
-
-    def batches(
-        self, task: Any, examples: list[Any], batch_size: int, group_by_length: bool = False, pack_tokens: int = 0
-    ) -> list[Batch]: ...
-
-    def step_batches(
-        self, task: Any, examples: list[Any], batch_size: int, micro_batch_size: int = 0, pack_tokens: int = 0
-    ) -> list[list[Batch]]: ...
+    # Per inner step, the micro-batches of that step's support batch (one when the batch is forwarded whole).
+    support: list[list[Batch]]
+    # The batches the outer loss is taken on: the query set, or support and query together for multi-task.
+    query: list[Batch]

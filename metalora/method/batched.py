@@ -12,7 +12,8 @@ vmap cannot follow data-dependent Python branches, so everything shape-like is d
 the batches of all tasks are left-padded to one width, the causal-and-padding attention mask is
 built here as a 4-D boolean mask (the model uses a 4-D mask as given), and the target window is
 the widest of the tasks'. Tasks whose batches do not line up (different numbers of batches or
-rows) are not batchable; `can_batch` says so and the caller uses the per-task loop.
+rows) are not batchable; `tasks_line_up` says so, and the caller then uses the per-task loop
+(`metalora.method.meta.meta_gradients`).
 """
 
 from __future__ import annotations
@@ -23,18 +24,24 @@ import torch
 import torch.nn.functional as F
 from torch.func import vmap
 
+from metalora.config import MetaConfig
 from metalora.method.adapt import Moments, Params, inner_update
-from metalora.method.batch import IGNORE_INDEX, Batch
-from metalora.method.loss import target_window, window_logits
+from metalora.method.batch import IGNORE_INDEX, Batch, EpisodeBatches
+from metalora.method.loss import count_target_tokens, target_window, window_logits
+from metalora.method.meta import seeded
+from metalora.method.task_stats import TaskStats, forwarded_tokens, task_stats
 from metalora.speed.dropout_masks import torch_dropout_masks
 
 PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "position_ids": 0, "labels": IGNORE_INDEX}
 
 
-def can_batch(per_task: list[list[Batch]]) -> bool:
-    """True when every task has as many batches, and batch i has as many rows in every task."""
-    shapes = [[len(b["input_ids"]) for b in batches] for batches in per_task]
-    return all(s == shapes[0] for s in shapes)
+def tasks_line_up(episodes: list[EpisodeBatches]) -> bool:
+    """True when the tasks can be stacked: every support step is one whole batch, every task has as many support
+    and query batches, and batch i has as many rows in every task."""
+    if any(len(step) != 1 for e in episodes for step in e.support):
+        return False
+    shapes = [([len(s[0]["input_ids"]) for s in e.support], [len(b["input_ids"]) for b in e.query]) for e in episodes]
+    return all(shape == shapes[0] for shape in shapes)
 
 
 def stack_batches(batches: list[Batch]) -> tuple[Batch, int]:
@@ -138,3 +145,34 @@ def adapt_batched(
         )
         current = dict(zip(names, values, strict=True))
     return current, losses
+
+
+def task_batched_gradients(
+    model: torch.nn.Module, shared: Params, episodes: list[EpisodeBatches], cfg: MetaConfig, total_tasks: int
+) -> tuple[list[torch.Tensor], list[TaskStats]]:
+    """First-order MeTA-LoRA's share of the meta-gradient (as `meta_gradients` returns it) with every task of
+    `episodes` adapted at once; the tasks must line up (`tasks_line_up`)."""
+    support = [[step[0] for step in e.support] for e in episodes]
+    query = [e.query for e in episodes]
+    device = next(iter(shared.values())).device
+    target_tokens = torch.tensor([[count_target_tokens(b) for b in q] for q in query], dtype=torch.float32)
+    shares = (target_tokens / target_tokens.sum(-1, keepdim=True)).to(device)
+    # One seed per meta-batch: the tasks' dropout masks are drawn together.
+    with seeded(episodes[0].seed):
+        adapted, inner = adapt_batched(model, shared, support, cfg.inner_steps, cfg.inner_lr, cfg.inner_optimizer)
+        query_losses = torch.zeros(len(episodes), device=device)
+        summed = {name: torch.zeros_like(value) for name, value in adapted.items()}
+        for j in range(len(query[0])):
+            losses, grads = batched_loss_and_grad(model, adapted, [q[j] for q in query], shares[:, j])
+            query_losses += losses.detach()
+            for name, grad in grads.items():
+                summed[name].add_(grad)
+        support_after: list[float | None] = [None] * len(episodes)
+        if cfg.measure_gap:
+            support_after = batched_loss(model, adapted, [s[0] for s in support]).tolist()
+    stats = [
+        task_stats(e.task, inner[t], support_after[t], float(query_losses[t]),
+                   forwarded_tokens(e.support, e.query, cfg.inner_steps, cfg.measure_gap))
+        for t, e in enumerate(episodes)
+    ]  # fmt: skip
+    return [summed[name].sum(0) / total_tasks for name in shared], stats

@@ -1,57 +1,39 @@
 """The meta-gradient of one meta-batch for MeTA-LoRA, FOMAML, Reptile and multi-task training.
 
-Every algorithm turns a meta-batch into a gradient on the shared weights; the training step
-(`metalora/training/step.py`) reduces it, clips it and hands it to the meta-optimizer:
-- metalora / fomaml: the mean over tasks of the query-loss gradient (at the adapted weights when
-  first-order; differentiated back through the inner loop otherwise). fomaml is the same code over
-  all base weights instead of the LoRA weights.
-- multitask: no inner loop; the gradient of the loss on the task's support and query examples
-  together at the shared weights (plain multi-task training, the multi-task LoRA baseline).
-- reptile: minus the mean displacement (adapted - shared), so an SGD meta-optimizer with lr =
-  reptile_step_size moves the shared weights by that fraction of the mean displacement.
-Each task's graph is freed before the next task starts, so memory does not grow with the meta-batch.
+Every algorithm adapts each task from the shared weights (or not at all) and turns the adapted weights into that
+task's gradient on the shared weights; `meta_gradients` runs the loop over tasks and the averaging once, and
+`ALGORITHMS` says per algorithm what differs:
+- metalora, first order, and fomaml: the query-loss gradient at the adapted weights (fomaml is the same over all
+  base weights instead of the LoRA weights);
+- metalora, second order: the query-loss gradient differentiated back through the inner loop to the shared weights;
+- reptile: minus the displacement (adapted - shared), so an SGD meta-optimizer with lr = reptile_step_size moves the
+  shared weights by that fraction of the mean displacement;
+- multitask: no inner loop; the gradient of the loss on support and query together at the shared weights (plain
+  multi-task training, the multi-task LoRA baseline).
+The training step (`metalora/training/step.py`) reduces the result, clips it and hands it to the meta-optimizer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from metalora.config import MetaConfig, SpeedConfig
+from metalora.config import MetaConfig
 from metalora.method.adapt import Params, adapt
-from metalora.method.batch import Batch, BatchMaker, EpisodeLike
-from metalora.method.batched import adapt_batched, batched_loss, batched_loss_and_grad, can_batch
-from metalora.method.loss import batch_loss, count_input_tokens, count_target_tokens
+from metalora.method.batch import Batch, EpisodeBatches
+from metalora.method.loss import batch_loss, count_target_tokens
+from metalora.method.task_stats import TaskStats, forwarded_tokens, task_stats
 
-
-@dataclass
-class TaskStats:
-    """What one task of a meta-batch reported."""
-
-    task: str
-    # None where nothing measured them: no inner steps (multitask) and no support check.
-    first_inner_loss: float | None
-    last_inner_loss: float | None
-    # None when `meta.measure_gap` is off.
-    support_loss_after: float | None
-    query_loss: float
-    # Real (non-padding) tokens forwarded for this task: inner steps, query batches, support check.
-    tokens: int
-
-    @property
-    def adaptation_gap(self) -> float | None:
-        """Query loss minus support loss, both at the adapted weights (None when not measured)."""
-        return None if self.support_loss_after is None else self.query_loss - self.support_loss_after
+# A task's (outer loss, gradient on the shared weights in their order) from the shared and the adapted weights
+# and the outer-loss batches; the gradient is divided by the last argument, the tasks of the whole meta-batch.
+TaskGradient = Callable[[torch.nn.Module, Params, Params, list[Batch], int], tuple[float, list[torch.Tensor]]]
 
 
 def query_loss_and_grad(
-    model: torch.nn.Module,
-    adapted: Params,
-    wrt: list[torch.Tensor],
-    batches: list[dict[str, torch.Tensor]],
-    weight: float,
+    model: torch.nn.Module, adapted: Params, wrt: list[torch.Tensor], batches: list[Batch], weight: float
 ) -> tuple[float, list[torch.Tensor]]:
     """Token-weighted mean query loss over `batches` and its gradient with respect to `wrt`, times `weight`.
 
@@ -75,138 +57,117 @@ def query_loss_and_grad(
     return float(total), grads
 
 
-def meta_gradients(
-    model: torch.nn.Module,
-    shared: Params,
-    episodes: list[EpisodeLike],
-    tasks: dict[str, Any],
-    encoder: BatchMaker,
-    cfg: MetaConfig,
-    total_tasks: int,
-    speed: SpeedConfig | None = None,
-) -> tuple[list[torch.Tensor], list[TaskStats]]:
-    """This process's share of the meta-gradient: the sum over its tasks, divided by `total_tasks`.
+def gradient_at_adapted(
+    model: torch.nn.Module, shared: Params, adapted: Params, query: list[Batch], total_tasks: int
+) -> tuple[float, list[torch.Tensor]]:
+    """First order: the query gradient at the adapted weights stands in for the gradient at the shared ones."""
+    return query_loss_and_grad(model, adapted, list(adapted.values()), query, 1.0 / total_tasks)
 
-    Args:
-        model: the model (LoRA attached for metalora/reptile).
-        shared: the shared weights by name (leaf tensors that require grad).
-        episodes: this process's episodes.
-        total_tasks: tasks of the whole meta-batch (all processes), so that summing the processes'
-            shares gives the mean over tasks.
-        speed: how to compute it (task batching, packing); the defaults when None.
 
-    Returns:
-        (one gradient per shared tensor in `shared` order, per-task statistics).
-    """
-    speed = speed or SpeedConfig()
-    if speed.task_batched:
-        batched = _task_batched_gradients(model, shared, episodes, tasks, encoder, cfg, total_tasks)
-        if batched is not None:
-            return batched
-    names = list(shared)
-    grads = [torch.zeros_like(shared[n]) for n in names]
-    stats = []
+def gradient_through_inner_loop(
+    model: torch.nn.Module, shared: Params, adapted: Params, query: list[Batch], total_tasks: int
+) -> tuple[float, list[torch.Tensor]]:
+    """Second order: the query loss at the adapted weights differentiated back through every inner step."""
+    return query_loss_and_grad(model, adapted, list(shared.values()), query, 1.0 / total_tasks)
+
+
+def reptile_displacement(
+    model: torch.nn.Module, shared: Params, adapted: Params, query: list[Batch], total_tasks: int
+) -> tuple[float, list[torch.Tensor]]:
+    """Minus the displacement the inner loop made (shared - adapted); the query loss is only reported."""
+    with torch.no_grad():
+        loss = mean_loss(model, adapted, query)
+        return loss, [(shared[n].detach() - adapted[n].detach()) / total_tasks for n in shared]
+
+
+def multitask_gradient(
+    model: torch.nn.Module, shared: Params, adapted: Params, query: list[Batch], total_tasks: int
+) -> tuple[float, list[torch.Tensor]]:
+    """No adaptation (`adapted` holds the shared values): the plain gradient of the loss on the task's examples."""
+    return query_loss_and_grad(model, shared, list(shared.values()), query, 1.0 / total_tasks)
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """What one algorithm does with a task: whether it adapts, whether the graph runs through the inner loop, and
+    how the adapted weights become the task's gradient."""
+
+    adapts: bool
+    second_order: bool
+    task_gradient: TaskGradient
+
+
+ALGORITHMS = {
+    "metalora": Algorithm(adapts=True, second_order=False, task_gradient=gradient_at_adapted),
+    "metalora-second-order": Algorithm(adapts=True, second_order=True, task_gradient=gradient_through_inner_loop),
+    "fomaml": Algorithm(adapts=True, second_order=False, task_gradient=gradient_at_adapted),
+    "reptile": Algorithm(adapts=True, second_order=False, task_gradient=reptile_displacement),
+    "multitask": Algorithm(adapts=False, second_order=False, task_gradient=multitask_gradient),
+}
+
+
+def algorithm_of(cfg: MetaConfig) -> Algorithm:
+    """The `ALGORITHMS` entry of `meta.algorithm` (MeTA-LoRA's by `meta.first_order`)."""
     second_order = cfg.algorithm == "metalora" and not cfg.first_order
-    multitask = cfg.algorithm == "multitask"
-    inner_steps = 0 if multitask else cfg.inner_steps
+    return ALGORITHMS["metalora-second-order" if second_order else cfg.algorithm]
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Torch's CPU generator seeded with `seed` inside, restored after: a task's dropout masks come from its
+    episode's seed, so its result does not depend on which process adapts it or what ran before it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def adapt_task(
+    model: torch.nn.Module, shared: Params, episode: EpisodeBatches, cfg: MetaConfig
+) -> tuple[Params, list[float]]:
+    """The task's inner loop as its algorithm runs it (none for multitask; kept differentiable for second order):
+    the adapted weights and the support loss before each inner step. Run it under `seeded(episode.seed)` to draw
+    the dropout masks the meta-step draws."""
+    algorithm = algorithm_of(cfg)
+    steps = cfg.inner_steps if algorithm.adapts else 0
+    return adapt(model, shared, episode.support, steps, cfg.inner_lr, optimizer=cfg.inner_optimizer,
+                 first_order=not algorithm.second_order)  # fmt: skip
+
+
+def task_gradient(
+    model: torch.nn.Module, shared: Params, episode: EpisodeBatches, cfg: MetaConfig, total_tasks: int
+) -> tuple[list[torch.Tensor], TaskStats]:
+    """One task's term of the meta-gradient (its gradient divided by `total_tasks`) and its statistics."""
+    with seeded(episode.seed):
+        adapted, inner = adapt_task(model, shared, episode, cfg)
+        loss, grads = algorithm_of(cfg).task_gradient(model, shared, adapted, episode.query, total_tasks)
+        support_after = support_check(model, adapted, episode.support) if cfg.measure_gap else None
+    tokens = forwarded_tokens(episode.support, episode.query, len(inner), cfg.measure_gap)
+    return grads, task_stats(episode.task, inner, support_after, loss, tokens)
+
+
+def meta_gradients(
+    model: torch.nn.Module, shared: Params, episodes: list[EpisodeBatches], cfg: MetaConfig, total_tasks: int
+) -> tuple[list[torch.Tensor], list[TaskStats]]:
+    """This process's share of the meta-gradient, one task at a time: the sum of its tasks' gradients divided by
+    `total_tasks` (the tasks of the whole meta-batch, all processes), so that summing the processes' shares gives
+    the mean over tasks. Returns one gradient per tensor of `shared`, in its order, and each task's statistics.
+    Each task's graph is freed before the next starts, so memory does not grow with the meta-batch."""
+    grads = [torch.zeros_like(value) for value in shared.values()]
+    stats = []
     for episode in episodes:
-        task = tasks[episode.task]
-        support = encoder.step_batches(task, episode.support, cfg.inner_batch_size, cfg.micro_batch_size,
-                                       pack_tokens=speed.pack_tokens)  # fmt: skip
-        loss_examples = episode.support + episode.query if multitask else episode.query
-        query = encoder.batches(task, loss_examples, query_rows(cfg), group_by_length=True,
-                                pack_tokens=speed.pack_tokens)  # fmt: skip
-        # Dropout masks come from the episode's own seed, so a task's result does not depend on
-        # which process adapts it or what ran before it.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(episode.seed)
-            adapted, inner = adapt(
-                model,
-                shared,
-                support,
-                inner_steps,
-                cfg.inner_lr,
-                optimizer=cfg.inner_optimizer,
-                first_order=not second_order,
-            )
-            if cfg.algorithm == "reptile":
-                with torch.no_grad():
-                    q_loss = _mean_loss(model, adapted, query)
-                for acc, name in zip(grads, names, strict=True):
-                    acc.sub_((adapted[name].detach() - shared[name].detach()) / total_tasks)
-            else:
-                wrt = [shared[n] for n in names] if second_order else [adapted[n] for n in names]
-                q_loss, task_grads = query_loss_and_grad(model, adapted, wrt, query, 1.0 / total_tasks)
-                torch._foreach_add_(grads, task_grads)
-            support_after = None
-            if cfg.measure_gap:
-                with torch.no_grad():
-                    support_after = _mean_loss(model, adapted, support[0])
-        tokens = _forwarded_tokens(support, query, inner_steps, cfg.measure_gap)
-        first = inner[0] if inner else support_after
-        stats.append(TaskStats(episode.task, first, inner[-1] if inner else first, support_after, q_loss, tokens))
-        del adapted
+        task_grads, task = task_gradient(model, shared, episode, cfg, total_tasks)
+        torch._foreach_add_(grads, task_grads)
+        stats.append(task)
     return grads, stats
 
 
-def query_rows(cfg: MetaConfig) -> int:
-    """Rows per query forward pass: `query_batch_size`, capped by `micro_batch_size` when that is set (the query
-    loss is a token-weighted mean over all its batches, so how the rows are grouped does not change it)."""
-    return min(cfg.query_batch_size, cfg.micro_batch_size or cfg.query_batch_size)
+def support_check(model: torch.nn.Module, adapted: Params, support: list[list[Batch]]) -> float:
+    """The loss on the first support batch at the adapted weights (the adaptation gap's other side)."""
+    with torch.no_grad():
+        return mean_loss(model, adapted, support[0])
 
 
-def _forwarded_tokens(
-    support: list[list[Batch]] | list[Batch], query: list[Batch], inner_steps: int, gap: bool
-) -> int:
-    # Tokens actually forwarded: one support batch (all its micro-batches) per inner step, every query batch,
-    # the support check.
-    def tokens(step_batch: Batch | list[Batch]) -> int:
-        return sum(count_input_tokens(b) for b in ([step_batch] if isinstance(step_batch, dict) else step_batch))
-
-    inner_tokens = sum(tokens(support[i % len(support)]) for i in range(inner_steps))
-    return inner_tokens + sum(count_input_tokens(b) for b in query) + (tokens(support[0]) if gap else 0)
-
-
-def _task_batched_gradients(
-    model: torch.nn.Module,
-    shared: Params,
-    episodes: list[EpisodeLike],
-    tasks: dict[str, Any],
-    encoder: BatchMaker,
-    cfg: MetaConfig,
-    total_tasks: int,
-) -> tuple[list[torch.Tensor], list[TaskStats]] | None:
-    """First-order metalora with every task of `episodes` adapted at once (None when not batchable)."""
-    support = [encoder.batches(tasks[e.task], e.support, cfg.inner_batch_size) for e in episodes]
-    query = [encoder.batches(tasks[e.task], e.query, query_rows(cfg), group_by_length=True) for e in episodes]
-    if not (can_batch(support) and can_batch(query)):
-        return None
-    device = next(iter(shared.values())).device
-    target_tokens = torch.tensor([[count_target_tokens(b) for b in q] for q in query], dtype=torch.float32)
-    shares = (target_tokens / target_tokens.sum(-1, keepdim=True)).to(device)
-    # One seed per meta-batch: the tasks' dropout masks are drawn together.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(episodes[0].seed)
-        adapted, inner = adapt_batched(model, shared, support, cfg.inner_steps, cfg.inner_lr, cfg.inner_optimizer)
-        query_losses = torch.zeros(len(episodes), device=device)
-        summed = {name: torch.zeros_like(value) for name, value in adapted.items()}
-        for j in range(len(query[0])):
-            losses, grads = batched_loss_and_grad(model, adapted, [q[j] for q in query], shares[:, j])
-            query_losses += losses.detach()
-            for name, grad in grads.items():
-                summed[name].add_(grad)
-        support_after: list[float | None] = [None] * len(episodes)
-        if cfg.measure_gap:
-            support_after = batched_loss(model, adapted, [s[0] for s in support]).tolist()
-    grads_out = [summed[name].sum(0) / total_tasks for name in shared]
-    stats = []
-    for t, episode in enumerate(episodes):
-        first, last = (inner[t][0], inner[t][-1]) if inner[t] else (support_after[t], support_after[t])
-        tokens = _forwarded_tokens(support[t], query[t], cfg.inner_steps, cfg.measure_gap)
-        stats.append(TaskStats(episode.task, first, last, support_after[t], float(query_losses[t]), tokens))
-    return grads_out, stats
-
-
-def _mean_loss(model: torch.nn.Module, params: Params, batches: list[dict[str, torch.Tensor]]) -> float:
+def mean_loss(model: torch.nn.Module, params: Params, batches: list[Batch]) -> float:
+    """Token-weighted mean loss over `batches` under `params`."""
     total_tokens = sum(count_target_tokens(b) for b in batches)
     return sum(float(batch_loss(model, params, b)) * count_target_tokens(b) / total_tokens for b in batches)

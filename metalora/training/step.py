@@ -1,5 +1,6 @@
-"""One meta-step, in the order it happens: episodes -> meta-gradients (forward and backward) -> one flattened
-reduce -> finite check -> clip -> optimizer step -> schedule.
+"""One meta-step, in the order it happens: episodes -> their batches -> meta-gradients (forward and backward,
+`episode_gradients`) -> one flattened reduce -> finite check -> clip -> optimizer step -> schedule
+(`apply_meta_gradient`).
 
 The method package computes the meta-gradient and nothing else; everything that touches the optimizer, the
 schedule or the process group is here, where a reader sees it at once. `metalora train` runs this function
@@ -15,7 +16,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from metalora.method.meta import TaskStats, meta_gradients
+from metalora.data.episode_batches import episode_batches
+from metalora.data.episodes import Episode
+from metalora.method.batched import task_batched_gradients, tasks_line_up
+from metalora.method.meta import meta_gradients
+from metalora.method.task_stats import TaskStats
 from metalora.training.parts import TrainingParts
 
 
@@ -40,16 +45,34 @@ def losses_finite(stats: TaskStats) -> bool:
     return all(math.isfinite(v) for v in (stats.query_loss, stats.last_inner_loss) if v is not None)
 
 
+def episode_gradients(
+    parts: TrainingParts, episodes: list[Episode], total_tasks: int
+) -> tuple[list[torch.Tensor], list[TaskStats]]:
+    """The meta-gradient share of `episodes` (see `meta_gradients`): their batches made on the data side, then all
+    tasks adapted at once where `speed.task_batched` asks and their batches line up, else one task at a time."""
+    cfg = parts.cfg
+    batches = episode_batches(episodes, parts.tasks, parts.encoder, cfg.meta, cfg.speed)
+    together = cfg.speed.task_batched and tasks_line_up(batches)
+    gradients = task_batched_gradients if together else meta_gradients
+    return gradients(parts.model, parts.shared, batches, cfg.meta, total_tasks)
+
+
 def training_step(parts: TrainingParts, step: int, accelerator: Accelerator) -> StepResult:
     """Take meta-step `step` on `parts`: this process adapts its tasks of the meta-batch, the gradients of all
     processes are summed, and every process applies the same update to its copy of the shared weights."""
-    cfg, shared = parts.cfg, parts.shared
-    world = accelerator.num_processes
-    episodes = parts.sampler.sample(step, accelerator.process_index, world)
+    episodes = parts.sampler.sample(step, accelerator.process_index, accelerator.num_processes)
     # Forward and backward: this process's share of the mean meta-gradient over the whole meta-batch.
     with accelerator.autocast():
-        grads, stats = meta_gradients(parts.model, shared, episodes, parts.tasks, parts.encoder, cfg.meta,
-                                      total_tasks=cfg.meta.meta_batch_size, speed=cfg.speed)  # fmt: skip
+        grads, stats = episode_gradients(parts, episodes, total_tasks=parts.cfg.meta.meta_batch_size)
+    return apply_meta_gradient(parts, grads, stats, accelerator)
+
+
+def apply_meta_gradient(
+    parts: TrainingParts, grads: list[torch.Tensor], stats: list[TaskStats], accelerator: Accelerator
+) -> StepResult:
+    """Sum this process's meta-gradient share `grads` (in `parts.shared` order) with the other processes', skip the
+    step if anything is not finite, clip, and step the meta-optimizer and its schedule."""
+    shared, world = parts.shared, accelerator.num_processes
     # One flattened all-reduce: one collective per step instead of one per LoRA tensor.
     flat = torch.cat([g.reshape(-1) for g in grads])
     if world > 1:
@@ -62,7 +85,7 @@ def training_step(parts: TrainingParts, step: int, accelerator: Accelerator) -> 
     for tensor, grad in zip(shared.values(), flat.split([g.numel() for g in grads]), strict=True):
         tensor.grad = grad.view_as(tensor)
     # An infinite bound measures the norm without changing the gradient.
-    bound = cfg.meta.max_grad_norm if cfg.meta.max_grad_norm > 0 else float("inf")
+    bound = parts.cfg.meta.max_grad_norm if parts.cfg.meta.max_grad_norm > 0 else float("inf")
     norm = torch.nn.utils.clip_grad_norm_(list(shared.values()), bound)
     parts.optimizer.step()
     parts.scheduler.step()
