@@ -20,6 +20,8 @@ _EXPORTS = {
     "launch_command": "metalora.experiments.notebook",
     "enter_project_root": "metalora.experiments.notebook",
     "run_evaluation": "metalora.experiments.compare",
+    "load_samples": "metalora.evaluation.samples",
+    "export_adapter": "metalora.experiments.export",
     "run_sweep": "metalora.jobs.sweep",
     "submit_plan": "metalora.jobs.submit",
     "aggregate_sweep": "metalora.experiments.sweep",

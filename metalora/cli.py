@@ -117,6 +117,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a run's adapter with its model card, and push it to the Hub when asked."""
+    from metalora.experiments.export import export_adapter, push_folder
+
+    folder = export_adapter(args.run, args.out)
+    print(f"adapter and model card written to {folder}")
+    if args.push_to_hub:
+        print(f"pushed to {push_folder(folder, args.push_to_hub, private=not args.public)}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Benchmark the kit's meta-step against the naive reference and FOMAML."""
     from metalora.benchmarks.meta_step import main as bench_main
@@ -169,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("directory", help="a run directory or a sweep directory")
     report.add_argument("--html", action="store_true", help="also write report.html")
     report.set_defaults(func=cmd_report)
+    export = commands.add_parser("export", help="a run's adapter as a folder plain peft loads, with a Hub model card")
+    export.add_argument("run", help="a finished run directory (a LoRA method: metalora, reptile, multitask)")
+    export.add_argument("out", help="the folder to write (replaced whole)")
+    export.add_argument("--push-to-hub", metavar="REPO_ID", help="then upload the folder to this Hub model repository "
+                        "(created when missing; needs `hf auth login` or HF_TOKEN)")  # fmt: skip
+    export.add_argument("--public", action="store_true", help="create the Hub repository public (default private)")
+    export.set_defaults(func=cmd_export)
     bench = commands.add_parser("bench", help="meta-step benchmark: metalora vs naive reference vs fomaml",
                                 add_help=False)  # fmt: skip
     bench.add_argument("args", nargs=argparse.REMAINDER, help="params files, overrides, --steps, --meta-batches")

@@ -189,6 +189,9 @@ class EvalConfig:
     batch_size: int = 16
     # Also score each point's mean target loss on its test set (one more forward pass over it); NaN when off.
     test_loss: bool = True
+    # Keep every scored item's prompt, target, answer (with each option's score), correctness and loss, written
+    # with its point and gathered into eval/samples.parquet.
+    samples: bool = True
     # Initialisations to compare: base, lora, multitask, multitask_full (multi-task LoRA on every
     # non-test example of the training tasks), metalora, reptile, fomaml, full_data, constant (the best fixed
     # answer on each test set: the floor of a model that ignores its input).

@@ -16,6 +16,7 @@ from smoke import SMOKE
 
 from metalora.config import load_config
 from metalora.evaluation import fewshot
+from metalora.evaluation.samples import POINT_COLUMNS, load_samples
 from metalora.evaluation.scoring import score_task
 from metalora.experiments.compare import run_evaluation
 from metalora.experiments.journal import JOURNAL
@@ -53,6 +54,7 @@ def test_a_killed_evaluation_resumes_to_the_tables_of_an_uninterrupted_one(tmp_p
     overrides = [f"train.output_dir={tmp_path}", *FAST]
     cfg = load_config(SMOKE, overrides)
     whole = results(run_evaluation(cfg, train_missing=True))  # trains the runs, then one uninterrupted evaluation
+    whole_samples = load_samples(cfg.run_dir)
     planned = len(whole) - 2  # lora's 0-shot rows are copies of base's, not scored points
     assert not (cfg.run_dir / JOURNAL).exists(), "a finished evaluation leaves no journal"
     stamp = (cfg.run_dir / "eval" / "results.csv").stat().st_mtime_ns
@@ -73,6 +75,12 @@ def test_a_killed_evaluation_resumes_to_the_tables_of_an_uninterrupted_one(tmp_p
     resumed = results(run_evaluation(cfg))
     assert len(scored) == planned - kept, "the resumed evaluation scored points its journal already held"
     pd.testing.assert_frame_equal(resumed, whole)
+    # The answers behind the points, kept with them through the kill: each scored item once, as uninterrupted.
+    samples = load_samples(cfg.run_dir)
+    item = [*POINT_COLUMNS, "item"]
+    assert not samples.duplicated(item).any() and len(samples) == len(whole_samples) == planned * 4
+    pd.testing.assert_frame_equal(samples.sort_values(item, ignore_index=True),
+                                  whole_samples.sort_values(item, ignore_index=True))  # fmt: skip
     assert not (cfg.run_dir / JOURNAL).exists()
 
 

@@ -15,7 +15,7 @@ from torch.func import functional_call
 from metalora.config import ModelConfig, load_config
 from metalora.data.splits import EvalPools
 from metalora.data.tasks import Example, Task
-from metalora.evaluation.fewshot import AdaptSettings, CurveLabel, Scorer, evaluate_init, evaluation_points
+from metalora.evaluation.fewshot import AdaptSettings, CurveLabel, Scorer, evaluate_init, evaluation_points, point_key
 from metalora.evaluation.scoring import greedy_generate
 from metalora.modeling.build import load_base
 from metalora.modeling.lora import attach_lora, lora_params, save_adapter
@@ -88,8 +88,9 @@ def test_few_shot_evaluation_scores_by_generation_and_by_option_ranking(family):
     pools = {t.name: EvalPools(t, adapt=t.examples[4:], test=t.examples[:4]) for t in (free, labelled)}
     fresh = {k: v.detach().clone() for k, v in lora_params(model).items()}
     points = evaluation_points(list(pools), [0, 3], 1)
-    rows = evaluate_init(Scorer(model, encoder, max_test=4, batch_size=4), CurveLabel("lora"), fresh,
-                         AdaptSettings(2, 1e-3), pools, points)  # fmt: skip
+    kept = KeptAnswers()
+    rows = evaluate_init(Scorer(model, encoder, max_test=4, batch_size=4, samples=True, record=kept),
+                         CurveLabel("lora"), fresh, AdaptSettings(2, 1e-3), pools, points)  # fmt: skip
     assert {(r.task, r.n_shots) for r in rows} == {(t, n) for t in pools for n in (0, 3)}
     assert all(r.finite and 0.0 <= r.value <= 1.0 and math.isfinite(r.test_loss) for r in rows)
     assert {r.metric for r in rows} == {"exact_match", "accuracy"}
@@ -98,6 +99,37 @@ def test_few_shot_evaluation_scores_by_generation_and_by_option_ranking(family):
     unadapted = {r.task: r.value for r in rows if r.n_shots == 0}
     assert unadapted["parity"] == option_accuracy_by_hand(model, encoder, labelled, pools["parity"].test)
     assert unadapted["colour_copy"] == 1.0
+    # Every answer behind those scores: per point, the share of items marked correct is the score, and the items'
+    # losses weighted by their target tokens give the test loss.
+    for row in rows:
+        answers = kept.answers[point_key(row)]
+        test = pools[row.task].test
+        assert [a.example_id for a in answers] == [e.id for e in test]
+        assert sum(a.correct for a in answers) / len(answers) == row.value
+        tokens = [len(encoder.target_ids(e.target)) for e in test]
+        assert sum(a.loss * n for a, n in zip(answers, tokens, strict=True)) / sum(tokens) == pytest.approx(
+            row.test_loss, rel=1e-5)
+        assert all(a.prompt == encoder.tokenizer.decode(encoder.prompt_ids(pools[row.task].task, e))
+                   for a, e in zip(answers, test, strict=True))  # fmt: skip
+    # Unadapted generation answers what transformers' generate answers; option ranking picks the best-scored option.
+    generated = kept.answers[("heldout", "lora", -1, "colour_copy", 0, 0)]
+    assert [a.answer.strip().split("\n")[0].strip() for a in generated] == known
+    ranked = kept.answers[("heldout", "lora", -1, "parity", 0, 0)]
+    assert all(a.answer == labelled.options[a.option_scores.index(max(a.option_scores))] for a in ranked)
+    assert all(len(a.option_scores) == 2 for a in ranked) and all(a.option_scores == [] for a in generated)
+
+
+class KeptAnswers:
+    """The per-item answers of each point scored, by point (a PointRecord that holds no earlier points)."""
+
+    def __init__(self):
+        self.answers = {}
+
+    def done(self, key):
+        return None
+
+    def record(self, row, answers):
+        self.answers[point_key(row)] = answers
 
 
 def model_first_lines(model, encoder, task, examples, budget: int) -> list[str]:

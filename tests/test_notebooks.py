@@ -94,7 +94,9 @@ def test_few_shot_and_compare_notebooks(tmp_path):
     execute("02_few_shot_eval", tmp_path, **seen, eval={"scenario": "seen"})
     results = pd.read_csv(tmp_path / "seen" / "eval" / "results.csv")
     assert set(results["setting"]) == {"seen", "heldout"} and "multitask_full" in set(results["method"])
-    execute("03_compare_methods", tmp_path, **smoke_parameters(tmp_path, "train.run_name=all"))
+    compared = execute("03_compare_methods", tmp_path, **smoke_parameters(tmp_path, "train.run_name=all"))
+    shown = [o.get("data", {}).get("text/markdown", "") for c in compared["cells"] for o in c.get("outputs", [])]
+    assert any("## Answers" in "".join(text) for text in shown), "the answers behind the scores were not shown"
     efficiency = pd.read_csv(tmp_path / "all" / "eval" / "efficiency.csv")
     assert set(efficiency["method"]) == {"multitask", "metalora", "reptile", "fomaml"}
     fomaml, metalora = (efficiency.set_index("method").loc[m] for m in ("fomaml", "metalora"))

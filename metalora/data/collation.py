@@ -198,12 +198,18 @@ class Encoder:
         """
         encoded = [self.encode(task, e) for e in examples]
         if group_by_length:
-            encoded.sort(key=lambda pair: len(pair[0]) + len(pair[1]))
+            encoded = [encoded[i] for i in self.length_order(task, examples)]
         chunks = [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
         return [
             self.pack(chunk) if sum(len(p) + len(t) for p, t in chunk) <= pack_tokens else self.collate(chunk)
             for chunk in chunks
         ]
+
+    def length_order(self, task: Task, examples: list[Example]) -> list[int]:
+        """The order `batches(..., group_by_length=True)` puts `examples` in: their indices by encoded length, ties
+        in their own order (so a row of those batches can be traced back to its example)."""
+        lengths = [sum(map(len, self.encode(task, e))) for e in examples]
+        return sorted(range(len(examples)), key=lengths.__getitem__)
 
     def step_batches(
         self,

@@ -18,9 +18,10 @@ from tqdm.auto import tqdm
 
 from metalora.data.collation import Encoder
 from metalora.data.splits import EvalPools, derived_seed
-from metalora.data.tasks import Example
+from metalora.data.tasks import Example, Task
 from metalora.errors import MetaloraError
-from metalora.evaluation.scoring import best_constant_answer, score_task, test_loss
+from metalora.evaluation.samples import ItemAnswer
+from metalora.evaluation.scoring import TaskScore, best_constant_answer, score_task, test_losses
 from metalora.method.adapt import Params, adapt
 from metalora.modeling.lora import load_adapter_into, lora_params
 from metalora.training.budgets import FULL_DATA_SHOTS
@@ -85,8 +86,8 @@ class PointRecord(Protocol):
         """The row of a point scored before, or None."""
         ...
 
-    def record(self, row: EvalRow) -> None:
-        """Keep a newly scored point."""
+    def record(self, row: EvalRow, answers: list[ItemAnswer]) -> None:
+        """Keep a newly scored point and its per-item answers (empty when not kept)."""
         ...
 
 
@@ -94,13 +95,15 @@ class PointRecord(Protocol):
 class Scorer:
     """What scoring an initialisation needs besides the initialisation: the model (LoRA attached when the
     initialisations are LoRA weights) and its encoder, the test items scored per task at most, rows per scoring
-    forward pass, whether the test loss is taken (else NaN), and where finished points are kept."""
+    forward pass, whether the test loss is taken (else NaN), whether each point's per-item answers are kept, and
+    where finished points are kept."""
 
     model: torch.nn.Module
     encoder: Encoder
     max_test: int
     batch_size: int
     test_loss: bool = True
+    samples: bool = False
     record: PointRecord | None = None
 
 
@@ -169,18 +172,19 @@ def evaluate_init(
         if earlier is not None:
             rows.append(earlier)
             continue
-        row = score_point(scorer, label, init, settings, pools[task], n_shots, seed)
+        row, answers = score_point(scorer, label, init, settings, pools[task], n_shots, seed)
         if scorer.record is not None:
-            scorer.record.record(row)
+            scorer.record.record(row, answers)
         rows.append(row)
     return rows
 
 
 def score_point(
     scorer: Scorer, label: CurveLabel, init: Params, settings: AdaptSettings, pools: EvalPools, n_shots: int, seed: int
-) -> EvalRow:
-    """Draw the shots, adapt, score the test set (at most `scorer.max_test` items). Weights that diverged, or whose
-    forward pass overflows, give a row flagged not finite with NaN scores."""
+) -> tuple[EvalRow, list[ItemAnswer]]:
+    """Draw the shots, adapt, score the test set (at most `scorer.max_test` items): the point's row and, when the
+    scorer keeps them, its per-item answers. Weights that diverged, or whose forward pass overflows, give a row
+    flagged not finite with NaN scores and no answers."""
     test = pools.test[: scorer.max_test]
     shots = draw_shots(pools, n_shots, seed)
     began = time.perf_counter()
@@ -191,15 +195,28 @@ def score_point(
     diverged = EvalRow(**point, metric=pools.task.metric if pools.task.options else "exact_match", value=math.nan,
                        test_loss=math.nan, finite=False)  # fmt: skip
     if not all(bool(torch.isfinite(v).all()) for v in params.values()):
-        return diverged
+        return diverged, []
     model, encoder, batch_size = scorer.model, scorer.encoder, scorer.batch_size
-    metric, value = score_task(model, params, encoder, pools.task, test, batch_size)
-    loss = test_loss(model, params, encoder, pools.task, test, batch_size) if scorer.test_loss else math.nan
+    scored = score_task(model, params, encoder, pools.task, test, batch_size)
+    loss, item_losses = math.nan, [math.nan] * len(test)
+    if scorer.test_loss:
+        loss, item_losses = test_losses(model, params, encoder, pools.task, test, batch_size)
     # Finite weights whose forward pass overflows score garbage (the argmax of NaN logits): a NaN test loss flags
     # them like weights that diverged.
     if scorer.test_loss and not math.isfinite(loss):
-        return diverged
-    return EvalRow(**point, metric=metric, value=value, test_loss=loss)
+        return diverged, []
+    answers = item_answers(encoder, pools.task, test, scored, item_losses) if scorer.samples else []
+    return EvalRow(**point, metric=scored.metric, value=scored.value, test_loss=loss), answers
+
+
+def item_answers(
+    encoder: Encoder, task: Task, test: list[Example], scored: TaskScore, losses: list[float]
+) -> list[ItemAnswer]:
+    """Each scored test item with the prompt as the model saw it (decoded from its tokens, cut as they were)."""
+    return [ItemAnswer(item=i, example_id=example.id, prompt=encoder.tokenizer.decode(encoder.encode(task, example)[0]),
+                       target=example.target, answer=answer, correct=correct, option_scores=options, loss=loss)
+            for i, (example, answer, correct, options, loss) in enumerate(
+                zip(test, scored.answers, scored.correct, scored.option_scores, losses, strict=True))]  # fmt: skip
 
 
 def evaluation_points(tasks: list[str], n_shots: list[int], seeds: int) -> list[tuple[str, int, int]]:

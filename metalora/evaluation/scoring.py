@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import re
 import string
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call
 from transformers import PreTrainedTokenizerBase
 
 from metalora.data.collation import Encoder
 from metalora.data.tasks import Example, Task
 from metalora.method.batch import IGNORE_INDEX
-from metalora.method.loss import batch_loss, count_target_tokens, target_logits
+from metalora.method.loss import count_target_tokens, target_logits
 
 Params = dict[str, torch.Tensor]
 
@@ -59,34 +62,38 @@ def exact_match(prediction: str, target: str) -> bool:
 
 
 @torch.no_grad()
+def test_losses(model: torch.nn.Module, params: Params, encoder: Encoder, task: Task, examples: list[Example],
+                batch_size: int) -> tuple[float, list[float]]:  # fmt: skip
+    """The token-weighted mean target loss over `examples` (cross-entropy per target token), and each example's own
+    mean over its target tokens, in the examples' order; `batch_size` rows per forward pass."""
+    batches = encoder.batches(task, examples, batch_size, group_by_length=True)
+    order = encoder.length_order(task, examples)  # the example behind each row of `batches`, in turn
+    total_tokens = sum(count_target_tokens(b) for b in batches)
+    total, per_item, row = 0.0, [math.nan] * len(examples), 0
+    for batch in batches:
+        logits, labels = target_logits(model, params, batch)
+        flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+        mean = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX)
+        total += float(mean) * count_target_tokens(batch)
+        per_token = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="none")
+        rows = (per_token.view(labels.shape).sum(-1) / (labels != IGNORE_INDEX).sum(-1)).tolist()
+        for loss in rows:
+            per_item[order[row]] = loss
+            row += 1
+    return total / total_tokens, per_item
+
+
 def test_loss(model: torch.nn.Module, params: Params, encoder: Encoder, task: Task, examples: list[Example],
               batch_size: int) -> float:  # fmt: skip
-    """Token-weighted mean target loss over `examples`.
-
-    Args:
-        params: weights by name for the forward passes.
-        batch_size: rows per forward pass.
-
-    Returns:
-        The mean cross-entropy per target token.
-    """
-    batches = encoder.batches(task, examples, batch_size, group_by_length=True)
-    total = sum(count_target_tokens(b) for b in batches)
-    return sum(float(batch_loss(model, params, b)) * count_target_tokens(b) for b in batches) / total
+    """The token-weighted mean target loss over `examples` (`test_losses` without the per-example losses)."""
+    return test_losses(model, params, encoder, task, examples, batch_size)[0]
 
 
 @torch.no_grad()
-def rank_options(model: torch.nn.Module, params: Params, encoder: Encoder, task: Task, examples: list[Example],
-                 batch_size: int) -> list[str]:  # fmt: skip
-    """Predict each example's option by the highest log-likelihood of the option's tokens.
-
-    Args:
-        task: a task with `options`.
-        batch_size: (example, option) rows per forward pass.
-
-    Returns:
-        The predicted option per example.
-    """
+def option_log_likelihoods(model: torch.nn.Module, params: Params, encoder: Encoder, task: Task,
+                           examples: list[Example], batch_size: int) -> torch.Tensor:  # fmt: skip
+    """The log-likelihood of each option's tokens after each example's prompt: [examples, options], options in the
+    task's order; `batch_size` (example, option) rows per forward pass."""
     if not task.options:
         raise ValueError(f"task '{task.name}' has no options to rank")
     options = [encoder.target_ids(o) for o in task.options]
@@ -98,8 +105,14 @@ def rank_options(model: torch.nn.Module, params: Params, encoder: Encoder, task:
         mask = labels != IGNORE_INDEX
         picked = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         scores.extend((picked * mask).sum(-1).tolist())
-    per_example = torch.tensor(scores).view(len(examples), len(options))
-    return [task.options[i] for i in per_example.argmax(-1).tolist()]
+    return torch.tensor(scores).view(len(examples), len(options))
+
+
+def rank_options(model: torch.nn.Module, params: Params, encoder: Encoder, task: Task, examples: list[Example],
+                 batch_size: int) -> list[str]:  # fmt: skip
+    """Predict each example's option: the one with the highest log-likelihood (`option_log_likelihoods`)."""
+    scores = option_log_likelihoods(model, params, encoder, task, examples, batch_size)
+    return [task.options[i] for i in scores.argmax(-1).tolist()]
 
 
 def cache_argument(model: torch.nn.Module) -> str:
@@ -203,29 +216,47 @@ def match_rate(predictions: list[str], references: list[str], mode: str) -> floa
     return float(_task_match().compute(predictions=predictions, references=references, mode=mode)["match"])
 
 
-@torch.no_grad()
-def score_task(model: torch.nn.Module, params: Params, encoder: Encoder, task: Task, examples: list[Example],
-               batch_size: int) -> tuple[str, float]:  # fmt: skip
-    """Score `examples` with the task's metric: option accuracy, or exact match of greedy generations.
+@dataclass
+class TaskScore:
+    """A test set scored: the metric and its value, and per example the answer, whether it counted as correct and,
+    for option ranking, every option's log-likelihood (empty lists for generation)."""
 
-    Returns:
-        (metric name, value in [0, 1]).
-    """
-    references = [e.target for e in examples]
-    if task.options:
-        predictions = rank_options(model, params, encoder, task, examples, batch_size)
-        return "accuracy", match_rate(predictions, references, "option")
+    metric: str
+    value: float
+    answers: list[str]
+    correct: list[bool]
+    option_scores: list[list[float]]
+
+
+@torch.no_grad()
+def generate_answers(model: torch.nn.Module, params: Params, encoder: Encoder, task: Task, examples: list[Example],
+                     batch_size: int) -> list[str]:  # fmt: skip
+    """Greedy generations for `examples` (decoded; generation stops once the first line is complete)."""
     budget = max_new_tokens_for(encoder, task)
     tokenizer = encoder.tokenizer
     done = first_line_complete(tokenizer)
     texts = []
     for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        prompts = [encoder.prompt_ids(task, e) for e in chunk]
+        prompts = [encoder.prompt_ids(task, e) for e in examples[start : start + batch_size]]
         outputs = greedy_generate(model, params, prompts, budget, tokenizer.pad_token_id, tokenizer.eos_token_id,
                                   done)  # fmt: skip
         texts.extend(tokenizer.decode(tokens, skip_special_tokens=True) for tokens in outputs)
-    return "exact_match", match_rate(texts, references, "text")
+    return texts
+
+
+def score_task(model: torch.nn.Module, params: Params, encoder: Encoder, task: Task, examples: list[Example],
+               batch_size: int) -> TaskScore:  # fmt: skip
+    """Score `examples` with the task's metric: option accuracy, or exact match of greedy generations. The value is
+    computed by the kit's `evaluate` metric module; each example's `correct` by the same comparison."""
+    references = [e.target for e in examples]
+    if task.options:
+        scores = option_log_likelihoods(model, params, encoder, task, examples, batch_size)
+        answers = [task.options[i] for i in scores.argmax(-1).tolist()]
+        correct = [a == r for a, r in zip(answers, references, strict=True)]
+        return TaskScore("accuracy", match_rate(answers, references, "option"), answers, correct, scores.tolist())
+    answers = generate_answers(model, params, encoder, task, examples, batch_size)
+    correct = [exact_match(a, r) for a, r in zip(answers, references, strict=True)]
+    return TaskScore("exact_match", match_rate(answers, references, "text"), answers, correct, [[] for _ in answers])
 
 
 def best_constant_answer(task: Task, examples: list[Example]) -> tuple[str, float]:

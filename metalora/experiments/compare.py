@@ -1,9 +1,10 @@
 """`metalora eval`: few-shot curves of every compared initialisation, with statistics and figures.
 
 Writes into `<run_dir>/eval/`: results.csv (long form), summary.csv, significance.csv, per_task.csv,
-efficiency.csv and their figures. The jobs around it have their own modules: `runs` (where each method's run is,
-training missing ones), `integrity` (leak, split and settings checks), `methods` (each method's initialisation and
-the scoring loop) and `journal` (points kept as they are scored).
+efficiency.csv and their figures, and samples.parquet (every scored item's answer, `evaluation/samples.py`); then
+logs the evaluation to the trackers of `train.log_with`. The jobs around it have their own modules: `runs` (where
+each method's run is, training missing ones), `integrity` (leak, split and settings checks), `methods` (each
+method's initialisation and the scoring loop) and `journal` (points kept as they are scored).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from accelerate.utils import gather_object
 from metalora.config import Config, experiment_yaml, save_config
 from metalora.data.splits import EvalPools, Splits, build_splits
 from metalora.evaluation.fewshot import EvalRow, PointKey, rows_as_dicts
+from metalora.evaluation.samples import SAMPLES_FILE
 from metalora.evaluation.stats import per_task, significance, summarise
 from metalora.experiments.integrity import (
     check_no_leak,
@@ -29,11 +31,12 @@ from metalora.experiments.integrity import (
 )
 from metalora.experiments.journal import JOURNAL, PointJournal, fingerprint
 from metalora.experiments.methods import curve_points, derived_rows, evaluate_methods, planned_curves
-from metalora.experiments.runs import EvaluationError, config_for_method, ensure_trained
+from metalora.experiments.runs import EvaluationError, TrainedRun, config_for_method, ensure_trained
 from metalora.io import atomic_directory, atomic_write_json, atomic_write_text
 from metalora.modeling.models import pick_device
 from metalora.reporting.efficiency import efficiency_table
 from metalora.reporting.plots import efficiency_figure, few_shot_figure, per_task_figure
+from metalora.reporting.trackers import log_evaluation
 from metalora.training.budgets import FULL_DATA_SHOTS
 
 
@@ -143,9 +146,18 @@ def run_evaluation(
             efficiency = efficiency_table([(r.method, r.train_seed, r.run_dir) for r in runs])
             _write_csv(efficiency, tmp / "efficiency.csv")
             efficiency_figure(efficiency, tmp / "efficiency.png")
+        if cfg.eval.samples:
+            pd.DataFrame(journal.answers(keys)).to_parquet(tmp / SAMPLES_FILE, index=False)
     # The tables hold every point now: the journal has served its purpose.
     journal.remove()
+    if cfg.train.log_with:
+        log_evaluation(list(cfg.train.log_with), cfg.train.run_name, cfg.run_dir, out, _trained_steps(runs, cfg))
     return out
+
+
+def _trained_steps(runs: list[TrainedRun], cfg: Config) -> int:
+    """The training steps of the config's own run (where the trackers' curves end), else 0."""
+    return next((r.steps or 0 for r in runs if r.run_dir == cfg.run_dir), 0)
 
 
 def deal_points(keys: list[PointKey], index: int, count: int) -> list[PointKey]:

@@ -3,9 +3,10 @@
 `<run_dir>/eval.points/` sits beside `eval/` (which is replaced whole at the end): `fingerprint.json` says which
 evaluation the points belong to (the resolved experiment and the trained weights it reads), and each process, or
 each evaluation job of `metalora submit`, appends its points to `points-<index>.jsonl`, one line per point, flushed
-to disk before the next point starts. A line torn by a kill is cut off on the next start. Points of another
-evaluation (a changed config, retrained weights) are set aside under a new name, never deleted, and the evaluation
-starts over. Once the final tables are written the journal is removed.
+to disk before the next point starts; a point's per-item answers go to `samples-<index>.jsonl` (one line per point)
+just before it, so a point on record always has its answers. A line torn by a kill is cut off on the next start.
+Points of another evaluation (a changed config, retrained weights) are set aside under a new name, never deleted,
+and the evaluation starts over. Once the final tables are written the journal is removed.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import TextIO
 from tqdm import tqdm
 
 from metalora.evaluation.fewshot import EvalRow, PointKey, point_key
+from metalora.evaluation.samples import POINT_COLUMNS, ItemAnswer, answer_rows
 from metalora.io import atomic_write_json
 from metalora.training.budgets import FULL_DATA_SHOTS
 
@@ -108,9 +110,11 @@ class PointJournal:
             atomic_write_json(self.directory / "fingerprint.json", {"fingerprint": digest})
         files = sorted(self.directory.glob("points-*.jsonl"))
         self.finished = {point_key(row): row for path in files for row in _read_points(path)}
-        path = self.directory / f"points-{rank}.jsonl"
+        path, samples = self.directory / f"points-{rank}.jsonl", self.directory / f"samples-{rank}.jsonl"
         _cut_torn_tail(path)
+        _cut_torn_tail(samples)
         self._file: TextIO = path.open("a")
+        self._samples: TextIO = samples.open("a")
         # Off a terminal (papermill's log, CI) a line every 30 s instead of a redraw every 0.1 s.
         interactive = sys.stderr.isatty()
         self.bar = tqdm(total=planned, desc="evaluation points", unit="point", disable=not show, dynamic_ncols=True,
@@ -137,8 +141,13 @@ class PointJournal:
             self.bar.update(1)
         return row
 
-    def record(self, row: EvalRow) -> None:
-        """Append a newly scored point and force it to disk before the next point starts."""
+    def record(self, row: EvalRow, answers: list[ItemAnswer]) -> None:
+        """Append a newly scored point, its answers first, and force both to disk before the next point starts."""
+        if answers:
+            line = {"point": list(point_key(row)), "answers": [asdict(answer) for answer in answers]}
+            self._samples.write(json.dumps(line, allow_nan=True) + "\n")
+            self._samples.flush()
+            os.fsync(self._samples.fileno())
         self._file.write(json.dumps(asdict(row), allow_nan=True) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -149,6 +158,21 @@ class PointJournal:
         """Close the points file and the progress bar (the points stay for a later resume)."""
         self.bar.close()
         self._file.close()
+        self._samples.close()
+
+    def answers(self, keys: list[PointKey]) -> list[dict[str, object]]:
+        """The per-item answers the journal holds for `keys`, as flat rows (`samples.answer_rows`), in their order.
+        A point scored twice (killed between its answers and its row) keeps its last answers."""
+        held: dict[PointKey, list[ItemAnswer]] = {}
+        for path in sorted(self.directory.glob("samples-*.jsonl")):
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                    held[tuple(record["point"])] = [ItemAnswer(**answer) for answer in record["answers"]]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    LOGGER.warning("%s: skipped a damaged line of answers: %.60s", path, line)
+        return [row for key in keys if key in held
+                for row in answer_rows(dict(zip(POINT_COLUMNS, key, strict=True)), held[key])]  # fmt: skip
 
     def remove(self) -> None:
         """Delete the journal: the evaluation's tables now hold every point."""

@@ -103,7 +103,8 @@ def evaluate_methods(
     rows: list[EvalRow] = []
 
     def score(net: torch.nn.Module, init: dict[str, torch.Tensor], curve: Curve) -> None:
-        scorer = Scorer(net, encoder, cfg.eval.max_test, cfg.eval.batch_size, cfg.eval.test_loss, journal)
+        scorer = Scorer(net, encoder, cfg.eval.max_test, cfg.eval.batch_size, cfg.eval.test_loss, cfg.eval.samples,
+                        journal)  # fmt: skip
         for setting, pools in evaluated.items():
             label = curve.label(setting)
             mine = [point for point in evaluation_points(list(pools), curve.shots, cfg.eval.seeds)

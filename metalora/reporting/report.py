@@ -1,7 +1,8 @@
 """`metalora report <run or sweep dir>`: a Markdown (and optionally HTML) report from result files.
 
 A run report shows the config, the training curves, the few-shot summary, the significance and
-efficiency tables and the figures; a sweep report shows the points, the aggregated summary and the
+efficiency tables, the figures and, from the per-item answers, items the methods disagree on and the most common
+wrong answers; a sweep report shows the points, the aggregated summary and the
 sweep figures. Everything is read from files the kit wrote; nothing is recomputed.
 """
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from metalora.errors import MetaloraError
+from metalora.evaluation.samples import SAMPLES_FILE, disagreements, load_samples, wrong_answer_table
 from metalora.evaluation.stats import describe_comparison, summarise
 from metalora.io import atomic_write_text
 from metalora.reporting.efficiency import read_metrics
@@ -98,12 +100,34 @@ def run_report(run_dir: Path) -> str:
     for title, name in sections:
         if (eval_dir / name).is_file():
             parts.append(f"## {title}\n\n" + _table(eval_dir / name))
+    if (eval_dir / SAMPLES_FILE).is_file():
+        parts.append(answers_section(load_samples(eval_dir)))
     summary_json = run_dir / "summary.json"
     if summary_json.is_file():
         parts.append(f"## Training summary\n\n```json\n{summary_json.read_text().strip()}\n```\n")
     config = run_dir / "config.yaml"
     if config.is_file():
         parts.append(f"## Config\n\n```yaml\n{config.read_text().strip()}\n```\n")
+    return "\n".join(parts)
+
+
+def answers_section(samples: pd.DataFrame, per_task: int = 3, width: int = 40) -> str:
+    """The answers behind the scores: items where the methods disagree, side by side, and each method's most
+    common wrong answer per task (`eval/samples.parquet` holds every answer; `metalora.load_samples` reads it)."""
+    parts = ["## Answers\n"]
+    disagree = disagreements(samples, per_task)
+    if disagree.empty:
+        parts.append("The methods got the same items right at the shot count shown.\n")
+    else:
+        shots = ", ".join(sorted({str(n) for n in disagree["n_shots"]}))
+        cells = disagree.drop(columns=["n_shots"]).map(lambda v: v if not isinstance(v, str) or len(v) <= width
+                                                       else v[: width - 1] + "…")  # fmt: skip
+        parts.append(f"Items where one method is right and another wrong ({shots} shots, evaluation seed 0, first "
+                     f"training seed; up to {per_task} per task):\n\n" + cells.to_markdown(index=False) + "\n")
+    wrong = wrong_answer_table(samples)
+    if not wrong.empty:
+        parts.append("The most common wrong answer per task and method, with how often it was given (all points):\n\n"
+                     + wrong.to_markdown(index=False) + "\n")  # fmt: skip
     return "\n".join(parts)
 
 

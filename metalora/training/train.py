@@ -45,6 +45,7 @@ from metalora.training.checkpoints import (
 from metalora.training.parts import TrainingParts, build_parts, position_scheduler
 from metalora.training.rundir import locked, record_resume, refuse_used, resume_changes
 from metalora.training.step import StepResult, losses_finite, training_step
+from metalora.training.tracker_runs import record_trackers, reopen_kwargs
 
 LOGGER = logging.getLogger("metalora")
 
@@ -284,7 +285,10 @@ def prepare_run(cfg: Config, resume: bool, accelerator: Accelerator, log_with: l
         save_splits(parts.splits, run_dir)
         _truncate_metrics(run.metrics_path, start)
     if log_with:
-        accelerator.init_trackers(cfg.train.run_name, config=tracker_config(cfg))
+        # A resumed run, and later its evaluation, log to the tracker runs it started with.
+        accelerator.init_trackers(cfg.train.run_name, config=tracker_config(cfg), init_kwargs=reopen_kwargs(run_dir))
+        if accelerator.is_main_process:
+            record_trackers(run_dir, accelerator.trackers)
     return run
 
 
