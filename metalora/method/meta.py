@@ -89,12 +89,14 @@ def multitask_gradient(
 
 @dataclass(frozen=True)
 class Algorithm:
-    """What one algorithm does with a task: whether it adapts, whether the graph runs through the inner loop, and
-    how the adapted weights become the task's gradient."""
+    """What one algorithm does with a task: whether it adapts, whether the graph runs through the inner loop, how
+    the adapted weights become the task's gradient, and whether its outer loss takes the support examples too (the
+    data side reads that when it makes the batches)."""
 
     adapts: bool
     second_order: bool
     task_gradient: TaskGradient
+    loss_on_support: bool = False
 
 
 ALGORITHMS = {
@@ -102,7 +104,7 @@ ALGORITHMS = {
     "metalora-second-order": Algorithm(adapts=True, second_order=True, task_gradient=gradient_through_inner_loop),
     "fomaml": Algorithm(adapts=True, second_order=False, task_gradient=gradient_at_adapted),
     "reptile": Algorithm(adapts=True, second_order=False, task_gradient=reptile_displacement),
-    "multitask": Algorithm(adapts=False, second_order=False, task_gradient=multitask_gradient),
+    "multitask": Algorithm(adapts=False, second_order=False, task_gradient=multitask_gradient, loss_on_support=True),
 }
 
 
