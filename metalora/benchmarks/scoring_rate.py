@@ -29,7 +29,7 @@ from metalora.modeling.models import pick_device
 
 def _timed(run) -> tuple[float, float]:
     began = time.perf_counter()
-    _, value = run()
+    value = run().value
     return time.perf_counter() - began, value
 
 
