@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from smoke import SMOKE
 
 from metalora.config import ConfigError, load_config, save_config
+from metalora.evaluation.samples import POINT_COLUMNS, load_samples
 from metalora.experiments.compare import run_evaluation
 from metalora.experiments.journal import JOURNAL
 from metalora.jobs.executor import make_executor, single_process_shape, training_shape
@@ -74,6 +75,11 @@ def results(eval_dir):
     return pd.read_csv(eval_dir / "results.csv").drop(columns="adapt_seconds")
 
 
+def answers(run_dir):
+    """The per-item answers of an evaluation, in point and item order (shards gather them in another)."""
+    return load_samples(run_dir).sort_values([*POINT_COLUMNS, "item"], ignore_index=True)
+
+
 def adapter(run_dir):
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
@@ -94,6 +100,8 @@ def test_a_plan_submitted_to_slurm_writes_the_tables_of_one_process(tmp_path, on
     wait_for_jobs()
     pd.testing.assert_frame_equal(results(cfg.run_dir / "eval"), single, check_exact=True)
     assert (cfg.run_dir / "report.html").is_file() and not (cfg.run_dir / JOURNAL).exists()
+    # The per-item answers of the three shards' journals, gathered, are one process's.
+    pd.testing.assert_frame_equal(answers(cfg.run_dir), answers(config(tmp_path / "one").run_dir), check_exact=True)
 
 
 @pytest.mark.parametrize("interruption", ["scontrol requeue", "time-limit signal"])
@@ -145,6 +153,9 @@ def test_a_cancelled_evaluation_shard_scores_only_its_missing_points_when_resubm
     # Every row but lora's 0-shot ones (copies of the base model's, never scored) is a scored point.
     assert len(single) - int(((single["method"] == "lora") & (single["n_shots"] == 0)).sum()) == len(keys)
     pd.testing.assert_frame_equal(results(run_evaluation(cfg, score=False)), single, check_exact=True)
+    # Each item once, as one process answered it, though the shard was cancelled half-way.
+    one = config(tmp_path / "one", *UNTRAINED, *slow).run_dir
+    pd.testing.assert_frame_equal(answers(cfg.run_dir), answers(one), check_exact=True)
 
 
 def test_a_sweep_submitted_to_slurm_equals_the_sweep_run_in_one_process(tmp_path, one_thread):
