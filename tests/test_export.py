@@ -4,7 +4,7 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard
 from peft import PeftModel
-from smoke import SMOKE
+from smoke import ROOT, SMOKE
 from torch.func import functional_call
 
 from metalora.cli import main as cli_main
@@ -56,6 +56,18 @@ def test_the_model_card_is_read_by_the_hubs_parser_with_its_metadata_and_evaluat
     evaluation = card.text.split("## Evaluation")[1].split("## Use")[0]
     assert "score (95 % CI)" in evaluation and "| metalora |" in evaluation.replace("  ", "")
     assert "2 meta-steps" in card.text and "arXiv:2510.11598" in card.text
+    assert "- embedded (licence: see the suite)" in card.text
+
+
+def test_the_card_names_the_shipped_suites_sources_and_licences(tmp_path):
+    suite = ROOT / "data" / "tasks"
+    cfg = load_config(SMOKE, [f"train.output_dir={tmp_path}", "train.steps=1", f"data.suites=[{suite}]",
+                              "data.train_tasks=[lama_p1001*,bbh_boolean*]", "data.heldout_tasks=[gsm8k*]",
+                              "meta.meta_batch_size=2"])  # fmt: skip
+    card = ModelCard.load(export_adapter(train(cfg), tmp_path / "exported") / "README.md")
+    assert card.data.datasets == ["BIG-Bench Hard (suzgunmirac/BIG-Bench-Hard)",
+                                  "LAMA T-REx via tonyzhaozh/few-shot-learning"]
+    assert "(licence: CC BY-NC 4.0)" in card.text and "(licence: MIT)" in card.text
 
 
 def test_export_refuses_an_unfinished_run_and_a_full_model(tmp_path):

@@ -52,18 +52,20 @@ def hub_base_model(config: dict) -> str:
     return EMBEDDED_HUB_ID if name == "embedded" else name
 
 
-def training_sources(config: dict, run_dir: Path) -> list[str]:
-    """Where the training tasks' data comes from, as their suites' manifests record it (`source`), else the suite."""
+def training_sources(config: dict, run_dir: Path) -> dict[str, str]:
+    """Where the training tasks' data comes from and under which licence, as their suites' manifests record it
+    (`source`, `license`); a suite without a manifest (the embedded one, one read from the Hub) by its name."""
     trained = sorted(json.loads((run_dir / "splits.json").read_text()).get("train", {}))
-    sources = set()
+    sources: dict[str, str] = {}
     for suite in config["data"]["suites"]:
         manifest = Path(str(suite)) / "tasks.json"
-        if not manifest.is_file():  # the embedded suite, or a suite read from the Hub: its name says where
-            sources.add(str(suite))
+        if not manifest.is_file():
+            sources[str(suite)] = "see the suite"
             continue
         entries = json.loads(manifest.read_text()).get("tasks", {})
-        sources |= {entries[t].get("source", str(suite)) for t in trained if t in entries}
-    return sorted(sources)
+        for task in (entries[t] for t in trained if t in entries):
+            sources[task.get("source", str(suite))] = task.get("license", "not recorded")
+    return dict(sorted(sources.items()))
 
 
 def evaluation_table(eval_dir: Path) -> str:
@@ -80,10 +82,12 @@ def evaluation_table(eval_dir: Path) -> str:
 def model_card(config: dict, summary: dict, run_dir: Path) -> ModelCard:
     """The card: Hub metadata, then how the adapter was trained, its evaluation and the citation."""
     algorithm = summary["algorithm"]
+    sources = training_sources(config, run_dir)
     data = ModelCardData(base_model=hub_base_model(config), library_name="peft", license=None,
                          tags=["metalora", "lora", "peft", "meta-learning", algorithm],
-                         datasets=training_sources(config, run_dir))  # fmt: skip
+                         datasets=list(sources))  # fmt: skip
     trained = sorted(json.loads((run_dir / "splits.json").read_text()).get("train", {}))
+    data_lines = "\n".join(f"- {source} (licence: {licence})" for source, licence in sources.items())
     lora, meta = config["lora"], config["meta"]
     order = " (first order)" if meta.get("first_order") and algorithm == "metalora" else ""
     inner = f"{meta['inner_steps']} steps of {meta['inner_optimizer']} at {meta['inner_lr']}"
@@ -109,6 +113,11 @@ examples.{embedded}
 - inner loop: {inner}; meta-batch {meta['meta_batch_size']}
 - trainable parameters: {summary['trainable_parameters']:,}
 - training tasks ({len(trained)}): {', '.join(trained)}
+
+Training data, as the task suites record it (the adapter carries what it learned from it; check the licences before
+using it):
+
+{data_lines}
 
 ## Evaluation
 
