@@ -27,7 +27,7 @@ from metalora.evaluation.scoring import (
     first_line_complete,
     greedy_generate,
     normalise,
-    rank_options,
+    score_task,
 )
 from metalora.method.loss import target_logits
 from metalora.modeling.lora import attach_lora, lora_params, save_adapter
@@ -92,7 +92,7 @@ def test_option_ranking_equals_a_brute_force_loop(setup):
     model, _, encoder, task = setup
     params = lora_params(model)
     examples = task.examples[:6]
-    fast = rank_options(model, params, encoder, task, examples, batch_size=5)
+    fast = score_task(model, params, encoder, task, examples, batch_size=5).answers
     slow = []
     for example in examples:
         scores = []

@@ -108,13 +108,6 @@ def option_log_likelihoods(model: torch.nn.Module, params: Params, encoder: Enco
     return torch.tensor(scores).view(len(examples), len(options))
 
 
-def rank_options(model: torch.nn.Module, params: Params, encoder: Encoder, task: Task, examples: list[Example],
-                 batch_size: int) -> list[str]:  # fmt: skip
-    """Predict each example's option: the one with the highest log-likelihood (`option_log_likelihoods`)."""
-    scores = option_log_likelihoods(model, params, encoder, task, examples, batch_size)
-    return [task.options[i] for i in scores.argmax(-1).tolist()]
-
-
 def cache_argument(model: torch.nn.Module) -> str:
     """The name under which this transformers version passes the KV cache into a forward pass and returns it:
     `cache` in transformers 5 (where `past_key_values` is deprecated), `past_key_values` before."""

@@ -19,6 +19,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from metalora.errors import MetaloraError
+from metalora.experiments.integrity import recorded_splits
 from metalora.io import atomic_directory
 from metalora.modeling.models import EMBEDDED_HUB_ID
 
@@ -52,10 +53,9 @@ def hub_base_model(config: dict) -> str:
     return EMBEDDED_HUB_ID if name == "embedded" else name
 
 
-def training_sources(config: dict, run_dir: Path) -> dict[str, str]:
-    """Where the training tasks' data comes from and under which licence, as their suites' manifests record it
+def training_sources(config: dict, trained: list[str]) -> dict[str, str]:
+    """Where the tasks `trained` come from and under which licence, as their suites' manifests record it
     (`source`, `license`); a suite without a manifest (the embedded one, one read from the Hub) by its name."""
-    trained = sorted(json.loads((run_dir / "splits.json").read_text()).get("train", {}))
     sources: dict[str, str] = {}
     for suite in config["data"]["suites"]:
         manifest = Path(str(suite)) / "tasks.json"
@@ -82,11 +82,11 @@ def evaluation_table(eval_dir: Path) -> str:
 def model_card(config: dict, summary: dict, run_dir: Path) -> ModelCard:
     """The card: Hub metadata, then how the adapter was trained, its evaluation and the citation."""
     algorithm = summary["algorithm"]
-    sources = training_sources(config, run_dir)
+    trained = sorted(recorded_splits(algorithm, run_dir)["train"])
+    sources = training_sources(config, trained)
     data = ModelCardData(base_model=hub_base_model(config), library_name="peft", license=None,
                          tags=["metalora", "lora", "peft", "meta-learning", algorithm],
                          datasets=list(sources))  # fmt: skip
-    trained = sorted(json.loads((run_dir / "splits.json").read_text()).get("train", {}))
     data_lines = "\n".join(f"- {source} (licence: {licence})" for source, licence in sources.items())
     lora, meta = config["lora"], config["meta"]
     order = " (first order)" if meta.get("first_order") and algorithm == "metalora" else ""
